@@ -1,0 +1,69 @@
+"""`seedoss` command line: demo checkpoints and in-process generation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = Path.home() / ".cache" / "seedoss" / "demo-tiny"
+
+
+def _demo_checkpoint(args) -> None:
+    from .demo import write_demo_checkpoint
+
+    path = write_demo_checkpoint(args.dir, args.preset, seed=args.seed, heads=not args.no_heads, overwrite=args.overwrite)
+    print(f"wrote {args.preset} demo checkpoint to {path}")
+
+
+def ensure_demo_checkpoint(path: Path = DEFAULT_CHECKPOINT) -> Path:
+    """The embedded default: create the tiny demo checkpoint on first use."""
+    from .demo import write_demo_checkpoint
+
+    if not (path / "config.json").exists():
+        print(f"creating the demo checkpoint in {path} …", file=sys.stderr)
+        write_demo_checkpoint(path)
+    return path
+
+
+def _generate(args) -> None:
+    from .generate import generate_text
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_demo_checkpoint()
+    for text in generate_text(checkpoint, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                              seed=args.seed, dtype=args.dtype, chat=args.chat):
+        print(text, end="", flush=True)
+    print()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="seedoss", description="SeedOss Serve")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-checkpoint", help="write a deterministic tiny/small SeedOss checkpoint (HF layout)")
+    p.add_argument("dir")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-heads", action="store_true", help="skip the classify/tag/qa head checkpoints")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_demo_checkpoint)
+
+    p = sub.add_parser("generate", help="generate text in-process (no Ray)")
+    p.add_argument("prompt")
+    p.add_argument("--checkpoint", help=f"HF checkpoint directory (default: the demo one, {DEFAULT_CHECKPOINT})")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    p.set_defaults(func=_generate)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        parser.exit(2, f"seedoss {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

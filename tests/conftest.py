@@ -1,0 +1,49 @@
+"""Shared fixtures: HF-saved random checkpoints (the reference) and the demo checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def hf_config(**overrides):
+    """A tiny transformers SeedOssConfig (head_dim 32 ≠ hidden/heads by default)."""
+    from transformers import SeedOssConfig
+
+    fields = dict(
+        vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, attention_bias=True,
+        attention_out_bias=False, mlp_bias=False, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    fields.update(overrides)
+    return SeedOssConfig(**fields)
+
+
+def save_hf_model(cls, config, path, seed: int = 0, scale_init: bool = True):
+    """Instantiate an HF SeedOss class with seeded random weights, save it with save_pretrained, return it (eval)."""
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    if scale_init:  # HF's 0.02-std init gives near-uniform logits; spread them so argmax has clear winners
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 1.0 / p.shape[1] ** 0.5 if "embed" not in name else 1.0)
+                elif "norm" in name:
+                    p.normal_(1.0, 0.1)
+                else:
+                    p.normal_(0, 0.05)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory):
+    from seedoss.demo import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "tiny")
