@@ -241,7 +241,7 @@ class Sampler:
                 rows += [i] * len(r.min_tokens_masked_ids)
                 cols += r.min_tokens_masked_ids
         if rows:
-            pass
+            logits[_index(rows, device), _index(cols, device)] = float("-inf")
 
         pen = [i for i, r in enumerate(requests) if r.params.has_penalties]
         if not pen:

@@ -75,16 +75,29 @@ CHAT_TEMPLATE = r"""{#- Seed-OSS chat format. -#}
         {{- "You are a helpful AI assistant. You may call one or more functions to assist with the user query." }}
     {%- endif %}
     {%- if tools %}
-        {{- "\n\nTool List:\nYou are authorized to use the following tools (described in JSON Schema format). Before performing any task, you must decide how to call them based on the descriptions and parameters of these tools.\n" }}
+        {{- "\n\nTool List:\nYou are authorized to use the following tools (described in JSON Schema format). " }}
+        {{- "Before performing any task, you must decide how to call them based on the descriptions and parameters " }}
+        {{- "of these tools.\n" }}
         {{- tools | tojson }}
-        {{- "\n\nCall tools in the following format:\n<seed:tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>value_1</parameter>\n<parameter=example_parameter_2>This is the value for the second parameter\nthat can span\nmultiple lines</parameter>\n</function>\n</seed:tool_call>\n" }}
+        {{- "\n\nCall tools in the following format:\n<seed:tool_call>\n<function=example_function_name>\n" }}
+        {{- "<parameter=example_parameter_1>value_1</parameter>\n" }}
+        {{- "<parameter=example_parameter_2>This is the value for the second parameter\nthat can span\n" }}
+        {{- "multiple lines</parameter>\n</function>\n</seed:tool_call>\n" }}
     {%- endif %}
     {{- eos_token }}
 {%- endif %}
 {%- if thinking_budget == 0 %}
-    {{- bos_token + "system\nYou are an intelligent assistant that can answer questions in one step without the need for reasoning and thinking, that is, your thinking budget is 0. Next, please skip the thinking process and directly start answering the user's questions.\n" + eos_token }}
+    {{- bos_token + "system\n" }}
+    {{- "You are an intelligent assistant that can answer questions in one step without the need for reasoning " }}
+    {{- "and thinking, that is, your thinking budget is 0. Next, please skip the thinking process and directly " }}
+    {{- "start answering the user's questions.\n" + eos_token }}
 {%- elif thinking_budget != -1 %}
-    {{- bos_token + "system\nYou are an intelligent assistant with reflective ability. In the process of thinking and reasoning, you need to strictly follow the thinking budget, which is " ~ thinking_budget ~ ". That is, you need to complete your thinking within " ~ thinking_budget ~ " tokens and start answering the user's questions. You will reflect on your thinking process every " ~ ns.interval ~ " tokens, stating how many tokens have been used and how many are left.\n" + eos_token }}
+    {{- bos_token + "system\n" }}
+    {{- "You are an intelligent assistant with reflective ability. In the process of thinking and reasoning, " }}
+    {{- "you need to strictly follow the thinking budget, which is " ~ thinking_budget ~ ". " }}
+    {{- "That is, you need to complete your thinking within " ~ thinking_budget ~ " tokens and start answering " }}
+    {{- "the user's questions. You will reflect on your thinking process every " ~ ns.interval ~ " tokens, " }}
+    {{- "stating how many tokens have been used and how many are left.\n" + eos_token }}
 {%- endif %}
 {%- for message in loop_messages %}
     {{- bos_token + message.role }}
@@ -147,16 +160,10 @@ def train_demo_tokenizer(out_dir: str | Path, vocab_size: int = 4096) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator([corpus], trainer)
-    # TemplateProcessing's string syntax splits on ":", which "<seed:bos>" contains, so write its JSON form.
-    bos, sequence_a, sequence_b = ({"SpecialToken": {"id": BOS_TOKEN, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                                   {"Sequence": {"id": "B", "type_id": 1}})
+    if tokenizer.get_vocab_size() != vocab_size:  # below the byte alphabet + special tokens, or out of merges
+        raise ValueError(f"vocab_size={vocab_size}: the demo corpus gives {tokenizer.get_vocab_size()} tokens")
     tokenizer_json = json.loads(tokenizer.to_str())
-    tokenizer_json["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": [bos, sequence_a],
-        "pair": [bos, sequence_a, {"SpecialToken": {"id": BOS_TOKEN, "type_id": 1}}, sequence_b],
-        "special_tokens": {BOS_TOKEN: {"id": BOS_TOKEN, "ids": [tokenizer.token_to_id(BOS_TOKEN)], "tokens": [BOS_TOKEN]}},
-    }
+    tokenizer_json["post_processor"] = _prepend_bos_processor(tokenizer.token_to_id(BOS_TOKEN))
     tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
 
     added = tokenizer.get_added_tokens_decoder()
@@ -184,13 +191,32 @@ def train_demo_tokenizer(out_dir: str | Path, vocab_size: int = 4096) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"), pretty=True)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    config_json = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    (out_dir / "tokenizer_config.json").write_text(config_json, encoding="utf-8")
+
+
+def _prepend_bos_processor(bos_id: int) -> dict:
+    """JSON of a TemplateProcessing post-processor that prepends ``<seed:bos>`` to each sequence. Written as JSON
+    because TemplateProcessing's string syntax ("<s> $A:0") splits on ":", which ``<seed:bos>`` contains."""
+
+    def bos(type_id: int) -> dict:
+        return {"SpecialToken": {"id": BOS_TOKEN, "type_id": type_id}}
+
+    def sequence(name: str, type_id: int) -> dict:
+        return {"Sequence": {"id": name, "type_id": type_id}}
+
+    return {
+        "type": "TemplateProcessing",
+        "single": [bos(0), sequence("A", 0)],
+        "pair": [bos(0), sequence("A", 0), bos(1), sequence("B", 1)],
+        "special_tokens": {BOS_TOKEN: {"id": BOS_TOKEN, "ids": [bos_id], "tokens": [BOS_TOKEN]}},
+    }
 
 
 class SeedOssTokenizer:
-    """A `tokenizers.Tokenizer` plus the special tokens and chat template(s) of its tokenizer config."""
+    """A `tokenizers.Tokenizer` plus the special tokens and chat template of its tokenizer config."""
 
-    def __init__(self, tokenizer: Tokenizer, config: Mapping[str, Any], chat_templates: Mapping[str, str]):
+    def __init__(self, tokenizer: Tokenizer, config: Mapping[str, Any], chat_template: str | None):
         self._tokenizer = tokenizer
         self.model_max_length: int | None = config.get("model_max_length")
         self.special_tokens_map: dict[str, str] = {}
@@ -208,13 +234,13 @@ class SeedOssTokenizer:
         self.eos_token_id = self._named_token_id("eos_token")
         self.pad_token_id = self._named_token_id("pad_token")
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.chat_templates: dict[str, str] = dict(chat_templates)
-        self._compiled_templates = {name: _JINJA_ENV.from_string(source) for name, source in self.chat_templates.items()}
+        self.chat_template = chat_template
+        self._compiled_template = None if chat_template is None else _JINJA_ENV.from_string(chat_template)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> SeedOssTokenizer:
-        """Load from an HF tokenizer directory. Like transformers, ``chat_template.jinja`` (plus any
-        ``additional_chat_templates/*.jinja``) replaces the template(s) in ``tokenizer_config.json`` when present."""
+        """Load from an HF tokenizer directory. Like transformers, ``chat_template.jinja`` takes precedence over
+        the ``chat_template`` of ``tokenizer_config.json``."""
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
         tokenizer_json = _read_text(tokenizer_file)
@@ -228,18 +254,12 @@ class SeedOssTokenizer:
             config = json.loads(config_json)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{config_file}: not valid JSON ({exc})") from exc
-        templates = {}
-        if (path / "chat_template.jinja").is_file():
-            templates["default"] = _read_text(path / "chat_template.jinja")
-        for extra in sorted((path / "additional_chat_templates").glob("*.jinja")):
-            templates[extra.stem] = _read_text(extra)
-        if not templates:
-            configured = config.get("chat_template")
-            if isinstance(configured, str):
-                templates["default"] = configured
-            elif isinstance(configured, list):  # older HF form: [{"name": ..., "template": ...}, ...]
-                templates = {entry["name"]: entry["template"] for entry in configured}
-        return cls(tokenizer, config, templates)
+        template_file = path / "chat_template.jinja"
+        chat_template = _read_text(template_file) if template_file.is_file() else config.get("chat_template")
+        if chat_template is not None and not isinstance(chat_template, str):
+            # transformers also knows lists of named templates; SeedOss checkpoints have one template.
+            raise ValueError(f"{config_file}: chat_template must be a string")
+        return cls(tokenizer, config, chat_template)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -247,7 +267,9 @@ class SeedOssTokenizer:
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
-    def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_with_offsets(
+        self, text: str, add_special_tokens: bool = True
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and, per token, ``(start, end)`` character offsets into `text` (str indices, not bytes). Tokens
         added by the post-processor get ``(0, 0)``; byte-level tokens holding part of a character span that
         whole character."""
@@ -278,23 +300,15 @@ class SeedOssTokenizer:
         if tools is not None and not all(isinstance(tool, Mapping) for tool in tools):
             raise TypeError("Tools must be JSON-schema dicts.")
         context = {"documents": None, **self.special_tokens_map, **template_kwargs}
-        rendered = self._chat_template(tools).render(
+        if self._compiled_template is None:
+            raise ValueError("This tokenizer has no chat template.")
+        rendered = self._compiled_template.render(
             messages=_normalize_messages(messages),
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             **context,
         )
         return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
-
-    def _chat_template(self, tools: list[dict] | None) -> jinja2.Template:
-        """Pick the template as transformers does: ``tool_use`` when tools are given and it exists, else ``default``."""
-        if tools is not None and "tool_use" in self._compiled_templates:
-            return self._compiled_templates["tool_use"]
-        if "default" in self._compiled_templates:
-            return self._compiled_templates["default"]
-        if not self._compiled_templates:
-            raise ValueError("This tokenizer has no chat template.")
-        raise ValueError(f"No default chat template among {sorted(self._compiled_templates)}.")
 
     def _token_id(self, content: str) -> int:
         token_id = self._tokenizer.token_to_id(content)
@@ -370,7 +384,7 @@ class _TemplateNamespace(jinja2.utils.Namespace):
     @staticmethod
     def _check_name(name: Any) -> None:
         if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"Chat templates cannot set underscore-prefixed attributes ({name!r}).")
+            raise jinja2.exceptions.SecurityError(f"Chat templates cannot set underscore attributes ({name!r})")
 
 
 class _TemplateDict:
@@ -387,7 +401,9 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     """transformers' `tojson`: plain `json.dumps` (jinja's own escapes HTML characters and sorts keys)."""
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 

@@ -63,7 +63,8 @@ def test_special_tokens(ours, hf):
 def test_encode_matches_hf(ours, hf, text, add_special_tokens):
     ids = ours.encode(text, add_special_tokens=add_special_tokens)
     assert ids == hf.encode(text, add_special_tokens=add_special_tokens)
-    assert (ids[:1] == [0]) == add_special_tokens
+    if add_special_tokens:
+        assert ids == [0] + ours.encode(text, add_special_tokens=False)
 
 
 def test_special_token_strings_encode_to_single_ids(ours):
@@ -160,12 +161,19 @@ CONVERSATIONS = {
             "role": "assistant",
             "content": None,
             "reasoning": "Call the tool.",
-            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}}}],
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}}}
+            ],
         },
         {"role": "tool", "content": '{"temp_c": 21, "sky": "☀️"}'},
     ],
 }
-BUDGETS = {"not_passed": {}, "unlimited": {"thinking_budget": -1}, "zero": {"thinking_budget": 0}, "512": {"thinking_budget": 512}}
+BUDGETS = {
+    "not_passed": {},
+    "unlimited": {"thinking_budget": -1},
+    "zero": {"thinking_budget": 0},
+    "512": {"thinking_budget": 512},
+}
 
 
 @pytest.mark.parametrize("tokenize", [False, True])
@@ -175,16 +183,11 @@ BUDGETS = {"not_passed": {}, "unlimited": {"thinking_budget": -1}, "zero": {"thi
 def test_chat_template_matches_hf(ours, hf, name, budget, add_generation_prompt, tokenize):
     messages = CONVERSATIONS[name]
     tools = TOOLS if name == "tools" else None
-    kwargs = BUDGETS[budget]
-    got = ours.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, tools=tools, **kwargs
-    )
-    expected = hf.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, tools=tools, return_dict=False, **kwargs
-    )
-    assert got == expected
+    kwargs = dict(BUDGETS[budget], add_generation_prompt=add_generation_prompt, tools=tools)
+    got = ours.apply_chat_template(messages, tokenize=tokenize, **kwargs)
+    assert got == hf.apply_chat_template(messages, tokenize=tokenize, return_dict=False, **kwargs)
     if tokenize:
-        rendered = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs)
+        rendered = ours.apply_chat_template(messages, **kwargs)
         assert got == ours.encode(rendered, add_special_tokens=False)
         assert got.count(ours.bos_token_id) == rendered.count("<seed:bos>")
 
@@ -210,7 +213,9 @@ def test_chat_format(ours):
     ) in tool_turn
 
 
-@pytest.mark.parametrize(("budget", "interval"), [(1, 128), (512, 128), (513, 256), (4000, 512), (8192, 1024), (100000, 1024)])
+@pytest.mark.parametrize(
+    ("budget", "interval"), [(1, 128), (512, 128), (513, 256), (4000, 512), (8192, 1024), (100000, 1024)]
+)
 def test_thinking_budget(ours, budget, interval):
     prompt = ours.apply_chat_template(CONVERSATIONS["single_user"], thinking_budget=budget)
     system = prompt.split("<seed:eos>")[0]
@@ -225,9 +230,8 @@ def test_thinking_budget_zero(ours):
     assert prompt.count("<seed:bos>system\n") == 2
     assert "your thinking budget is 0" in prompt
     assert prompt.endswith("<seed:bos>assistant\n<seed:think><seed:cot_budget_reflect>")
-    assert not ours.apply_chat_template(CONVERSATIONS["system_user"], thinking_budget=0, add_generation_prompt=False).endswith(
-        "<seed:cot_budget_reflect>"
-    )
+    history = ours.apply_chat_template(CONVERSATIONS["system_user"], thinking_budget=0, add_generation_prompt=False)
+    assert history.endswith("Name three primes.<seed:eos>")
 
 
 @pytest.mark.parametrize(
@@ -252,15 +256,28 @@ def test_empty_conversation(ours):
         ours.apply_chat_template([])
 
 
+def test_no_chat_template(tokenizer_dir, tmp_path):
+    shutil.copy(tokenizer_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del config["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    tokenizer = SeedOssTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.encode("hi") == SeedOssTokenizer.from_pretrained(tokenizer_dir).encode("hi")
+    with pytest.raises(ValueError, match="no chat template"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 # Exercises what transformers adds to jinja: tojson's options, raise_exception's absence, strftime_now, dict(),
 # namespace, loop controls, the {% generation %} tag, special-token variables and template kwargs.
 CUSTOM_TEMPLATE = """{%- set ns = namespace(n=0) -%}
 {%- for m in messages -%}
 {%- if m.role == 'skip' %}{% continue %}{% endif -%}
 {%- set ns.n = ns.n + 1 -%}
-{%- if m.role == 'assistant' %}{% generation %}[A:{{ m.content }}]{% endgeneration %}{% else %}[{{ m.role }}:{{ m.content }}]{% endif %}
+{%- if m.role == 'assistant' %}{% generation %}[A:{{ m.content }}]{% endgeneration %}
+{%- else %}[{{ m.role }}:{{ m.content }}]{% endif %}
 {% endfor -%}
-{{ dict(a=1, b='ü') | tojson }}|{{ tools | tojson(indent=2, sort_keys=True) }}|{{ ns.n }}|{{ bos_token }}{{ pad_token }}|{{ extra }}|{{ strftime_now('%Y') }}
+{{ dict(a=1, b='ü') | tojson }}|{{ tools | tojson(indent=2, sort_keys=True) }}|{{ ns.n }}
+{{- bos_token }}{{ pad_token }}|{{ extra }}|{{ strftime_now('%Y') }}
 {%- if add_generation_prompt %}<gen>{% endif %}"""
 
 
@@ -270,14 +287,19 @@ def test_chat_template_jinja_takes_precedence(tokenizer_dir, tmp_path):
     (tmp_path / "chat_template.jinja").write_text(CUSTOM_TEMPLATE, encoding="utf-8")
     ours = SeedOssTokenizer.from_pretrained(tmp_path)
     hf = AutoTokenizer.from_pretrained(tmp_path)
-    messages = [{"role": "user", "content": "<b>1</b>"}, {"role": "skip", "content": "x"}, {"role": "assistant", "content": "é"}]
+    messages = [
+        {"role": "user", "content": "<b>1</b>"},
+        {"role": "skip", "content": "x"},
+        {"role": "assistant", "content": "é"},
+    ]
     for add_generation_prompt in (True, False):
         got = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=TOOLS, extra="kw")
         expected = hf.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tools=TOOLS, extra="kw", tokenize=False
         )
         assert got == expected
-    assert got.startswith("[user:<b>1</b>]\n[A:é]\n")
+    assert got.startswith('[user:<b>1</b>][A:é]{"a": 1, "b": "ü"}|[\n')  # the config's template is not used
+    assert '|2<seed:bos><seed:pad>|kw|' in got
 
 
 def test_template_sandbox(tokenizer_dir, tmp_path):
@@ -300,6 +322,12 @@ def test_training_is_deterministic(tokenizer_dir, tmp_path):
         reference = (tokenizer_dir / name).read_bytes()
         assert (tmp_path / name).read_bytes() == reference
         assert (tmp_path / "again" / name).read_bytes() == reference
+
+
+@pytest.mark.parametrize("vocab_size", [100, 100_000])
+def test_unreachable_vocab_size(tmp_path, vocab_size):
+    with pytest.raises(ValueError, match=f"vocab_size={vocab_size}"):
+        train_demo_tokenizer(tmp_path, vocab_size)
 
 
 def test_config_is_hf_layout(tokenizer_dir):

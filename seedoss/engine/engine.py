@@ -1,0 +1,359 @@
+"""The generation engine: continuous batching over a pipeline of stage executors, sampling, streaming.
+
+One asyncio loop keeps up to `num_stages` micro-batches in flight (each stage executor works on a different
+one), samples each finished micro-batch with the LM head, and streams per-request deltas. Correctness never
+depends on cache affinity: a stage that lacks a sequence's context raises, and the sequence is recomputed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from ..config import SeedOssConfig
+from ..detokenizer import IncrementalDetokenizer, StopStringMatcher
+from ..heads import LMHead
+from ..kv_cache import KVCacheFull, MissingSequenceCache
+from ..sampling import Sampler, SamplingParams, SamplingState
+from ..tokenizer import SeedOssTokenizer
+from .executor import LocalStageExecutor, StageExecutor
+from .scheduler import MicroBatch, Scheduler
+from .sequence import Sequence, Status, TokenLogprob
+
+log = logging.getLogger(__name__)
+
+
+class EngineConfig(BaseModel):
+    max_num_seqs: int = Field(64, ge=1, description="sequences running at once")
+    max_batched_tokens: int = Field(512, ge=16, description="tokens per micro-batch (prompt chunk size bound)")
+    max_model_len: int | None = Field(None, ge=2, description="prompt + output limit; default: the model's")
+    kv_budget_bytes: int = Field(256 << 20, ge=1, description="KV cache bytes per stage")
+    block_size: int = Field(16, ge=1)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as asked; `field` names the offending parameter."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str  # new text since the previous output of this request (full text from `collect`)
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+    requests_finished: int
+    ttft_s: list[float]
+    inter_token_s: list[float]
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    seqs: list[Sequence]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class LLMEngine:
+    def __init__(self, executors: list[StageExecutor], lm_head: LMHead, tokenizer: SeedOssTokenizer,
+                 model_config: SeedOssConfig, config: EngineConfig | None = None, seed: int | None = None):
+        self.executors, self.lm_head, self.tokenizer, self.model_config = executors, lm_head, tokenizer, model_config
+        self.config = config or EngineConfig()
+        block_size = executors[0].block_size
+        if any(e.block_size != block_size for e in executors):
+            raise ValueError("all stage executors must use the same KV block size")
+        num_blocks = min(e.num_blocks for e in executors)
+        self.scheduler = Scheduler(num_blocks, block_size, max_num_seqs=self.config.max_num_seqs,
+                                   max_batched_tokens=self.config.max_batched_tokens)
+        self.max_model_len = min(self.config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings, num_blocks * block_size)
+        self.sampler = Sampler(torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**63)))
+        self._head_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-head")
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._totals = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
+        self._ttft: deque[float] = deque(maxlen=2048)
+        self._itl: deque[float] = deque(maxlen=8192)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, num_stages: int = 1, layers_per_stage: list[int] | None = None,
+                        dtype: str = "float32", config: EngineConfig | None = None, seed: int | None = None) -> "LLMEngine":
+        """An in-process engine whose stages run in worker threads of this process."""
+        from ..loader import load_head, load_stage
+        from ..partition import partition_layers
+
+        model_config = SeedOssConfig.from_pretrained(path)
+        config = config or EngineConfig()
+        ranges = partition_layers(model_config, None if layers_per_stage else num_stages, layers_per_stage)
+        executors = [LocalStageExecutor(load_stage(path, s, e, dtype=dtype), config.kv_budget_bytes, config.block_size)
+                     for s, e in ranges]
+        return cls(executors, load_head(path, "generate", dtype=dtype), SeedOssTokenizer.from_pretrained(path),
+                   model_config, config, seed)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.executors)
+
+    # --- public API --------------------------------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs (deltas); the last one has `finished=True`. Closing the iterator early
+        (client gone) aborts the request."""
+        request = self._add(prompt_ids, params, request_id)
+        try:
+            while True:
+                item = await request.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if request.request_id in self._requests:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its sequences' KV cache is dropped in every stage."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish("abort")
+                if seq.seq_id not in self.scheduler.in_flight:
+                    self._release(seq)
+        self._publish(request)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_usage=self.scheduler.kv_usage, num_preemptions=self.scheduler.num_preemptions,
+            ttft_s=list(self._ttft), inter_token_s=list(self._itl), **self._totals,
+        )
+
+    async def shutdown(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        for request_id in list(self._requests):
+            self.abort(request_id)
+
+    # --- admission ---------------------------------------------------------------------------------------
+    def _add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None) -> _Request:
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise RequestError(f"request id {request_id!r} is already running", "request_id")
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model accepts at most "
+                               f"{self.max_model_len - 1} so one can be generated", "prompt")
+        if params.max_tokens is None:
+            params = params.model_copy(update={"max_tokens": room})
+        elif params.max_tokens > room:
+            raise RequestError(f"max_tokens={params.max_tokens} exceeds the {room} tokens left after the "
+                               f"{len(prompt_ids)}-token prompt (context {self.max_model_len})", "max_tokens")
+        eos = self.model_config.eos_token_ids[0] if self.model_config.eos_token_ids else None
+        seqs = [
+            Sequence(
+                seq_id=f"{request_id}:{i}", request_id=request_id, index=i, prompt_ids=list(prompt_ids), params=params,
+                sampling=SamplingState(params, prompt_ids, eos, vocab, fork_index=i),
+                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
+                stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
+            )
+            for i in range(params.n)
+        ]
+        request = _Request(request_id, list(prompt_ids), seqs)
+        self._requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self._totals["prompt_tokens"] += len(prompt_ids)
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+        self._wakeup.set()
+        return request
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        in_flight: dict[asyncio.Task, MicroBatch] = {}
+        while True:
+            while len(in_flight) < self.num_stages:
+                batch, preempted = self.scheduler.schedule(self.num_stages - len(in_flight))
+                self._free_in_stages([s.seq_id for s in preempted])
+                if batch is None:
+                    break
+                in_flight[asyncio.create_task(self._run(batch))] = batch
+            self._wakeup.clear()
+            waker = asyncio.create_task(self._wakeup.wait())
+            done, _ = await asyncio.wait([*in_flight, waker], return_when=asyncio.FIRST_COMPLETED)
+            waker.cancel()
+            for task in done:
+                if task is not waker:
+                    self._process(in_flight.pop(task), task)
+
+    async def _run(self, batch: MicroBatch):
+        items = batch.items
+        tokens = torch.tensor([t for i in items for t in i.seq.token_slice(i.context, i.context + i.num_new)])
+        x, ids, q, c = tokens, batch.seq_ids, [i.num_new for i in items], [i.context for i in items]
+        for executor in self.executors:
+            x = await executor.forward(x, ids, q, c)
+        rows = [j for j, i in enumerate(items) if i.samples]
+        if not rows:
+            return None
+        last = torch.cumsum(torch.tensor(q), 0) - 1
+        hidden = x[last[rows]]
+        states = [items[j].seq.sampling for j in rows]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._head_worker, self._sample, hidden, states)
+
+    @torch.inference_mode()
+    def _sample(self, hidden: torch.Tensor, states: list[SamplingState]):
+        return self.sampler(self.lm_head(hidden).float(), states)
+
+    def _process(self, batch: MicroBatch, task: asyncio.Task) -> None:
+        error = task.exception()
+        self.scheduler.complete(batch, succeeded=error is None)
+        if isinstance(error, MissingSequenceCache):
+            log.info("stage lost the cache of %s; recomputing", error.seq_ids)
+            for item in batch.items:
+                if item.seq.seq_id in error.seq_ids:
+                    self.scheduler.reset(item.seq)
+        elif isinstance(error, KVCacheFull):
+            log.warning("a stage ran out of KV blocks the scheduler expected free; retrying: %s", error)
+        elif error is not None:
+            log.error("micro-batch failed", exc_info=error)
+            for request_id in {i.seq.request_id for i in batch.items}:
+                request = self._requests.pop(request_id, None)
+                if request:
+                    for seq in request.seqs:
+                        if not seq.finished:
+                            seq.finish("abort")
+                        self._release(seq)
+                    request.queue.put_nowait(RuntimeError(f"generation failed: {error}"))
+        touched = {}
+        sampled = task.result() if error is None else None
+        rows = iter(range(len(batch.items)))
+        for item in batch.items:
+            seq = item.seq
+            if item.samples and sampled is not None:
+                row = next(rows)
+                if not seq.finished:
+                    self._accept(seq, sampled.token_ids[row], sampled.logprobs[row], sampled.top_logprobs[row])
+            if seq.finished:
+                self._release(seq)
+            if seq.request_id in self._requests:
+                touched[seq.request_id] = self._requests[seq.request_id]
+        for request in touched.values():
+            self._publish(request)
+
+    def _accept(self, seq: Sequence, token: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
+        now = time.monotonic()
+        (self._ttft if seq.last_token_time is None else self._itl).append(now - (seq.last_token_time or seq.arrival_time))
+        seq.last_token_time = now
+        seq.output_ids.append(token)
+        seq.sampling.append(token)
+        self._totals["generation_tokens"] += 1
+        seq.pending_ids.append(token)
+        if seq.params.logprobs is not None:
+            seq.pending_logprobs.append(TokenLogprob(token, logprob, top))
+        params = seq.params
+        text, stopped, matched = seq.stop_matcher.feed(seq.detokenizer.add(token))
+        seq.pending_text += text
+        if stopped:
+            seq.finish("stop", matched)
+        elif token in params.stop_token_ids:
+            seq.finish("stop", token)
+        elif not params.ignore_eos and token in self.model_config.eos_token_ids:
+            seq.finish("stop")
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish("length")
+        if seq.finished and not stopped:
+            text, stopped, matched = seq.stop_matcher.feed(seq.detokenizer.flush())
+            seq.pending_text += text + seq.stop_matcher.flush()
+            if stopped:
+                seq.finish("stop", matched)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.status is not Status.FINISHED:
+            return
+        if seq in self.scheduler.running or seq in self.scheduler.waiting:
+            self.scheduler.remove(seq)
+            self._free_in_stages([seq.seq_id])
+
+    def _free_in_stages(self, seq_ids: list[str]) -> None:
+        if seq_ids:
+            for executor in self.executors:
+                executor.free(seq_ids)
+
+    def _publish(self, request: _Request) -> None:
+        outputs = []
+        for seq in request.seqs:
+            text, ids, logprobs = seq.take_pending()
+            if text or ids or seq.finished:
+                outputs.append(CompletionOutput(seq.index, text, ids, logprobs if seq.params.logprobs is not None else None,
+                                                seq.finish_reason, seq.stop_reason))
+        finished = all(s.finished for s in request.seqs)
+        if finished:
+            self._requests.pop(request.request_id, None)
+            self._totals["requests_finished"] += 1
+        if outputs or finished:
+            request.queue.put_nowait(RequestOutput(request.request_id, request.prompt_ids, outputs, finished))
+
+
+async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """Merge a request's streamed deltas into its final output (one CompletionOutput per choice)."""
+    merged: dict[int, CompletionOutput] = {}
+    last = None
+    async for out in stream:
+        last = out
+        for o in out.outputs:
+            m = merged.setdefault(o.index, CompletionOutput(o.index, "", [], [] if o.logprobs is not None else None))
+            m.text += o.text
+            m.token_ids += o.token_ids
+            if o.logprobs is not None:
+                m.logprobs += o.logprobs
+            m.finish_reason, m.stop_reason = o.finish_reason, o.stop_reason
+    return RequestOutput(last.request_id, last.prompt_token_ids, [merged[i] for i in sorted(merged)], last.finished)
