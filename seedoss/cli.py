@@ -27,13 +27,29 @@ def ensure_demo_checkpoint(path: Path = DEFAULT_CHECKPOINT) -> Path:
 
 
 def _generate(args) -> None:
-    from .generate import generate_text
+    import asyncio
+
+    from .engine import LLMEngine
+    from .sampling import SamplingParams
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_demo_checkpoint()
-    for text in generate_text(checkpoint, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                              seed=args.seed, dtype=args.dtype, chat=args.chat):
-        print(text, end="", flush=True)
-    print()
+    engine = LLMEngine.from_checkpoint(checkpoint, num_stages=args.num_stages, dtype=args.dtype)
+    tokenizer = engine.tokenizer
+    ids = (tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True) if args.chat
+           else tokenizer.encode(args.prompt))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, stop=args.stop or [])
+
+    async def stream() -> None:
+        try:
+            async for out in engine.generate(ids, params):
+                for choice in out.outputs:
+                    print(choice.text, end="", flush=True)
+        finally:
+            await engine.shutdown()
+        print()
+
+    asyncio.run(stream())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", help=f"HF checkpoint directory (default: the demo one, {DEFAULT_CHECKPOINT})")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--num-stages", type=int, default=1, help="pipeline stages (threads in this process)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.set_defaults(func=_generate)
@@ -61,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: say what, no traceback
         parser.exit(2, f"seedoss {args.command}: error: {e}\n")
 
 

@@ -62,6 +62,10 @@ class PagedKVCache:
     def __contains__(self, seq_id: Hashable) -> bool:
         return seq_id in self._tables
 
+    @property
+    def num_sequences(self) -> int:
+        return len(self._tables)
+
     def length(self, seq_id: Hashable) -> int:
         return self._lengths.get(seq_id, 0)
 

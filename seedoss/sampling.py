@@ -20,6 +20,7 @@ row-local (row-wise elementwise ops, softmax, sort, cumsum) for the same reason.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -120,16 +121,17 @@ class SamplingState:
         self,
         params: SamplingParams,
         prompt_token_ids: list[int],
-        eos_token_id: int | None,
+        eos_token_id: int | Sequence[int] | None,
         vocab_size: int,
         fork_index: int = 0,
     ) -> None:
         self.params = params
-        self.eos_token_id = eos_token_id
+        self.eos_token_id = eos_token_id  # one id, or all of a model's eos ids
         self.vocab_size = vocab_size
         self.fork_index = fork_index
         self.output_token_ids: list[int] = []
-        masked = set(params.stop_token_ids) | ({eos_token_id} if eos_token_id is not None else set())
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+        masked = set(params.stop_token_ids) | set(eos)
         self.min_tokens_masked_ids = sorted(t for t in masked if 0 <= t < vocab_size)
         self.seed = None if params.seed is None else (params.seed + fork_index * _FORK_MIX) & _SEED_MASK
         self._generator: torch.Generator | None = None

@@ -208,6 +208,9 @@ def test_min_tokens_masks_eos_and_stop_token_ids():
     # without min_tokens, eos comes first
     (s,) = make_states(1, V, eos=eos, temperature=0.0)
     assert Sampler()(logits, [s]).token_ids == [eos]
+    # several eos ids (a model's generation config may list more than one)
+    (s,) = make_states(1, V, eos=[eos, 4], min_tokens=1, stop_token_ids=[7], temperature=0.0)
+    assert Sampler()(logits, [s]).token_ids not in ([eos], [4], [7])
 
 
 # ---------------------------------------------------------------- logprobs

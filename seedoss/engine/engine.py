@@ -196,11 +196,10 @@ class LLMEngine:
         elif params.max_tokens > room:
             raise RequestError(f"max_tokens={params.max_tokens} exceeds the {room} tokens left after the "
                                f"{len(prompt_ids)}-token prompt (context {self.max_model_len})", "max_tokens")
-        eos = self.model_config.eos_token_ids[0] if self.model_config.eos_token_ids else None
         seqs = [
             Sequence(
                 seq_id=f"{request_id}:{i}", request_id=request_id, index=i, prompt_ids=list(prompt_ids), params=params,
-                sampling=SamplingState(params, prompt_ids, eos, vocab, fork_index=i),
+                sampling=SamplingState(params, prompt_ids, self.model_config.eos_token_ids, vocab, fork_index=i),
                 detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
                 stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
             )

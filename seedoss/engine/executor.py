@@ -50,5 +50,12 @@ class LocalStageExecutor:
     def free(self, seq_ids):
         self._worker.submit(self._free, list(seq_ids))
 
+    def cache_stats(self) -> dict:
+        """KV usage as seen after every forward and free submitted so far."""
+        def read():
+            return {"blocks_in_use": self.cache.num_blocks - self.cache.num_free_blocks,
+                    "num_blocks": self.cache.num_blocks, "sequences": self.cache.num_sequences}
+        return self._worker.submit(read).result()
+
     def close(self) -> None:
         self._worker.shutdown(wait=False)
