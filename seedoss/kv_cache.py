@@ -94,7 +94,8 @@ class PagedKVCache:
                 f"KV cache full: need {sum(needed.values())} blocks, {len(self._free)} free of {self.num_blocks}"
             )
         for seq_id, n in needed.items():
-            table = self._tables.setdefault(seq_id, [])
+            table = self._tables.pop(seq_id, [])
+            self._tables[seq_id] = table  # re-inserted: dict order is least- to most-recently used
             table.extend(self._free.pop() for _ in range(n))
             self._lengths.setdefault(seq_id, 0)
 
@@ -114,6 +115,17 @@ class PagedKVCache:
         self._lengths.pop(seq_id, None)
         if table:
             self._free.extend(reversed(table))
+
+    def evict_lru(self, blocks: int, keep: set[Hashable]) -> list[Hashable]:
+        """Free least-recently-used sequences (never those in `keep`) until `blocks` blocks are free."""
+        evicted = []
+        for seq_id in list(self._tables):
+            if len(self._free) >= blocks:
+                break
+            if seq_id not in keep:
+                self.free(seq_id)
+                evicted.append(seq_id)
+        return evicted
 
     def clear(self) -> None:
         for seq_id in list(self._tables):

@@ -58,7 +58,7 @@ async def _generate_all(engine, prompts, params_list):
 
 
 def _kv_blocks_in_use(engine):
-    return [e.cache_stats()["blocks_in_use"] for e in engine.executors]
+    return [s["blocks_in_use"] for s in engine.pipeline.cache_stats()]
 
 
 @pytest.mark.parametrize(
@@ -258,7 +258,8 @@ def test_stage_losing_its_cache_triggers_recompute(demo_checkpoint, prompt_ids, 
         tasks = [asyncio.create_task(collect(s)) for s in streams]
         while engine.stats().generation_tokens < 20:
             await asyncio.sleep(0.005)
-        engine.executors[1]._worker.submit(engine.executors[1].cache.clear)
+        stage1 = engine.pipeline.executors[1]
+        stage1._worker.submit(stage1.cache.clear)
         results = await asyncio.gather(*tasks)
         await engine.shutdown()
         return results

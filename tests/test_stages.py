@@ -143,3 +143,29 @@ def test_cache_budget_free_and_missing_context(checkpoint):
     assert cache.num_free_blocks == 3 and cache.usage == 0.0
     stage(torch.arange(3, 23), StepBatch(["y"], [20], [0]), cache)
     assert cache.length("y") == 20
+
+
+def test_stage_executor_evicts_least_recently_used_stale_sequences(checkpoint):
+    """A stage replica whose cache is full of sequences nobody freed (their steps went elsewhere) evicts the least
+    recently used ones instead of failing; an evicted sequence that returns is reported missing (recompute)."""
+    import asyncio
+
+    from seedoss.engine import LocalStageExecutor
+
+    path, _ = checkpoint
+    executor = LocalStageExecutor(load_stage(path, 0, 1), kv_budget_bytes=2 * 16 * 1 * 32 * 4 * 4, block_size=16)
+    assert executor.num_blocks == 4
+
+    async def scenario():
+        await executor.forward(torch.arange(3, 34), ["old"], [31], [0])    # 2 blocks
+        await executor.forward(torch.arange(3, 19), ["recent"], [16], [0])  # 1 block
+        await executor.forward(torch.tensor([7]), ["old"], [1], [31])      # "old" used again: now most recent
+        await executor.forward(torch.arange(3, 35), ["new"], [32], [0])    # needs 2 blocks: evicts "recent"
+        stats = executor.cache_stats()
+        with pytest.raises(MissingSequenceCache):
+            await executor.forward(torch.tensor([7]), ["recent"], [1], [16])
+        return stats
+
+    stats = asyncio.run(scenario())
+    assert stats["sequences"] == 2 and executor.cache.length("old") == 32 and executor.cache.length("new") == 32
+    executor.close()

@@ -1,9 +1,9 @@
 """Generation engine: sequences → scheduler → stage executors → LM head + sampler → streamed outputs."""
 
 from .engine import CompletionOutput, EngineConfig, EngineStats, LLMEngine, RequestError, RequestOutput, collect
-from .executor import LocalStageExecutor, StageExecutor
+from .executor import LocalPipeline, LocalStageExecutor, Pipeline
 
 __all__ = [
     "CompletionOutput", "EngineConfig", "EngineStats", "LLMEngine", "LocalStageExecutor", "RequestError",
-    "RequestOutput", "StageExecutor", "collect",
+    "LocalPipeline", "Pipeline", "RequestOutput", "collect",
 ]

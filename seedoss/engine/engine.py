@@ -27,7 +27,7 @@ from ..heads import LMHead
 from ..kv_cache import KVCacheFull, MissingSequenceCache
 from ..sampling import Sampler, SamplingParams, SamplingState
 from ..tokenizer import SeedOssTokenizer
-from .executor import LocalStageExecutor, StageExecutor
+from .executor import LocalPipeline, LocalStageExecutor, Pipeline
 from .scheduler import MicroBatch, Scheduler
 from .sequence import Sequence, Status, TokenLogprob
 
@@ -90,14 +90,11 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, executors: list[StageExecutor], lm_head: LMHead, tokenizer: SeedOssTokenizer,
+    def __init__(self, pipeline: Pipeline, lm_head: LMHead, tokenizer: SeedOssTokenizer,
                  model_config: SeedOssConfig, config: EngineConfig | None = None, seed: int | None = None):
-        self.executors, self.lm_head, self.tokenizer, self.model_config = executors, lm_head, tokenizer, model_config
+        self.pipeline, self.lm_head, self.tokenizer, self.model_config = pipeline, lm_head, tokenizer, model_config
         self.config = config or EngineConfig()
-        block_size = executors[0].block_size
-        if any(e.block_size != block_size for e in executors):
-            raise ValueError("all stage executors must use the same KV block size")
-        num_blocks = min(e.num_blocks for e in executors)
+        num_blocks, block_size = pipeline.num_blocks, pipeline.block_size
         self.scheduler = Scheduler(num_blocks, block_size, max_num_seqs=self.config.max_num_seqs,
                                    max_batched_tokens=self.config.max_batched_tokens)
         self.max_model_len = min(self.config.max_model_len or model_config.max_position_embeddings,
@@ -122,14 +119,14 @@ class LLMEngine:
         model_config = SeedOssConfig.from_pretrained(path)
         config = config or EngineConfig()
         ranges = partition_layers(model_config, None if layers_per_stage else num_stages, layers_per_stage)
-        executors = [LocalStageExecutor(load_stage(path, s, e, dtype=dtype), config.kv_budget_bytes, config.block_size)
-                     for s, e in ranges]
-        return cls(executors, load_head(path, "generate", dtype=dtype), SeedOssTokenizer.from_pretrained(path),
+        pipeline = LocalPipeline([LocalStageExecutor(load_stage(path, s, e, dtype=dtype), config.kv_budget_bytes,
+                                                     config.block_size) for s, e in ranges])
+        return cls(pipeline, load_head(path, "generate", dtype=dtype), SeedOssTokenizer.from_pretrained(path),
                    model_config, config, seed)
 
     @property
     def num_stages(self) -> int:
-        return len(self.executors)
+        return self.pipeline.num_stages
 
     # --- public API --------------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
@@ -236,9 +233,8 @@ class LLMEngine:
     async def _run(self, batch: MicroBatch):
         items = batch.items
         tokens = torch.tensor([t for i in items for t in i.seq.token_slice(i.context, i.context + i.num_new)])
-        x, ids, q, c = tokens, batch.seq_ids, [i.num_new for i in items], [i.context for i in items]
-        for executor in self.executors:
-            x = await executor.forward(x, ids, q, c)
+        q = [i.num_new for i in items]
+        x = await self.pipeline.run(tokens, batch.seq_ids, q, [i.context for i in items])
         rows = [j for j, i in enumerate(items) if i.samples]
         if not rows:
             return None
@@ -324,8 +320,7 @@ class LLMEngine:
 
     def _free_in_stages(self, seq_ids: list[str]) -> None:
         if seq_ids:
-            for executor in self.executors:
-                executor.free(seq_ids)
+            self.pipeline.free(seq_ids)
 
     def _publish(self, request: _Request) -> None:
         outputs = []

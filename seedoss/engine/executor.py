@@ -1,32 +1,39 @@
-"""Stage executors: how the engine reaches one pipeline stage.
+"""How the engine reaches its stages.
 
-`StageExecutor` is the interface; `LocalStageExecutor` runs a `seedoss` Stage in this process, and the Ray
-Serve deployment supplies a remote form. Every executor runs its own forwards one at a time in arrival order,
-so different micro-batches can occupy different stages at once (pipeline parallelism) while each stage's KV
-cache sees a consistent sequence of steps.
+A `Pipeline` runs one micro-batch through every stage and returns the last stage's hidden states. The local
+form chains `LocalStageExecutor`s (a `seedoss` Stage in a worker thread of this process); the Ray Serve form
+(deployments/) chains DeploymentResponses so hidden states go stage to stage without the caller. Each stage
+runs its forwards one at a time in arrival order, so different micro-batches can occupy different stages at
+once (pipeline parallelism) while each stage's KV cache sees a consistent sequence of steps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import torch
 
+from ..kv_cache import KVCacheFull
 from ..model import Stage, StepBatch
 
+log = logging.getLogger(__name__)
 
-class StageExecutor(Protocol):
-    num_blocks: int  # KV cache capacity, in blocks of block_size tokens
+
+class Pipeline(Protocol):
+    num_stages: int
+    num_blocks: int  # KV capacity of the smallest stage cache, in blocks of block_size tokens
     block_size: int
 
-    async def forward(self, inputs: torch.Tensor, seq_ids: list[str], query_lens: list[int],
-                      context_lens: list[int]) -> torch.Tensor:
-        """Run the stage on packed inputs; raises MissingSequenceCache when it lacks a sequence's context."""
+    async def run(self, tokens: torch.Tensor, seq_ids: list[str], query_lens: list[int],
+                  context_lens: list[int]) -> torch.Tensor:
+        """Packed token ids through every stage → final hidden states [T, hidden]. Raises MissingSequenceCache
+        when a stage lacks a sequence's cached context."""
 
     def free(self, seq_ids: list[str]) -> None:
-        """Drop these sequences' KV cache. Submitted at once, ordered before any later forward; not awaited."""
+        """Drop these sequences' KV cache in every stage. Submitted at once, ordered before any later step."""
 
 
 class LocalStageExecutor:
@@ -36,12 +43,25 @@ class LocalStageExecutor:
         self.num_blocks, self.block_size = self.cache.num_blocks, block_size
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{stage.start}-{stage.end}")
 
-    def _forward(self, inputs, seq_ids, query_lens, context_lens):
-        return self.stage(inputs, StepBatch(seq_ids, query_lens, context_lens), self.cache)
+    def _forward(self, inputs, seq_ids, query_lens, context_lens, use_cache):
+        batch = StepBatch(seq_ids, query_lens, context_lens)
+        if not use_cache:
+            return self.stage(inputs, batch)
+        try:
+            return self.stage(inputs, batch, self.cache)
+        except KVCacheFull:
+            # Sequences nobody freed here (their steps went to another replica, or their free was lost) hold
+            # blocks: drop the least recently used; if one of them comes back, it is recomputed.
+            needed = sum(self.cache.blocks_needed(s, c + q) for s, q, c in zip(seq_ids, query_lens, context_lens))
+            evicted = self.cache.evict_lru(needed, keep=set(seq_ids))
+            log.warning("stage %d-%d evicted %d idle sequences to make room", self.stage.start, self.stage.end, len(evicted))
+            return self.stage(inputs, batch, self.cache)
 
-    async def forward(self, inputs, seq_ids, query_lens, context_lens):
+    async def forward(self, inputs, seq_ids, query_lens, context_lens, use_cache: bool = True):
+        """One step of these sequences through this stage (`use_cache=False`: a cache-less prefill)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, self._forward, inputs, seq_ids, query_lens, context_lens)
+        return await loop.run_in_executor(self._worker, self._forward, inputs, seq_ids, query_lens, context_lens,
+                                          use_cache)
 
     def _free(self, seq_ids):
         for s in seq_ids:
@@ -59,3 +79,30 @@ class LocalStageExecutor:
 
     def close(self) -> None:
         self._worker.shutdown(wait=False)
+
+
+class LocalPipeline:
+    def __init__(self, executors: list[LocalStageExecutor]):
+        self.executors = executors
+        self.num_stages = len(executors)
+        self.block_size = executors[0].block_size
+        if any(e.block_size != self.block_size for e in executors):
+            raise ValueError("all stages must use the same KV block size")
+        self.num_blocks = min(e.num_blocks for e in executors)
+
+    async def run(self, tokens, seq_ids, query_lens, context_lens):
+        x = tokens
+        for executor in self.executors:
+            x = await executor.forward(x, seq_ids, query_lens, context_lens)
+        return x
+
+    def free(self, seq_ids):
+        for executor in self.executors:
+            executor.free(seq_ids)
+
+    def cache_stats(self) -> list[dict]:
+        return [e.cache_stats() for e in self.executors]
+
+    def close(self) -> None:
+        for executor in self.executors:
+            executor.close()

