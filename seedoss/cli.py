@@ -52,6 +52,44 @@ def _generate(args) -> None:
     asyncio.run(stream())
 
 
+EXAMPLES = {
+    "generate": {"prompt": "The quick brown fox", "max_tokens": 16, "temperature": 0},
+    "classify": {"inputs": ["what a lovely day", "this is terrible"]},
+    "tag": {"inputs": "Ada Lovelace met Charles Babbage in London.", "aggregation_strategy": "simple"},
+    "answer": {"question": "Where did they meet?", "context": "Ada Lovelace met Charles Babbage in London."},
+}
+
+
+def _serve(args) -> None:
+    import json
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_demo_checkpoint()
+    ray.init(address=args.ray_address, include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
+    print(f"deploying {args.num_stages} stages + heads from {checkpoint} (first start takes a minute) …", file=sys.stderr)
+    serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": args.num_stages, "dtype": args.dtype}),
+              name="seedoss", route_prefix="/")
+    base = f"http://{'localhost' if args.host in ('0.0.0.0', '127.0.0.1') else args.host}:{args.port}"
+    print(f"\nSeedOss Serve is up at {base}  (health: {base}/health, API docs: {base}/docs)\n")
+    for route, body in EXAMPLES.items():
+        print(f"curl -s {base}/v1/{route} -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
+    print("\nCtrl-C stops the server.")
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    print("shutting down …", file=sys.stderr)
+    serve.shutdown()
+    ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="seedoss", description="SeedOss Serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +114,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("serve", help="run the Ray Serve app (2 stages + 4 heads) on a local or given Ray cluster")
+    p.add_argument("--checkpoint", help="HF checkpoint directory (default: the demo one, created if absent)")
+    p.add_argument("--num-stages", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.set_defaults(func=_serve)
 
     args = parser.parse_args(argv)
     try:

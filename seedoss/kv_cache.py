@@ -27,6 +27,9 @@ class MissingSequenceCache(LookupError):
         super().__init__(f"stage holds no KV cache for sequence(s) {seq_ids}; re-send their context")
         self.seq_ids = list(seq_ids)
 
+    def __reduce__(self):  # survive pickling between processes with seq_ids intact
+        return type(self), (self.seq_ids,)
+
 
 class PagedKVCache:
     def __init__(

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from seedoss.engine import EngineConfig, LLMEngine, RequestError, collect
+from seedoss.engine import EngineConfig, LLMEngine, RequestError, StageUnavailable, collect
 from seedoss.sampling import SamplingParams
 from seedoss.tokenizer import SeedOssTokenizer
 
@@ -289,3 +289,37 @@ def test_counters(demo_checkpoint, prompt_ids):
     assert s.generation_tokens == 12 and s.prompt_tokens == len(prompt_ids[0]) + len(prompt_ids[1])
     assert s.requests_finished == 2 and s.num_running == 0 and s.num_waiting == 0
     assert len(s.ttft_s) == 2 and len(s.inter_token_s) == 10 and all(t > 0 for t in s.ttft_s)
+
+
+class _FlakyPipeline:
+    """The real local pipeline, whose first `failures` steps fail as if a stage replica had died (and lost its
+    cache) — what the Ray form reports when a replica is killed."""
+
+    def __init__(self, inner, failures):
+        self.inner, self.failures = inner, failures
+        self.num_stages, self.num_blocks, self.block_size = inner.num_stages, inner.num_blocks, inner.block_size
+
+    async def run(self, *args):
+        if self.failures:
+            self.failures -= 1
+            self.inner.executors[-1]._worker.submit(self.inner.executors[-1].cache.clear)
+            raise StageUnavailable("replica died")
+        return await self.inner.run(*args)
+
+    def free(self, seq_ids):
+        self.inner.free(seq_ids)
+
+
+@pytest.mark.parametrize("failures, succeeds", [(3, True), (50, False)])
+def test_unavailable_stage_is_retried_then_reported(demo_checkpoint, prompt_ids, hf_greedy, failures, succeeds):
+    local = LLMEngine.from_checkpoint(demo_checkpoint, num_stages=2)
+    engine = LLMEngine(_FlakyPipeline(local.pipeline, failures), local.lm_head, local.tokenizer, local.model_config,
+                       EngineConfig(max_step_retries=5, retry_backoff_s=0.01))
+    params = SamplingParams(temperature=0, max_tokens=40)
+    if succeeds:
+        results = run(_generate_all(engine, prompt_ids[:2], [params] * 2))
+        assert [r.outputs[0].token_ids for r in results] == hf_greedy[:2]
+    else:
+        with pytest.raises(StageUnavailable):
+            run(_generate_all(engine, prompt_ids[:2], [params] * 2))
+        assert engine.scheduler.kv_usage == 0.0

@@ -1,9 +1,9 @@
 """Generation engine: sequences → scheduler → stage executors → LM head + sampler → streamed outputs."""
 
 from .engine import CompletionOutput, EngineConfig, EngineStats, LLMEngine, RequestError, RequestOutput, collect
-from .executor import LocalPipeline, LocalStageExecutor, Pipeline
+from .executor import LocalPipeline, LocalStageExecutor, Pipeline, StageUnavailable
 
 __all__ = [
     "CompletionOutput", "EngineConfig", "EngineStats", "LLMEngine", "LocalStageExecutor", "RequestError",
-    "LocalPipeline", "Pipeline", "RequestOutput", "collect",
+    "LocalPipeline", "Pipeline", "RequestOutput", "StageUnavailable", "collect",
 ]

@@ -27,7 +27,7 @@ from ..heads import LMHead
 from ..kv_cache import KVCacheFull, MissingSequenceCache
 from ..sampling import Sampler, SamplingParams, SamplingState
 from ..tokenizer import SeedOssTokenizer
-from .executor import LocalPipeline, LocalStageExecutor, Pipeline
+from .executor import LocalPipeline, LocalStageExecutor, Pipeline, StageUnavailable
 from .scheduler import MicroBatch, Scheduler
 from .sequence import Sequence, Status, TokenLogprob
 
@@ -40,6 +40,8 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="prompt + output limit; default: the model's")
     kv_budget_bytes: int = Field(256 << 20, ge=1, description="KV cache bytes per stage")
     block_size: int = Field(16, ge=1)
+    max_step_retries: int = Field(20, ge=0, description="retries of a step whose stage is unavailable")
+    retry_backoff_s: float = Field(0.5, ge=0, description="wait before retrying such a step")
 
 
 class RequestError(ValueError):
@@ -48,6 +50,9 @@ class RequestError(ValueError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+    def __reduce__(self):
+        return type(self), (str(self), self.field)
 
 
 @dataclass
@@ -234,7 +239,11 @@ class LLMEngine:
         items = batch.items
         tokens = torch.tensor([t for i in items for t in i.seq.token_slice(i.context, i.context + i.num_new)])
         q = [i.num_new for i in items]
-        x = await self.pipeline.run(tokens, batch.seq_ids, q, [i.context for i in items])
+        try:
+            x = await self.pipeline.run(tokens, batch.seq_ids, q, [i.context for i in items])
+        except StageUnavailable:
+            await asyncio.sleep(self.config.retry_backoff_s)  # back off while holding this pipeline slot
+            raise
         rows = [j for j, i in enumerate(items) if i.samples]
         if not rows:
             return None
@@ -258,8 +267,14 @@ class LLMEngine:
                     self.scheduler.reset(item.seq)
         elif isinstance(error, KVCacheFull):
             log.warning("a stage ran out of KV blocks the scheduler expected free; retrying: %s", error)
+        elif isinstance(error, StageUnavailable) and max(i.seq.retries for i in batch.items) < self.config.max_step_retries:
+            log.warning("stage unavailable (%s); retrying the step", error)
+            for item in batch.items:
+                item.seq.retries += 1
         elif error is not None:
-            log.error("micro-batch failed", exc_info=error)
+            if not isinstance(error, StageUnavailable):
+                log.error("micro-batch failed", exc_info=error)
+            failure = error if isinstance(error, StageUnavailable) else RuntimeError(f"generation failed: {error}")
             for request_id in {i.seq.request_id for i in batch.items}:
                 request = self._requests.pop(request_id, None)
                 if request:
@@ -267,7 +282,7 @@ class LLMEngine:
                         if not seq.finished:
                             seq.finish("abort")
                         self._release(seq)
-                    request.queue.put_nowait(RuntimeError(f"generation failed: {error}"))
+                    request.queue.put_nowait(failure)
         touched = {}
         sampled = task.result() if error is None else None
         rows = iter(range(len(batch.items)))

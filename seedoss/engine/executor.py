@@ -22,6 +22,11 @@ from ..model import Stage, StepBatch
 log = logging.getLogger(__name__)
 
 
+class StageUnavailable(RuntimeError):
+    """A stage could not run the step (replica died or is restarting). The engine retries the step a bounded
+    number of times; the restarted stage then reports missing caches and the sequences are recomputed."""
+
+
 class Pipeline(Protocol):
     num_stages: int
     num_blocks: int  # KV capacity of the smallest stage cache, in blocks of block_size tokens

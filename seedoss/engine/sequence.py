@@ -35,6 +35,7 @@ class Sequence:
     stop_matcher: StopStringMatcher
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose KV every stage holds
+    retries: int = 0  # steps retried because a stage was unavailable
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it

@@ -1,0 +1,37 @@
+"""The Serve application builder: `serve run deployments.app:build_app checkpoint=DIR num_stages=2`, or the
+`import_path` of a Serve config (`deployments/serve_config.yaml`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from seedoss.config import SeedOssConfig
+from seedoss.partition import partition_layers
+
+from .config import TASK_DEPLOYMENTS, AppConfig
+from .gateway import Gateway
+from .generation import Generation
+from .heads import TaskHead
+from .stage import SeedOssStage
+
+
+def build_app(args: dict[str, Any] | AppConfig) -> Application:
+    cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+    model_config = SeedOssConfig.from_pretrained(cfg.checkpoint)
+    ranges = partition_layers(model_config, None if cfg.layers_per_stage else cfg.num_stages, cfg.layers_per_stage)
+    stages = [
+        serve.deployment(SeedOssStage, name=f"SeedOssStage{k}").options(**cfg.stage_options(k))
+        .bind(cfg.checkpoint, start, end, cfg.dtype, cfg.engine.kv_budget_bytes, cfg.engine.block_size)
+        for k, (start, end) in enumerate(ranges)
+    ]
+    generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation.serve_options())
+                  .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), *stages))
+    heads = {
+        task: serve.deployment(TaskHead, name=TASK_DEPLOYMENTS[task]).options(**getattr(cfg, task).serve_options())
+        .bind(task, path, cfg.dtype, *stages)
+        for task, path in cfg.heads().items()
+    }
+    return Gateway.options(**cfg.gateway.serve_options()).bind(generation, **heads)

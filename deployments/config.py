@@ -1,0 +1,72 @@
+"""One pydantic config drives the whole Serve app: checkpoint, stage split, and per-deployment options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from seedoss.engine import EngineConfig
+
+TASK_DEPLOYMENTS = {"classify": "Classification", "tag": "Tagging", "qa": "QA"}
+
+
+class DeploymentOptions(BaseModel):
+    """What Serve needs to place and scale one deployment (see DESIGN.md §3 for the defaults we override)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | None = Field(1, ge=1)
+    autoscaling_config: dict[str, Any] | None = None
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=-1, description="per caller; -1 is unbounded (never use in production)")
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self):
+        if self.autoscaling_config is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            AutoscalingConfig.model_validate(self.autoscaling_config)
+            self.num_replicas = None
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class AppConfig(BaseModel):
+    """`serve run deployments.app:build_app checkpoint=... num_stages=2` or a Serve config's `args:`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str
+    head_checkpoints: dict[Literal["classify", "tag", "qa"], str] | None = Field(
+        None, description="task → HF checkpoint with that head; default: the demo layout's heads/<task>/ when present")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    num_stages: int = Field(2, ge=1)
+    layers_per_stage: list[int] | None = None
+    engine: EngineConfig = Field(default_factory=EngineConfig,
+                                 description="scheduling limits; kv_budget_bytes and block_size apply to each stage replica")
+    pin_stages: bool = Field(False, description="stage k asks for custom resource `stage{k}: 1` (one node per stage)")
+    stage: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256))
+    generation: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512))
+    classify: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    tag: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    qa: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    gateway: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512))
+
+    def heads(self) -> dict[str, str]:
+        if self.head_checkpoints is not None:
+            return dict(self.head_checkpoints)
+        root = Path(self.checkpoint) / "heads"
+        return {task: str(root / task) for task in TASK_DEPLOYMENTS if (root / task / "config.json").exists()}
+
+    def stage_options(self, k: int) -> dict[str, Any]:
+        options = self.stage.serve_options()
+        if self.pin_stages:
+            actor = dict(options.get("ray_actor_options", {}))
+            actor["resources"] = {**actor.get("resources", {}), f"stage{k}": 1}
+            options["ray_actor_options"] = actor
+        return options

@@ -1,0 +1,57 @@
+"""Classification, tagging and QA head services: task logic from `services/`, the head's weights here, the
+backbone forward through the shared stage deployments (cache-less, batched `prefill`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from seedoss.config import SeedOssConfig
+from seedoss.heads import SequenceClassificationHead
+from seedoss.loader import load_head
+from seedoss.tokenizer import SeedOssTokenizer
+from services.classification import ClassificationService
+from services.errors import from_exception
+from services.qa import QAService
+from services.tagging import TaggingService
+
+from .stage import ServePipeline
+
+SERVICES = {
+    "classify": (ClassificationService, "classify"),
+    "tag": (TaggingService, "tag"),
+    "qa": (QAService, "answer"),
+}
+
+
+class TaskHead:
+    def __init__(self, task: str, head_checkpoint: str, dtype: str, *stages):
+        config = SeedOssConfig.from_pretrained(head_checkpoint)
+        self.head = load_head(head_checkpoint, task, dtype=dtype)
+        self.pipeline = ServePipeline(list(stages), num_blocks=0, block_size=0)  # prefill only: no cache needed
+        service_cls, method = SERVICES[task]
+        kwargs = {} if task == "qa" else {"labels": config.labels}
+        service = service_cls(SeedOssTokenizer.from_pretrained(head_checkpoint), forward=self._forward,
+                              max_length=config.max_position_embeddings, **kwargs)
+        self._handle = getattr(service, method)
+
+    async def _forward(self, sequences: list[list[int]]):
+        hidden = await self.pipeline.prefill(sequences)
+        args = (hidden, sequences) if isinstance(self.head, SequenceClassificationHead) else (hidden,)
+        return await asyncio.to_thread(self._run_head, *args)
+
+    @torch.inference_mode()
+    def _run_head(self, *args):
+        return self.head(*args)
+
+    async def __call__(self, body: dict) -> dict:
+        try:
+            response = await self._handle(body)
+        except Exception as e:
+            raise from_exception(e) from None
+        return response.model_dump(mode="json")
+
+    async def ready(self) -> bool:
+        await self._forward([[0, 5]])  # the whole stage chain answers
+        return True

@@ -1,0 +1,77 @@
+"""Native generation API: request schema, prompt resolution, and response/stream chunk shapes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ConfigDict, Field, model_validator
+
+from seedoss.engine import RequestOutput
+from seedoss.sampling import SamplingParams
+from seedoss.tokenizer import SeedOssTokenizer
+
+from .errors import InvalidRequest
+
+SAMPLING_FIELDS = set(SamplingParams.model_fields)
+
+
+class GenerateRequest(SamplingParams):
+    """`POST /v1/generate`: exactly one of `prompt`, `prompt_token_ids`, `messages`, plus vLLM's sampling set."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        given = [k for k in ("prompt", "prompt_token_ids", "messages") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of prompt, prompt_token_ids, messages (got {given or 'none'})")
+        if self.prompt == "" or self.prompt_token_ids == [] or self.messages == []:
+            raise ValueError(f"{given[0]} is empty")
+        return self
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(**{k: getattr(self, k) for k in SAMPLING_FIELDS})
+
+    def prompt_ids(self, tokenizer: SeedOssTokenizer) -> list[int]:
+        if self.prompt_token_ids is not None:
+            return list(self.prompt_token_ids)
+        if self.prompt is not None:
+            return tokenizer.encode(self.prompt, add_special_tokens=self.add_special_tokens)
+        try:
+            return tokenizer.apply_chat_template(self.messages, tokenize=True, add_generation_prompt=self.add_generation_prompt,
+                                                 **self.chat_template_kwargs)
+        except Exception as e:  # jinja2 raises TemplateError / TypeError on malformed messages
+            raise InvalidRequest(f"messages could not be rendered with the chat template: {e}", param="messages") from None
+
+
+def choice_dict(output) -> dict[str, Any]:
+    out = {"index": output.index, "text": output.text, "token_ids": output.token_ids,
+           "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
+    if output.logprobs is not None:
+        out["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob,
+                            "top_logprobs": [{"token_id": t, "logprob": v} for t, v in (lp.top or [])]}
+                           for lp in output.logprobs]
+    return out
+
+
+def response_dict(result: RequestOutput, completion_tokens: int) -> dict[str, Any]:
+    prompt_tokens = len(result.prompt_token_ids)
+    return {
+        "id": result.request_id,
+        "choices": [choice_dict(o) for o in result.outputs],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
