@@ -1,7 +1,5 @@
 """HTTP ingress: native JSON routes to the head services, SSE streaming for generation, errors as JSON 4xx."""
 
-from __future__ import annotations
-
 import json
 import logging
 

@@ -48,7 +48,8 @@ class SeedOssStage:
         return {
             "start": self.start, "end": self.end, "num_blocks": self.executor.num_blocks,
             "block_size": self.executor.block_size, "parameter_bytes": parameter_bytes(self.executor.stage),
-            "node_id": ray.get_runtime_context().get_node_id(), **self.executor.cache_stats(),
+            "node_id": ray.get_runtime_context().get_node_id(), "actor_name": ray.get_runtime_context().get_actor_name(),
+            **self.executor.cache_stats(),
         }
 
     def check_health(self) -> None:
