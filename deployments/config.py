@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from seedoss.engine import EngineConfig
 
@@ -23,13 +23,19 @@ class DeploymentOptions(BaseModel):
     max_queued_requests: int = Field(64, ge=-1, description="per caller; -1 is unbounded (never use in production)")
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
 
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _valid_autoscaling(cls, value: dict | None) -> dict | None:
+        if value is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            AutoscalingConfig.model_validate(value)
+        return value
+
     @model_validator(mode="after")
     def _one_scaling_mode(self):
         if self.autoscaling_config is not None:
-            from ray.serve.config import AutoscalingConfig
-
-            AutoscalingConfig.model_validate(self.autoscaling_config)
-            self.num_replicas = None
+            self.num_replicas = None  # autoscaling decides; Serve rejects both
         return self
 
     def serve_options(self) -> dict[str, Any]:
@@ -56,6 +62,11 @@ class AppConfig(BaseModel):
     tag: DeploymentOptions = Field(default_factory=DeploymentOptions)
     qa: DeploymentOptions = Field(default_factory=DeploymentOptions)
     gateway: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512))
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _expand_home(cls, path: str) -> str:
+        return str(Path(path).expanduser())
 
     def heads(self) -> dict[str, str]:
         if self.head_checkpoints is not None:

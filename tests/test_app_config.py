@@ -1,0 +1,56 @@
+"""The Serve config in the repo validates with Ray's schema and builds our app; config errors are clear."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.app import build_app
+from deployments.config import AppConfig, DeploymentOptions
+
+SERVE_CONFIG = "deployments/serve_config.yaml"
+
+
+def test_repo_serve_config_validates_and_builds(demo_checkpoint):
+    raw = yaml.safe_load(open(SERVE_CONFIG))
+    ServeDeploySchema.model_validate(raw)
+    args = raw["applications"][0]["args"]
+    cfg = AppConfig.model_validate({**args, "checkpoint": str(demo_checkpoint)})
+    for task in ["classify", "tag", "qa", "gateway"]:
+        AutoscalingConfig.model_validate(getattr(cfg, task).autoscaling_config)
+        assert getattr(cfg, task).serve_options().get("num_replicas") is None
+    app = build_app(cfg)
+    assert app is not None
+    assert AppConfig.model_validate({**args}).checkpoint.endswith(".cache/seedoss/demo-tiny")  # ~ expanded
+    assert cfg.heads().keys() == {"classify", "tag", "qa"}
+
+
+def test_stage_pinning_and_bounded_queues(demo_checkpoint):
+    cfg = AppConfig(checkpoint=str(demo_checkpoint), num_stages=3, pin_stages=True)
+    for k in range(3):
+        options = cfg.stage_options(k)
+        assert options["ray_actor_options"]["resources"] == {f"stage{k}": 1}
+        assert options["max_queued_requests"] > 0 and options["max_ongoing_requests"] > 0
+    for name in ["generation", "classify", "tag", "qa", "gateway"]:
+        assert getattr(cfg, name).max_queued_requests > 0
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"num_stages": 0}, "num_stages"),
+    ({"dtype": "int4"}, "dtype"),
+    ({"stage": {"replicas": 2}}, "replicas"),
+    ({"classify": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 1}}}, "autoscaling_config"),
+    ({"unknown_key": 1}, "unknown_key"),
+])
+def test_bad_app_config_names_the_field(demo_checkpoint, bad, field):
+    with pytest.raises(ValidationError, match=field):
+        AppConfig.model_validate({"checkpoint": str(demo_checkpoint), **bad})
+
+
+def test_layer_split_errors_are_clear(demo_checkpoint):
+    with pytest.raises(ValueError, match="sum to num_hidden_layers"):
+        build_app({"checkpoint": str(demo_checkpoint), "layers_per_stage": [1, 1]})
+    assert DeploymentOptions().serve_options()["ray_actor_options"] == {"num_cpus": 0}
