@@ -50,7 +50,7 @@ class TaskHead:
             response = await self._handle(body)
         except Exception as e:
             raise from_exception(e) from None
-        return response.model_dump(mode="json")
+        return response.model_dump(mode="json", exclude_none=True)
 
     async def ready(self) -> bool:
         await self._forward([[0, 5]])  # the whole stage chain answers
