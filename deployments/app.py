@@ -34,4 +34,4 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         .bind(task, path, cfg.dtype, *stages)
         for task, path in cfg.heads().items()
     }
-    return Gateway.options(**cfg.gateway.serve_options()).bind(generation, **heads)
+    return Gateway.options(**cfg.gateway.serve_options()).bind(cfg.checkpoint, cfg.model_name, generation, **heads)

@@ -48,6 +48,7 @@ class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str
+    model_name: str = Field("seedoss", description="the model id clients ask for (OpenAI `model`)")
     head_checkpoints: dict[Literal["classify", "tag", "qa"], str] | None = Field(
         None, description="task → HF checkpoint with that head; default: the demo layout's heads/<task>/ when present")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -1,61 +1,32 @@
 """HTTP ingress: native JSON routes to the head services, SSE streaming for generation, errors as JSON 4xx."""
 
-import json
-import logging
-
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from ray import serve
-from ray.exceptions import RayTaskError
 
-from services.errors import InvalidRequest, NotFound, ServiceError, Unavailable, from_exception
+from seedoss.tokenizer import SeedOssTokenizer
+from services.errors import Unavailable
 from services.generation import sse
 
-log = logging.getLogger(__name__)
+from .ingress import Heads, error_response, json_body, service_error
+
 api = FastAPI(title="SeedOss Serve", docs_url="/docs")
-
-
-def service_error(exc: BaseException) -> ServiceError:
-    """The client-facing error for anything a route (or a replica behind it) raised."""
-    while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
-        exc = exc.cause
-    return from_exception(exc)
-
-
-def error_response(error: ServiceError) -> JSONResponse:
-    return JSONResponse(error.to_openai_body(), status_code=error.http_status, headers=error.http_headers())
-
-
-async def json_body(request: Request) -> dict:
-    raw = await request.body()
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise InvalidRequest(f"request body is not valid UTF-8 (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return body
 
 
 @serve.deployment(name="Gateway")
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, generation, classify=None, tag=None, qa=None):
-        self.heads = {"generate": generation, "classify": classify, "tag": tag, "qa": qa}
-
-    def _head(self, task: str):
-        handle = self.heads.get(task)
-        if handle is None:
-            raise NotFound(f"no {task} head is deployed in this application", param="task")
-        return handle
+    def __init__(self, checkpoint: str, model_name: str, generation, classify=None, tag=None, qa=None):
+        self.heads = Heads(generation, classify, tag, qa)
+        self.tokenizer = SeedOssTokenizer.from_pretrained(checkpoint)
+        self.model_name = model_name
+        api.state.gateway = self  # for routes defined outside this class (OpenAI API)
 
     @api.post("/v1/generate")
     async def generate(self, request: Request):
         try:
             body = await json_body(request)
-            handle = self._head("generate")
+            handle = self.heads.get("generate")
             if not body.get("stream"):
                 return await handle.complete.remote(body)
             chunks = handle.options(stream=True).stream.remote(body)
@@ -76,7 +47,7 @@ class Gateway:
 
     async def _task(self, task: str, request: Request):
         try:
-            return await self._head(task).remote(await json_body(request))
+            return await self.heads.get(task).remote(await json_body(request))
         except Exception as e:
             return error_response(service_error(e))
 
@@ -95,9 +66,7 @@ class Gateway:
     @api.get("/health")
     async def health(self):
         status = {}
-        for task, handle in self.heads.items():
-            if handle is None:
-                continue
+        for task, handle in self.heads.deployed().items():
             try:
                 await handle.ready.remote()
                 status[task] = "ready"

@@ -128,6 +128,7 @@ def from_exception(exc: BaseException) -> ServiceError:
     """The `ServiceError` to answer `exc` with (returned, not raised)."""
     # Not imported: the engine pulls in torch, and a process that never loaded it cannot have raised its errors.
     engine = sys.modules.get("seedoss.engine.engine")
+    executor = sys.modules.get("seedoss.engine.executor")
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, pydantic.ValidationError):
@@ -136,6 +137,8 @@ def from_exception(exc: BaseException) -> ServiceError:
         return InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param)
     if engine is not None and isinstance(exc, engine.RequestError):
         return InvalidRequest(str(exc), param=exc.field)
+    if executor is not None and isinstance(exc, executor.StageUnavailable):
+        return Unavailable(f"a pipeline stage is unavailable ({exc}); retry shortly", retry_after=5)
     if isinstance(exc, UnicodeDecodeError):
         return InvalidRequest(f"request is not valid UTF-8 (byte {exc.start})")
     if isinstance(exc, asyncio.CancelledError):
