@@ -34,4 +34,5 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         .bind(task, path, cfg.dtype, *stages)
         for task, path in cfg.heads().items()
     }
-    return Gateway.options(**cfg.gateway.serve_options()).bind(cfg.checkpoint, cfg.model_name, generation, **heads)
+    return Gateway.options(**cfg.gateway.serve_options()).bind(
+        cfg.checkpoint, cfg.model_name, generation, **heads, api_keys=cfg.api_keys, max_body_bytes=cfg.max_body_bytes)

@@ -49,6 +49,8 @@ class AppConfig(BaseModel):
 
     checkpoint: str
     model_name: str = Field("seedoss", description="the model id clients ask for (OpenAI `model`)")
+    api_keys: list[str] | None = Field(None, description="bearer tokens accepted (also SEEDOSS_API_KEYS, comma-separated)")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="largest request body accepted (413 above)")
     head_checkpoints: dict[Literal["classify", "tag", "qa"], str] | None = Field(
         None, description="task → HF checkpoint with that head; default: the demo layout's heads/<task>/ when present")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -1,26 +1,66 @@
-"""HTTP ingress: native JSON routes to the head services, SSE streaming for generation, errors as JSON 4xx."""
+"""HTTP ingress: native JSON routes to the head services, SSE streaming for generation, errors as JSON 4xx,
+bearer-token auth, a request body limit, per-route metrics, liveness and readiness."""
+
+import asyncio
+import hmac
+import os
+import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from seedoss.tokenizer import SeedOssTokenizer
-from services.errors import Unavailable
+from services.errors import PayloadTooLarge, ServiceError, Unauthenticated, Unavailable
 from services.generation import sse
 
+from .grpc_api import GrpcMethods
 from .ingress import Heads, error_response, json_body, service_error
+from .metrics import LATENCY, REQUESTS
+from .openai_api import router as openai_router
 
 api = FastAPI(title="SeedOss Serve", docs_url="/docs")
+api.include_router(openai_router)
+PUBLIC_PATHS = {"/health", "/health/live", "/health/ready"}  # probes carry no credentials
+READY_TIMEOUT_S = 10
+
+
+@api.middleware("http")
+async def guard(request: Request, call_next):
+    """Auth and body limit before any route runs; request count and latency after."""
+    start = time.monotonic()
+    gateway = getattr(request.app.state, "gateway", None)
+    error = gateway.check_request(request.url.path, request.headers) if gateway else None
+    response = error_response(error) if error else await call_next(request)
+    route = getattr(request.scope.get("route"), "path", "unmatched")  # the route template: bounded label values
+    REQUESTS.inc(tags={"route": route, "status": str(response.status_code)})
+    LATENCY.observe(time.monotonic() - start, tags={"route": route})
+    return response
 
 
 @serve.deployment(name="Gateway")
 @serve.ingress(api)
-class Gateway:
-    def __init__(self, checkpoint: str, model_name: str, generation, classify=None, tag=None, qa=None):
+class Gateway(GrpcMethods):
+    def __init__(self, checkpoint: str, model_name: str, generation, classify=None, tag=None, qa=None, *,
+                 api_keys: list[str] | None = None, max_body_bytes: int = 4 << 20):
         self.heads = Heads(generation, classify, tag, qa)
         self.tokenizer = SeedOssTokenizer.from_pretrained(checkpoint)
         self.model_name = model_name
-        api.state.gateway = self  # for routes defined outside this class (OpenAI API)
+        env_keys = [k.strip() for k in os.environ.get("SEEDOSS_API_KEYS", "").split(",") if k.strip()]
+        self.api_keys = [k.encode() for k in [*(api_keys or []), *env_keys]]
+        self.max_body_bytes = max_body_bytes
+        api.state.gateway = self  # for the middleware and routes defined outside this class (OpenAI API)
+
+    def check_request(self, path: str, headers) -> ServiceError | None:
+        """The error to answer with before routing (missing/bad credentials, oversized body), or None."""
+        if self.api_keys and path not in PUBLIC_PATHS:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k) for k in self.api_keys):
+                return Unauthenticated("missing or invalid API key: send 'Authorization: Bearer <key>'")
+        length = headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_body_bytes:
+            return PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {self.max_body_bytes}")
+        return None
 
     @api.post("/v1/generate")
     async def generate(self, request: Request):
@@ -63,16 +103,24 @@ class Gateway:
     async def answer(self, request: Request):
         return await self._task("qa", request)
 
+    @api.get("/health/live")
+    async def live(self):
+        """The gateway process answers (liveness: restart me if not)."""
+        return {"status": "alive"}
+
+    @api.get("/health/ready")
     @api.get("/health")
-    async def health(self):
+    async def ready(self):
+        """Ready only when every head, and through them every stage, answers; per-head status in the body."""
         status = {}
         for task, handle in self.heads.deployed().items():
             try:
-                await handle.ready.remote()
+                await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
                 status[task] = "ready"
             except Exception as e:
                 status[task] = f"unavailable: {service_error(e).message}"
-        ok = all(v == "ready" for v in status.values())
-        if not ok:
-            return error_response(Unavailable(f"not ready: {status}", retry_after=5))
-        return {"status": "ok", "heads": status}
+        if any(v != "ready" for v in status.values()):
+            error = Unavailable(f"not ready: {status}", retry_after=5)
+            return JSONResponse({**error.to_openai_body(), "status": "not_ready", "heads": status},
+                                status_code=error.http_status, headers=error.http_headers())
+        return {"status": "ready", "heads": status}

@@ -12,7 +12,10 @@ from seedoss.tokenizer import SeedOssTokenizer
 from services.errors import from_exception
 from services.generation import GenerateRequest, choice_dict, response_dict
 
+from .metrics import GenerationMetrics
 from .stage import ServePipeline
+
+GAUGE_INTERVAL_S = 1.0
 
 
 class Generation:
@@ -23,14 +26,24 @@ class Generation:
         self.engine_config = EngineConfig.model_validate(engine_config)
         self.stages = stages
         self.engine: LLMEngine | None = None
+        self.metrics = GenerationMetrics()
         self._connecting = asyncio.Lock()
+        self._gauges: asyncio.Task | None = None
 
     async def _engine(self) -> LLMEngine:
         async with self._connecting:
             if self.engine is None:
                 pipeline = await ServePipeline.connect(list(self.stages))
-                self.engine = LLMEngine(pipeline, self.lm_head, self.tokenizer, self.model_config, self.engine_config)
+                self.engine = LLMEngine(pipeline, self.lm_head, self.tokenizer, self.model_config, self.engine_config,
+                                        observer=self.metrics)
+                self._gauges = asyncio.get_running_loop().create_task(self._update_gauges())
         return self.engine
+
+    async def _update_gauges(self) -> None:
+        while True:
+            s = self.engine.stats()
+            self.metrics.update_gauges(s.num_running, s.num_waiting, s.kv_usage)
+            await asyncio.sleep(GAUGE_INTERVAL_S)
 
     def _parse(self, body: dict) -> tuple[GenerateRequest, list[int]]:
         try:

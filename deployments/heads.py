@@ -4,6 +4,7 @@ backbone forward through the shared stage deployments (cache-less, batched `pref
 from __future__ import annotations
 
 import asyncio
+import time
 
 import torch
 
@@ -16,6 +17,7 @@ from services.errors import from_exception
 from services.qa import QAService
 from services.tagging import TaggingService
 
+from .metrics import HEAD_LATENCY, HEAD_REQUESTS
 from .stage import ServePipeline
 
 SERVICES = {
@@ -28,6 +30,7 @@ SERVICES = {
 class TaskHead:
     def __init__(self, task: str, head_checkpoint: str, dtype: str, *stages):
         config = SeedOssConfig.from_pretrained(head_checkpoint)
+        self.task = task
         self.head = load_head(head_checkpoint, task, dtype=dtype)
         self.pipeline = ServePipeline(list(stages), num_blocks=0, block_size=0)  # prefill only: no cache needed
         service_cls, method = SERVICES[task]
@@ -46,10 +49,15 @@ class TaskHead:
         return self.head(*args)
 
     async def __call__(self, body: dict) -> dict:
+        start = time.monotonic()
         try:
             response = await self._handle(body)
         except Exception as e:
-            raise from_exception(e) from None
+            error = from_exception(e)
+            HEAD_REQUESTS.inc(tags={"task": self.task, "outcome": type(error).__name__})
+            raise error from None
+        HEAD_REQUESTS.inc(tags={"task": self.task, "outcome": "ok"})
+        HEAD_LATENCY.observe(time.monotonic() - start, tags={"task": self.task})
         return response.model_dump(mode="json", exclude_none=True)
 
     async def ready(self) -> bool:

@@ -8,7 +8,9 @@ from fastapi.responses import JSONResponse
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
-from services.errors import Cancelled, InvalidRequest, NotFound, Overloaded, ServiceError, Unavailable, from_exception
+from services.errors import (
+    Cancelled, InvalidRequest, NotFound, Overloaded, PayloadTooLarge, ServiceError, Unavailable, from_exception,
+)
 
 
 def service_error(exc: BaseException) -> ServiceError:
@@ -30,6 +32,9 @@ def error_response(error: ServiceError) -> JSONResponse:
 
 async def json_body(request: Request) -> dict:
     raw = await request.body()
+    limit = request.app.state.gateway.max_body_bytes
+    if len(raw) > limit:  # bodies sent without Content-Length are only measurable here
+        raise PayloadTooLarge(f"request body of {len(raw)} bytes exceeds the limit of {limit}")
     try:
         body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:

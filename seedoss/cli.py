@@ -72,12 +72,16 @@ def _serve(args) -> None:
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_demo_checkpoint()
     ray.init(address=args.ray_address, include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
+    serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly",
+                grpc_options={"port": args.grpc_port,
+                              "grpc_servicer_functions": ["proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
     print(f"deploying {args.num_stages} stages + heads from {checkpoint} (first start takes a minute) …", file=sys.stderr)
     serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": args.num_stages, "dtype": args.dtype}),
               name="seedoss", route_prefix="/")
     base = f"http://{'localhost' if args.host in ('0.0.0.0', '127.0.0.1') else args.host}:{args.port}"
     print(f"\nSeedOss Serve is up at {base}  (health: {base}/health, API docs: {base}/docs)\n")
+    print(f"gRPC: {base.split('//')[1].rsplit(':', 1)[0]}:{args.grpc_port}  (service seedoss.v1.SeedOss, "
+          "proto/seedoss/v1/seedoss.proto; metadata application=seedoss)\n")
     for route, body in EXAMPLES.items():
         print(f"curl -s {base}/v1/{route} -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
     print("\nCtrl-C stops the server.")
@@ -121,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000, help="Serve's gRPC proxy port")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     p.set_defaults(func=_serve)
 

@@ -204,7 +204,8 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server):
         assert r.status_code == 400 and r.json()["error"]["param"] == "inputs"
         r = client.post("/v1/answer", json={"question": "q"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "context"
-        assert client.get("/health").json()["status"] == "ok"
+        assert client.get("/health/ready").json()["status"] == "ready"
+        assert client.get("/health/live").status_code == 200
 
 
 def test_killing_a_stage_replica_mid_stream_recovers(server):

@@ -1,9 +1,11 @@
 """Generation engine: sequences → scheduler → stage executors → LM head + sampler → streamed outputs."""
 
-from .engine import CompletionOutput, EngineConfig, EngineStats, LLMEngine, RequestError, RequestOutput, collect
+from .engine import (
+    CompletionOutput, EngineConfig, EngineObserver, EngineStats, LLMEngine, RequestError, RequestOutput, collect,
+)
 from .executor import LocalPipeline, LocalStageExecutor, Pipeline, StageUnavailable
 
 __all__ = [
-    "CompletionOutput", "EngineConfig", "EngineStats", "LLMEngine", "LocalStageExecutor", "RequestError",
+    "CompletionOutput", "EngineConfig", "EngineObserver", "EngineStats", "LLMEngine", "LocalStageExecutor", "RequestError",
     "LocalPipeline", "Pipeline", "RequestOutput", "StageUnavailable", "collect",
 ]

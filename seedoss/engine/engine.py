@@ -86,6 +86,14 @@ class EngineStats:
     inter_token_s: list[float]
 
 
+class EngineObserver:
+    """Hooks for exporting metrics (the Serve deployment forwards them to Ray's Prometheus metrics)."""
+
+    def on_first_token(self, seconds: float) -> None: ...
+    def on_next_token(self, seconds: float) -> None: ...
+    def on_prompt(self, tokens: int) -> None: ...
+
+
 @dataclass
 class _Request:
     request_id: str
@@ -96,7 +104,9 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, pipeline: Pipeline, lm_head: LMHead, tokenizer: SeedOssTokenizer,
-                 model_config: SeedOssConfig, config: EngineConfig | None = None, seed: int | None = None):
+                 model_config: SeedOssConfig, config: EngineConfig | None = None, seed: int | None = None,
+                 observer: EngineObserver | None = None):
+        self.observer = observer or EngineObserver()
         self.pipeline, self.lm_head, self.tokenizer, self.model_config = pipeline, lm_head, tokenizer, model_config
         self.config = config or EngineConfig()
         num_blocks, block_size = pipeline.num_blocks, pipeline.block_size
@@ -212,6 +222,7 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         self._totals["prompt_tokens"] += len(prompt_ids)
+        self.observer.on_prompt(len(prompt_ids))
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._loop())
         self._wakeup.set()
@@ -301,7 +312,12 @@ class LLMEngine:
 
     def _accept(self, seq: Sequence, token: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
         now = time.monotonic()
-        (self._ttft if seq.last_token_time is None else self._itl).append(now - (seq.last_token_time or seq.arrival_time))
+        if seq.last_token_time is None:
+            self._ttft.append(now - seq.arrival_time)
+            self.observer.on_first_token(now - seq.arrival_time)
+        else:
+            self._itl.append(now - seq.last_token_time)
+            self.observer.on_next_token(now - seq.last_token_time)
         seq.last_token_time = now
         seq.output_ids.append(token)
         seq.sampling.append(token)

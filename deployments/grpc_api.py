@@ -1,0 +1,309 @@
+"""The typed gRPC API (`proto/seedoss/v1/seedoss.proto`, service `seedoss.v1.SeedOss`) as methods of the Gateway.
+
+Serve's gRPC proxy calls the Gateway method named like the RPC with the request message (and, because the methods
+take a `grpc_context` parameter, a `RayServegRPCContext`); an async generator method is a server-streaming RPC.
+Each method turns the message into the native request dict of the HTTP API, calls the same head handles, and turns
+the result back into the response message, so both front ends share validation, defaults and results.
+
+Errors become gRPC statuses with the `ServiceError`'s code (`services/errors.py`: INVALID_ARGUMENT, NOT_FOUND,
+RESOURCE_EXHAUSTED, UNAVAILABLE, CANCELLED, UNAUTHENTICATED, INTERNAL) and its message as details; the details of
+a bad-input error start with the offending field as the proto names it (``temperature: ...``,
+``chat.messages.0.role: ...``). Unary methods set the code on the context and return an empty message (Serve's
+documented way; the trailing metadata ``error-type``, ``error-param`` and ``retry-after`` travel with it); the
+streaming `Generate` sets the code and raises (Serve wraps that into a `gRPCStatusError` carrying the code).
+A client cancelling a `Generate` call cancels this generator: its `finally` cancels the stream from the Generation
+replica, whose engine then aborts the request and frees its KV cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from proto.seedoss.v1 import seedoss_pb2 as pb
+from services.errors import InvalidRequest, ServiceError, Unavailable, from_exception
+
+from .ingress import service_error
+
+READY_TIMEOUT_S = 10
+
+# GenerateRequest fields with presence that map one-to-one onto the native request's fields.
+_GENERATE_OPTIONAL = (
+    "add_special_tokens", "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs", "skip_special_tokens",
+    "include_stop_str_in_output",
+)
+_ANSWER_OPTIONAL = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "handle_impossible_answer", "align_to_words")
+# Native field → proto field, for error details (the native chat fields live under `chat` in the proto).
+_PARAM_NAMES = {"messages": "chat.messages", "chat_template_kwargs": "chat.chat_template_kwargs",
+                "add_generation_prompt": "chat.add_generation_prompt", "prompt_token_ids": "prompt_token_ids.ids"}
+
+
+# ------------------------------------------------------------------------------------------ proto → native
+
+
+def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as a dict; numbers are doubles in a Struct, integral ones come back as ints (a template printing
+    ``thinking_budget`` must see ``512``, not ``512.0``)."""
+    def fix(v):
+        if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+            return int(v)
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return v
+
+    return fix(json_format.MessageToDict(struct))
+
+
+def chat_body(chat: pb.Chat) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "messages": [{**struct_dict(m.extra), "role": m.role, "content": m.content} for m in chat.messages],
+    }
+    if chat.HasField("chat_template_kwargs"):
+        body["chat_template_kwargs"] = struct_dict(chat.chat_template_kwargs)
+    if chat.HasField("add_generation_prompt"):
+        body["add_generation_prompt"] = chat.add_generation_prompt
+    return body
+
+
+def generate_body(request: pb.GenerateRequest) -> dict[str, Any]:
+    """The native `/v1/generate` body of a GenerateRequest (unset optional fields left out: server defaults)."""
+    which = request.WhichOneof("prompt_input")
+    if which is None:
+        raise InvalidRequest("prompt: give one of prompt, prompt_token_ids, chat", param="prompt")
+    body: dict[str, Any] = (
+        {"prompt": request.prompt} if which == "prompt"
+        else {"prompt_token_ids": list(request.prompt_token_ids.ids)} if which == "prompt_token_ids"
+        else chat_body(request.chat)
+    )
+    for field in _GENERATE_OPTIONAL:
+        if request.HasField(field):
+            body[field] = getattr(request, field)
+    if request.stop:
+        body["stop"] = list(request.stop)
+    if request.stop_token_ids:
+        body["stop_token_ids"] = list(request.stop_token_ids)
+    return body
+
+
+def classify_body(request: pb.ClassifyRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {"inputs": list(request.inputs)}
+    if request.HasField("top_k"):
+        body["top_k"] = request.top_k
+    if request.function_to_apply:
+        body["function_to_apply"] = _enum_value(pb.FunctionToApply, request.function_to_apply, "FUNCTION_TO_APPLY_")
+    for flag in ("raw_scores", "full_probabilities", "truncate"):
+        if getattr(request, flag):
+            body[flag] = True
+    return body
+
+
+def tag_body(request: pb.TagRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {"inputs": list(request.inputs)}
+    if request.aggregation_strategy:
+        body["aggregation_strategy"] = _enum_value(pb.AggregationStrategy, request.aggregation_strategy,
+                                                   "AGGREGATION_STRATEGY_")
+    if request.HasField("ignore_labels"):
+        body["ignore_labels"] = list(request.ignore_labels.values)
+    if request.HasField("stride"):
+        body["stride"] = request.stride
+    if request.truncate:
+        body["truncate"] = True
+    return body
+
+
+def answer_body(request: pb.AnswerRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {"question": request.question, "context": request.context}
+    for field in _ANSWER_OPTIONAL:
+        if request.HasField(field):
+            body[field] = getattr(request, field)
+    return body
+
+
+def _enum_value(enum, number: int, prefix: str) -> str:
+    try:
+        return enum.Name(number).removeprefix(prefix).lower()
+    except ValueError:  # a number this server does not know (newer client)
+        field = "function_to_apply" if enum is pb.FunctionToApply else "aggregation_strategy"
+        raise InvalidRequest(f"{field}: unknown value {number}", param=field) from None
+
+
+# ------------------------------------------------------------------------------------------ native → proto
+
+
+def generate_response(chunk: dict[str, Any]) -> pb.GenerateResponse:
+    """One streamed chunk of `Generation.stream` (``{id, choices, usage?}``) as a GenerateResponse."""
+    response = pb.GenerateResponse(id=chunk["id"])
+    for c in chunk["choices"]:
+        choice = response.choices.add(index=c["index"], text=c["text"], token_ids=c["token_ids"])
+        if c.get("finish_reason") is not None:
+            choice.finish_reason = c["finish_reason"]
+        stop = c.get("stop_reason")
+        if isinstance(stop, str):
+            choice.stop_string = stop
+        elif isinstance(stop, int):
+            choice.stop_token_id = stop
+        for lp in c.get("logprobs") or ():
+            choice.logprobs.add(token_id=lp["token_id"], logprob=lp["logprob"],
+                                top_logprobs=[pb.TopLogprob(token_id=t["token_id"], logprob=t["logprob"])
+                                              for t in lp["top_logprobs"]])
+    if chunk.get("usage") is not None:
+        json_format.ParseDict(chunk["usage"], response.usage, ignore_unknown_fields=True)
+    return response
+
+
+def task_response(task: str, result: dict[str, Any]):
+    """A task head's JSON result as its response message (fields a newer head adds are skipped)."""
+    if task == "tag":
+        result = {**result, "results": [{"entities": entities} for entities in result["results"]]}
+    message = {"classify": pb.ClassifyResponse, "tag": pb.TagResponse, "qa": pb.AnswerResponse}[task]()
+    return json_format.ParseDict(result, message, ignore_unknown_fields=True)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def proto_param(param: str | None) -> str | None:
+    """A native field path as the proto names it (``messages.0.role`` → ``chat.messages.0.role``)."""
+    if param:
+        for native, proto in _PARAM_NAMES.items():
+            if param == native or param.startswith(native + "."):
+                return proto + param[len(native):]
+    return param
+
+
+def error_details(error: ServiceError) -> str:
+    """The status details: the message, starting with the offending field as the proto names it."""
+    message, param = error.message, proto_param(error.param)
+    if error.param and param != error.param and message.startswith(error.param):
+        message = param + message[len(error.param):]
+    elif param and error.param and not message.startswith(error.param.split(".")[0]):
+        message = f"{param}: {message}"
+    return message
+
+
+def set_error(grpc_context, exc: BaseException) -> ServiceError:
+    """Put `exc`'s status on the call's context (when there is one: a plain handle call has none)."""
+    error = service_error(exc)
+    if grpc_context is not None:
+        grpc_context.set_code(getattr(grpc.StatusCode, error.grpc_code, grpc.StatusCode.INTERNAL))
+        grpc_context.set_details(error_details(error))
+        metadata = [("error-type", error.error_type)]
+        if error.param:
+            metadata.append(("error-param", proto_param(error.param)))
+        if getattr(error, "retry_after", None) is not None:
+            metadata.append(("retry-after", str(int(-(-error.retry_after // 1)))))
+        grpc_context.set_trailing_metadata(metadata)
+    return error
+
+
+class GrpcMethods:
+    """Mixed into the Gateway: needs `self.heads` (`Heads`), `self.tokenizer`, `self.model_name`, and uses
+    `self.check_request(path, headers)` (API keys) when the Gateway has it."""
+
+    def _check_auth(self, grpc_context, path: str) -> None:
+        check = getattr(self, "check_request", None)
+        if check is None or grpc_context is None:
+            return
+        metadata = {k.lower(): v for k, v in grpc_context.invocation_metadata() if isinstance(v, str)}
+        error = check(path, metadata)
+        if error is not None:
+            raise error
+
+    async def _unary(self, grpc_context, rpc: str, empty, call):
+        try:
+            self._check_auth(grpc_context, f"/seedoss.v1.SeedOss/{rpc}")
+            return await call()
+        except Exception as e:
+            set_error(grpc_context, e)
+            if grpc_context is None:
+                raise service_error(e) from None
+            return empty
+
+    async def _task(self, task: str, body_of, response_empty, request, grpc_context, rpc: str):
+        async def call():
+            body = body_of(request)
+            return task_response(task, await self.heads.get(task).remote(body))
+
+        return await self._unary(grpc_context, rpc, response_empty, call)
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None):
+        chunks = None
+        try:
+            self._check_auth(grpc_context, "/seedoss.v1.SeedOss/Generate")
+            body = generate_body(request)
+            chunks = self.heads.get("generate").options(stream=True).stream.remote(body)
+            async for chunk in chunks:
+                yield generate_response(chunk)
+            chunks = None  # finished: nothing to cancel
+        except Exception as e:
+            raise set_error(grpc_context, e) from None
+        finally:
+            if chunks is not None:  # client cancelled (or an error): stop the generation, free its cache
+                chunks.cancel()
+
+    async def Classify(self, request: pb.ClassifyRequest, grpc_context=None) -> pb.ClassifyResponse:
+        return await self._task("classify", classify_body, pb.ClassifyResponse(), request, grpc_context, "Classify")
+
+    async def TagTokens(self, request: pb.TagRequest, grpc_context=None) -> pb.TagResponse:
+        return await self._task("tag", tag_body, pb.TagResponse(), request, grpc_context, "TagTokens")
+
+    async def AnswerQuestion(self, request: pb.AnswerRequest, grpc_context=None) -> pb.AnswerResponse:
+        return await self._task("qa", answer_body, pb.AnswerResponse(), request, grpc_context, "AnswerQuestion")
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
+        async def call():
+            from services.generation import GenerateRequest  # the generation path's own tokenization
+
+            which = request.WhichOneof("input")
+            if which is None:
+                raise InvalidRequest("prompt: give one of prompt, chat", param="prompt")
+            body = {"prompt": request.prompt} if which == "prompt" else chat_body(request.chat)
+            if request.HasField("add_special_tokens"):
+                body["add_special_tokens"] = request.add_special_tokens
+            try:
+                ids = GenerateRequest.model_validate(body).prompt_ids(self.tokenizer)
+            except Exception as e:
+                raise from_exception(e) from None
+            response = pb.TokenizeResponse(token_ids=ids, count=len(ids))
+            if request.return_token_strs:
+                response.token_strs.extend(self.tokenizer.convert_ids_to_tokens(ids))
+            return response
+
+        return await self._unary(grpc_context, "Tokenize", pb.TokenizeResponse(), call)
+
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
+        async def call():
+            return pb.ListModelsResponse(models=[pb.Model(id=self.model_name, object="model", owned_by="seedoss",
+                                                          tasks=list(self.heads.deployed()))])
+
+        return await self._unary(grpc_context, "ListModels", pb.ListModelsResponse(), call)
+
+    async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
+        """Like ``GET /health/ready`` (``/health/live`` with `liveness_only`); no credentials needed."""
+        async def call():
+            if request.liveness_only:
+                return pb.HealthResponse(status="alive")
+            status = {}
+            for task, handle in self.heads.deployed().items():
+                try:
+                    await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
+                    status[task] = "ready"
+                except Exception as e:
+                    status[task] = f"unavailable: {service_error(e).message}"
+            if any(v != "ready" for v in status.values()):
+                raise Unavailable(f"not ready: {status}", retry_after=5)
+            return pb.HealthResponse(status="ready", heads=status)
+
+        try:
+            return await call()
+        except Exception as e:
+            set_error(grpc_context, e)
+            if grpc_context is None:
+                raise service_error(e) from None
+            return pb.HealthResponse()

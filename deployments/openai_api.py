@@ -1,0 +1,207 @@
+"""OpenAI-compatible HTTP routes of the gateway (included into its FastAPI app): `GET /v1/models`,
+`POST /v1/completions`, `POST /v1/chat/completions` (SSE ending with `data: [DONE]`), and vLLM's `POST /tokenize` /
+`POST /detokenize` (also under `/v1/`). The request/response mapping lives in services/openai.py; these routes only
+tokenize (in the gateway, with the same code the native route uses), call the Generation deployment and stream.
+
+Errors found before the first byte of a stream (validation, prompt too long, unknown model) are ordinary HTTP 4xx
+JSON bodies; a failure mid-stream is sent in-band as `data: {"error": ...}` followed by `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from services.generation import sse
+from services.openai import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_mapper, check_model,
+    completion_mapper, model_list, rename_param, tokenize_response,
+)
+
+from .ingress import error_response, json_body, service_error
+
+router = APIRouter()
+_CREATED = int(time.time())
+_max_model_len: dict[int, int] = {}  # id(gateway) -> the engine's context length, once known
+
+
+async def max_model_len(gateway) -> int | None:
+    """The engine's context length (prompt + output), asked of the Generation deployment once; the tokenizer's
+    `model_max_length` if that deployment cannot say (an older Generation without `max_model_len`)."""
+    known = _max_model_len.get(id(gateway))
+    if known is None:
+        try:
+            known = _max_model_len[id(gateway)] = int(await gateway.heads.get("generate").max_model_len.remote())
+        except Exception:
+            return gateway.tokenizer.model_max_length
+    return known
+
+
+def _error(e: BaseException, params: dict[str, str] | None = None):
+    error = service_error(e)
+    return error_response(rename_param(error, params) if params else error)
+
+
+def _cancel(responses) -> None:
+    for r in responses:
+        try:
+            r.cancel()
+        except Exception:
+            pass
+
+
+async def _merged(streams: list, firsts: list[dict]) -> AsyncIterator[tuple[int, dict]]:
+    """(stream index, chunk) from several native streams as they come (the first chunk of each already fetched)."""
+    for i, first in enumerate(firsts):
+        yield i, first
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, stream):
+        try:
+            async for chunk in stream:
+                await queue.put((i, chunk))
+            await queue.put((i, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        _cancel(streams)
+
+
+def _events(chunks: AsyncIterator[dict], params: dict[str, str]) -> StreamingResponse:
+    async def events():
+        try:
+            async for chunk in chunks:
+                yield sse(chunk)
+        except Exception as e:  # mid-stream failure: report it in-band, then end the stream
+            error = service_error(e)
+            yield sse(rename_param(error, params or {}).to_openai_body())
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _start_streams(handle, prompts) -> tuple[list, list[dict]]:
+    """Start one native stream per prompt and fetch each first chunk (errors surface here, before any byte)."""
+    streams = [handle.options(stream=True).stream.remote(p.body) for p in prompts]
+    try:
+        firsts = [await s.__anext__() for s in streams]
+    except BaseException:
+        _cancel(streams)
+        raise
+    return streams, firsts
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    gateway = request.app.state.gateway
+    return model_list(gateway.model_name, await max_model_len(gateway), _CREATED)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    gateway = request.app.state.gateway
+    params = None
+    try:
+        req = CompletionRequest.parse(await json_body(request))
+        params = req.error_params()
+        check_model(req.model, gateway.model_name)
+        prompts = req.native_bodies(gateway.tokenizer)
+        handle = gateway.heads.get("generate")
+        mapper = completion_mapper(req, gateway.model_name, gateway.tokenizer, prompts)
+        if not req.stream:
+            calls = [handle.complete.remote(p.body) for p in prompts]
+            try:
+                results = await asyncio.gather(*calls)
+            except BaseException:
+                _cancel(calls)
+                raise
+            return mapper.response(results)
+        streams, firsts = await _start_streams(handle, prompts)
+    except Exception as e:
+        return _error(e, params)
+
+    async def chunks():
+        async for i, native in _merged(streams, firsts):
+            for chunk in mapper.chunks(i, native):
+                yield chunk
+        if mapper.include_usage:
+            yield mapper.usage_chunk()
+
+    return _events(chunks(), params)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    gateway = request.app.state.gateway
+    params = None
+    try:
+        req = ChatCompletionRequest.parse(await json_body(request))
+        params = req.error_params()
+        check_model(req.model, gateway.model_name)
+        prompts = req.native_bodies(gateway.tokenizer)
+        handle = gateway.heads.get("generate")
+        mapper = chat_mapper(req, gateway.model_name, gateway.tokenizer, prompts)
+        if not req.stream:
+            return mapper.response(await handle.complete.remote(prompts[0].body))
+        streams, firsts = await _start_streams(handle, prompts)
+    except Exception as e:
+        return _error(e, params)
+
+    async def chunks():
+        for chunk in mapper.role_chunks():
+            yield chunk
+        async for _, native in _merged(streams, firsts):
+            for chunk in mapper.chunks(native):
+                yield chunk
+        if mapper.include_usage:
+            yield mapper.usage_chunk()
+
+    return _events(chunks(), params)
+
+
+@router.post("/tokenize")
+@router.post("/v1/tokenize")
+async def tokenize(request: Request):
+    gateway = request.app.state.gateway
+    try:
+        req = TokenizeRequest.parse(await json_body(request))
+        check_model(req.model, gateway.model_name)
+        ids = req.token_ids(gateway.tokenizer)
+        return tokenize_response(ids, gateway.tokenizer, await max_model_len(gateway), req.return_token_strs)
+    except Exception as e:
+        return _error(e)
+
+
+@router.post("/detokenize")
+@router.post("/v1/detokenize")
+async def detokenize(request: Request):
+    gateway = request.app.state.gateway
+    try:
+        req = DetokenizeRequest.model_validate(await json_body(request))
+        check_model(req.model, gateway.model_name)
+        return {"prompt": req.text(gateway.tokenizer)}
+    except Exception as e:
+        return _error(e)
