@@ -82,6 +82,9 @@ class Generation:
                 "num_preemptions": s.num_preemptions, "generation_tokens": s.generation_tokens,
                 "prompt_tokens": s.prompt_tokens, "requests_finished": s.requests_finished}
 
+    async def max_model_len(self) -> int:
+        return (await self._engine()).max_model_len
+
     async def ready(self) -> bool:
         await self._engine()
         return True

@@ -36,8 +36,10 @@ async def max_model_len(gateway) -> int | None:
     if known is None:
         try:
             known = _max_model_len[id(gateway)] = int(await gateway.heads.get("generate").max_model_len.remote())
-        except Exception:
-            return gateway.tokenizer.model_max_length
+        except Exception as e:
+            known = gateway.tokenizer.model_max_length
+            if "does not exist" in str(e):  # Serve's answer for a missing method: remember the fallback
+                _max_model_len[id(gateway)] = known
     return known
 
 

@@ -38,6 +38,7 @@ none/auto, `functions`, `function_call`, `response_format` other than text, `aud
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -71,7 +72,8 @@ _UNSUPPORTED_COMMON: dict[str, Callable[[Any], bool]] = {
 _UNSUPPORTED_COMPLETION = {**_UNSUPPORTED_COMMON, "suffix": _empty}
 _UNSUPPORTED_CHAT = {
     **_UNSUPPORTED_COMMON,
-    "tools": _empty, "tool_choice": _none_or("none", "auto"), "functions": _empty, "function_call": _none_or("none", "auto"),
+    "tools": _empty, "tool_choice": _none_or("none", "auto"),
+    "functions": _empty, "function_call": _none_or("none", "auto"),
     "audio": _none_or(), "modalities": lambda v: v is None or v == ["text"], "prediction": _none_or(),
     "reasoning_effort": _none_or(), "web_search_options": _none_or(), "verbosity": _none_or(), "moderation": _none_or(),
     "continue_final_message": _none_or(False), "echo": _none_or(False), "add_special_tokens": _none_or(False),
@@ -98,7 +100,10 @@ def _parse(cls: type[BaseModel], body: dict[str, Any], unsupported: dict[str, Ca
     try:
         return cls.model_validate(body)
     except Exception as e:
-        raise from_exception(e) from None
+        error = from_exception(e)
+        error.message = error.message.replace("Value error, ", "")  # pydantic's prefix for our own ValueErrors
+        error.args = (error.message,)
+        raise error from None
 
 
 class StreamOptions(BaseModel):
@@ -159,8 +164,8 @@ class _OpenAIRequest(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def _sampling(self) -> dict[str, Any]:
-        fields = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k", "min_p",
-                  "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
+        fields = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k",
+                  "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
                   "include_stop_str_in_output")
         return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
 
@@ -277,7 +282,7 @@ def rename_param(error: ServiceError, params: dict[str, str]) -> ServiceError:
     new = params.get(old) if old else None
     if new and new != old:
         error.param = new
-        if error.message.startswith(f"{old}:"):
+        if re.match(rf"{re.escape(old)}\b", error.message):  # "max_tokens: ..." / "max_tokens=5000 exceeds ..."
             error.message = new + error.message[len(old):]
         error.args = (error.message,)
     return error
@@ -466,7 +471,8 @@ class CompletionMapper(_Mapper):
             for t in e.get("top_logprobs") or []:
                 top.setdefault(self.token_str(t["token_id"]), max(t["logprob"], LOGPROB_FLOOR))
             top_logprobs.append(top)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": offsets}
 
     def _choice(self, prompt_index: int, native_choice: dict[str, Any], first: bool) -> dict[str, Any]:
         index = prompt_index * self.n + native_choice["index"]
@@ -555,7 +561,8 @@ class ChatMapper(_Mapper):
         """The opening chunk of every choice: `delta.role` (OpenAI sends it first, with empty content)."""
         out = []
         for i in range(self.n):
-            choice = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            choice = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}
             if self.return_token_ids:
                 choice["token_ids"] = []
             chunk = self._chunk(choice)
