@@ -18,6 +18,7 @@ replica, whose engine then aborts the request and frees its KV cache.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import grpc
@@ -36,7 +37,9 @@ _GENERATE_OPTIONAL = (
     "frequency_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs", "skip_special_tokens",
     "include_stop_str_in_output",
 )
-_ANSWER_OPTIONAL = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "handle_impossible_answer", "align_to_words")
+_ANSWER_OPTIONAL = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "handle_impossible_answer",
+                    "align_to_words")
+_TASK_RESPONSES = {"classify": pb.ClassifyResponse, "tag": pb.TagResponse, "qa": pb.AnswerResponse}
 # Native field → proto field, for error details (the native chat fields live under `chat` in the proto).
 _PARAM_NAMES = {"messages": "chat.messages", "chat_template_kwargs": "chat.chat_template_kwargs",
                 "add_generation_prompt": "chat.add_generation_prompt", "prompt_token_ids": "prompt_token_ids.ids"}
@@ -71,16 +74,27 @@ def chat_body(chat: pb.Chat) -> dict[str, Any]:
     return body
 
 
+def prompt_body(request, which: str) -> dict[str, Any]:
+    """The native prompt field of the `which` member of a prompt oneof (an empty one is an error naming it)."""
+    if which == "prompt_token_ids":
+        body = {"prompt_token_ids": list(request.prompt_token_ids.ids)}
+        empty = not request.prompt_token_ids.ids
+    elif which == "chat":
+        body, empty = chat_body(request.chat), not request.chat.messages
+    else:
+        body, empty = {"prompt": request.prompt}, not request.prompt
+    if empty:
+        field = next(iter(body))
+        raise InvalidRequest(f"{field}: is empty", param=field)
+    return body
+
+
 def generate_body(request: pb.GenerateRequest) -> dict[str, Any]:
     """The native `/v1/generate` body of a GenerateRequest (unset optional fields left out: server defaults)."""
     which = request.WhichOneof("prompt_input")
     if which is None:
         raise InvalidRequest("prompt: give one of prompt, prompt_token_ids, chat", param="prompt")
-    body: dict[str, Any] = (
-        {"prompt": request.prompt} if which == "prompt"
-        else {"prompt_token_ids": list(request.prompt_token_ids.ids)} if which == "prompt_token_ids"
-        else chat_body(request.chat)
-    )
+    body = prompt_body(request, which)
     for field in _GENERATE_OPTIONAL:
         if request.HasField(field):
             body[field] = getattr(request, field)
@@ -161,8 +175,7 @@ def task_response(task: str, result: dict[str, Any]):
     """A task head's JSON result as its response message (fields a newer head adds are skipped)."""
     if task == "tag":
         result = {**result, "results": [{"entities": entities} for entities in result["results"]]}
-    message = {"classify": pb.ClassifyResponse, "tag": pb.TagResponse, "qa": pb.AnswerResponse}[task]()
-    return json_format.ParseDict(result, message, ignore_unknown_fields=True)
+    return json_format.ParseDict(result, _TASK_RESPONSES[task](), ignore_unknown_fields=True)
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -182,7 +195,7 @@ def error_details(error: ServiceError) -> str:
     message, param = error.message, proto_param(error.param)
     if error.param and param != error.param and message.startswith(error.param):
         message = param + message[len(error.param):]
-    elif param and error.param and not message.startswith(error.param.split(".")[0]):
+    elif param and not message.startswith((param, error.param.split(".")[0])):
         message = f"{param}: {message}"
     return message
 
@@ -197,7 +210,7 @@ def set_error(grpc_context, exc: BaseException) -> ServiceError:
         if error.param:
             metadata.append(("error-param", proto_param(error.param)))
         if getattr(error, "retry_after", None) is not None:
-            metadata.append(("retry-after", str(int(-(-error.retry_after // 1)))))
+            metadata.append(("retry-after", str(math.ceil(error.retry_after))))
         grpc_context.set_trailing_metadata(metadata)
     return error
 
@@ -206,7 +219,7 @@ class GrpcMethods:
     """Mixed into the Gateway: needs `self.heads` (`Heads`), `self.tokenizer`, `self.model_name`, and uses
     `self.check_request(path, headers)` (API keys) when the Gateway has it."""
 
-    def _check_auth(self, grpc_context, path: str) -> None:
+    def _grpc_check_auth(self, grpc_context, path: str) -> None:
         check = getattr(self, "check_request", None)
         if check is None or grpc_context is None:
             return
@@ -215,9 +228,11 @@ class GrpcMethods:
         if error is not None:
             raise error
 
-    async def _unary(self, grpc_context, rpc: str, empty, call):
+    async def _grpc_unary(self, grpc_context, rpc: str, empty, call, *, auth: bool = True):
+        """`call()`'s message, or on error `empty` with the error's status set on the context."""
         try:
-            self._check_auth(grpc_context, f"/seedoss.v1.SeedOss/{rpc}")
+            if auth:
+                self._grpc_check_auth(grpc_context, f"/seedoss.v1.SeedOss/{rpc}")
             return await call()
         except Exception as e:
             set_error(grpc_context, e)
@@ -225,17 +240,17 @@ class GrpcMethods:
                 raise service_error(e) from None
             return empty
 
-    async def _task(self, task: str, body_of, response_empty, request, grpc_context, rpc: str):
+    async def _grpc_task(self, task: str, rpc: str, body_of, request, grpc_context):
         async def call():
             body = body_of(request)
             return task_response(task, await self.heads.get(task).remote(body))
 
-        return await self._unary(grpc_context, rpc, response_empty, call)
+        return await self._grpc_unary(grpc_context, rpc, _TASK_RESPONSES[task](), call)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None):
         chunks = None
         try:
-            self._check_auth(grpc_context, "/seedoss.v1.SeedOss/Generate")
+            self._grpc_check_auth(grpc_context, "/seedoss.v1.SeedOss/Generate")
             body = generate_body(request)
             chunks = self.heads.get("generate").options(stream=True).stream.remote(body)
             async for chunk in chunks:
@@ -248,13 +263,13 @@ class GrpcMethods:
                 chunks.cancel()
 
     async def Classify(self, request: pb.ClassifyRequest, grpc_context=None) -> pb.ClassifyResponse:
-        return await self._task("classify", classify_body, pb.ClassifyResponse(), request, grpc_context, "Classify")
+        return await self._grpc_task("classify", "Classify", classify_body, request, grpc_context)
 
     async def TagTokens(self, request: pb.TagRequest, grpc_context=None) -> pb.TagResponse:
-        return await self._task("tag", tag_body, pb.TagResponse(), request, grpc_context, "TagTokens")
+        return await self._grpc_task("tag", "TagTokens", tag_body, request, grpc_context)
 
     async def AnswerQuestion(self, request: pb.AnswerRequest, grpc_context=None) -> pb.AnswerResponse:
-        return await self._task("qa", answer_body, pb.AnswerResponse(), request, grpc_context, "AnswerQuestion")
+        return await self._grpc_task("qa", "AnswerQuestion", answer_body, request, grpc_context)
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
         async def call():
@@ -263,7 +278,7 @@ class GrpcMethods:
             which = request.WhichOneof("input")
             if which is None:
                 raise InvalidRequest("prompt: give one of prompt, chat", param="prompt")
-            body = {"prompt": request.prompt} if which == "prompt" else chat_body(request.chat)
+            body = prompt_body(request, which)
             if request.HasField("add_special_tokens"):
                 body["add_special_tokens"] = request.add_special_tokens
             try:
@@ -275,14 +290,14 @@ class GrpcMethods:
                 response.token_strs.extend(self.tokenizer.convert_ids_to_tokens(ids))
             return response
 
-        return await self._unary(grpc_context, "Tokenize", pb.TokenizeResponse(), call)
+        return await self._grpc_unary(grpc_context, "Tokenize", pb.TokenizeResponse(), call)
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
         async def call():
             return pb.ListModelsResponse(models=[pb.Model(id=self.model_name, object="model", owned_by="seedoss",
                                                           tasks=list(self.heads.deployed()))])
 
-        return await self._unary(grpc_context, "ListModels", pb.ListModelsResponse(), call)
+        return await self._grpc_unary(grpc_context, "ListModels", pb.ListModelsResponse(), call)
 
     async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
         """Like ``GET /health/ready`` (``/health/live`` with `liveness_only`); no credentials needed."""
@@ -300,10 +315,4 @@ class GrpcMethods:
                 raise Unavailable(f"not ready: {status}", retry_after=5)
             return pb.HealthResponse(status="ready", heads=status)
 
-        try:
-            return await call()
-        except Exception as e:
-            set_error(grpc_context, e)
-            if grpc_context is None:
-                raise service_error(e) from None
-            return pb.HealthResponse()
+        return await self._grpc_unary(grpc_context, "Health", pb.HealthResponse(), call, auth=False)
