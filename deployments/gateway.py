@@ -11,7 +11,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from seedoss.tokenizer import SeedOssTokenizer
-from services.errors import PayloadTooLarge, ServiceError, Unauthenticated, Unavailable
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, Unauthenticated, Unavailable
 from services.generation import sse
 
 from .grpc_api import GrpcMethods
@@ -23,6 +25,16 @@ api = FastAPI(title="SeedOss Serve", docs_url="/docs")
 api.include_router(openai_router)
 PUBLIC_PATHS = {"/health", "/health/live", "/health/ready"}  # probes carry no credentials
 READY_TIMEOUT_S = 10
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException):
+    """Unknown routes and wrong methods answer in the same JSON error shape as everything else."""
+    if exc.status_code == 404:
+        return error_response(NotFound(f"no route {request.method} {request.url.path}", param="path"))
+    error = InvalidRequest(str(exc.detail))
+    error.http_status = exc.status_code
+    return error_response(error)
 
 
 @api.middleware("http")

@@ -436,3 +436,81 @@ def test_bad_input_is_invalid_argument_naming_the_field(server):
     assert trailers["error-param"] == "inputs" and trailers["error-type"] == "invalid_request_error"
     # the server keeps serving
     assert s.Health(pb.HealthRequest(), metadata=METADATA).status == "ready"
+
+
+# (route, body: dict | raw bytes, HTTP status, text the error message or param must contain)
+HTTP_BAD_INPUTS = [
+    ("/v1/generate", b"{not json", 400, "JSON"),
+    ("/v1/generate", b"\xff\xfe\x00", 400, "UTF-8"),
+    ("/v1/generate", b"[1, 2]", 400, "JSON object"),
+    ("/v1/generate", {}, 400, "prompt"),
+    ("/v1/generate", {"prompt": ""}, 400, "empty"),
+    ("/v1/generate", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/generate", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/generate", {"prompt": "x", "top_k": -2}, 400, "top_k"),
+    ("/v1/generate", {"prompt": "x", "min_p": 2}, 400, "min_p"),
+    ("/v1/generate", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    ("/v1/generate", {"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ("/v1/generate", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/generate", {"prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/generate", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/generate", {"prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+    ("/v1/generate", {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ("/v1/generate", {"prompt": "x", "stop": [""]}, 400, "stop"),
+    ("/v1/generate", {"prompt_token_ids": [999999]}, 400, "prompt"),
+    ("/v1/generate", {"prompt_token_ids": [5] * 5000}, 400, "prompt"),
+    ("/v1/generate", {"prompt": "x", "tempurature": 1}, 400, "tempurature"),
+    ("/v1/generate", {"messages": [{"role": "user"}]}, 400, "messages"),
+    ("/v1/classify", {"inputs": []}, 400, "inputs"),
+    ("/v1/classify", {"inputs": ["x"], "top_k": 0}, 400, "top_k"),
+    ("/v1/classify", {"inputs": ["x"], "function_to_apply": "relu"}, 400, "function_to_apply"),
+    ("/v1/classify", {"inputs": ["x" * 40000]}, 400, "inputs"),
+    ("/v1/tag", {"inputs": "x", "aggregation_strategy": "bogus"}, 400, "aggregation_strategy"),
+    ("/v1/tag", {"inputs": ""}, 400, "inputs"),
+    ("/v1/answer", {"question": "q"}, 400, "context"),
+    ("/v1/answer", {"question": "q", "context": "c", "max_answer_len": 0}, 400, "max_answer_len"),
+    ("/v1/answer", {"question": "q", "context": "c", "max_seq_len": 16, "doc_stride": 16}, 400, "doc_stride"),
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
+    ("/v1/completions", {"model": "seedoss", "prompt": "x", "logit_bias": {"5": 3}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": "seedoss", "messages": []}, 400, "messages"),
+    ("/v1/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/v1/nonexistent", {}, 404, "path"),
+]
+
+
+@pytest.mark.parametrize("route, body, status, needle", HTTP_BAD_INPUTS,
+                         ids=[f"{r}-{i}" for i, (r, *_) in enumerate(HTTP_BAD_INPUTS)])
+def test_http_bad_inputs_get_documented_4xx(server, route, body, status, needle):
+    r = (server.http.post(route, content=body) if isinstance(body, bytes) else server.http.post(route, json=body))
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert needle in f"{error['param']} {error['message']}"
+    assert "Traceback" not in error["message"]
+
+
+def _grpc_bad_inputs():
+    return [
+        ("Generate", pb.GenerateRequest(prompt="x", temperature=-1), "temperature"),
+        ("Generate", pb.GenerateRequest(), "prompt"),
+        ("Generate", pb.GenerateRequest(prompt="x", max_tokens=100000), "max_tokens"),
+        ("Generate", pb.GenerateRequest(prompt="x", top_p=1.5), "top_p"),
+        ("Classify", pb.ClassifyRequest(inputs=[]), "inputs"),
+        ("Classify", pb.ClassifyRequest(inputs=["x"], top_k=0), "top_k"),
+        ("TagTokens", pb.TagRequest(inputs=["x"], stride=3), "stride"),
+        ("AnswerQuestion", pb.AnswerRequest(question="", context="c"), "question"),
+        ("AnswerQuestion", pb.AnswerRequest(question="q", context="c", max_answer_len=0), "max_answer_len"),
+        ("Tokenize", pb.TokenizeRequest(), "prompt"),
+    ]
+
+
+def test_grpc_bad_inputs_get_invalid_argument_and_the_server_keeps_serving(server):
+    for rpc, request, needle in _grpc_bad_inputs():
+        with pytest.raises(grpc.RpcError) as e:
+            response = getattr(server.stub, rpc)(request, metadata=METADATA)
+            if rpc == "Generate":
+                list(response)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (rpc, e.value.details())
+        assert needle in e.value.details(), (rpc, e.value.details())
+    assert len(HTTP_BAD_INPUTS) + len(_grpc_bad_inputs()) >= 30
+    assert server.http.post("/v1/generate", json={"prompt": "still fine", "max_tokens": 2}).status_code == 200
