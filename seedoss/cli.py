@@ -94,6 +94,22 @@ def _serve(args) -> None:
     ray.shutdown()
 
 
+def _plan(args) -> None:
+    from .config import SeedOssConfig
+    from .planner import plan
+
+    layers = [int(n) for n in args.layers_per_stage.split(",")] if args.layers_per_stage else None
+    print(plan(SeedOssConfig.from_pretrained(args.config), args.dtype, num_stages=args.num_stages,
+               layers_per_stage=layers, gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem,
+               mem_util=args.mem_util, min_kv_tokens=args.min_kv_tokens).table())
+
+
+def _k8s_render(args) -> None:
+    from deployments.k8s import render
+
+    render(args.overlay, args.out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="seedoss", description="SeedOss Serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +144,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grpc-port", type=int, default=9000, help="Serve's gRPC proxy port")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("plan", help="capacity plan: weights, KV cache and max tokens per pipeline stage (one GPU each)")
+    p.add_argument("--config", required=True, help="the model's config.json (or its checkpoint directory)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--num-stages", type=int, help="balanced stages (default: the suggested, smallest split that fits)")
+    p.add_argument("--layers-per-stage", help="explicit split, e.g. 15,17,17,15")
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--gpu-mem", type=float, required=True, help="GiB of memory per GPU")
+    p.add_argument("--mem-util", type=float, default=0.9, help="fraction of GPU memory for weights + KV cache")
+    p.add_argument("--min-kv-tokens", type=int, default=0,
+                   help="a stage fits only with room for this many tokens of KV cache besides its weights")
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("k8s", help="KubeRay manifests (k8s/): render the overlays' generated serveConfigV2")
+    k8s = p.add_subparsers(dest="k8s_command", required=True)
+    p = k8s.add_parser("render", help="print each overlay's serve-config.yaml (from its AppConfig, deployments/k8s.py)")
+    p.add_argument("--overlay", help="cpu-demo or gpu-pipeline (default: all)")
+    p.add_argument("--out", help="overlays directory to write <overlay>/serve-config.yaml into, e.g. k8s/overlays")
+    p.set_defaults(func=_k8s_render)
 
     args = parser.parse_args(argv)
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 from .config import SeedOssConfig
 from .partition import layer_param_count, partition_layers, stage_param_counts
@@ -176,10 +177,12 @@ class Plan:
 
 
 def usable_bytes(gpu_mem_gib: float, mem_util: float) -> int:
-    return int(round(gpu_mem_gib * GiB * mem_util))
+    """gpu_mem_gib x mem_util in whole bytes, rounded down, computed on the decimals as written (0.9 is 9/10)."""
+    return math.floor(Fraction(repr(gpu_mem_gib)) * GiB * Fraction(repr(mem_util)))
 
 
-def stage_plans(config: SeedOssConfig, ranges: Sequence[tuple[int, int]], nbytes: int, usable: int) -> tuple[StagePlan, ...]:
+def stage_plans(config: SeedOssConfig, ranges: Sequence[tuple[int, int]], nbytes: int,
+                usable: int) -> tuple[StagePlan, ...]:
     per_layer = kv_bytes_per_token_per_layer(config, nbytes)
     return tuple(
         StagePlan(index=k, start=start, end=end, params=params, weight_bytes=params * nbytes,
