@@ -24,7 +24,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     ranges = partition_layers(model_config, None if cfg.layers_per_stage else cfg.num_stages, cfg.layers_per_stage)
     stages = [
         serve.deployment(SeedOssStage, name=f"SeedOssStage{k}").options(**cfg.stage_options(k))
-        .bind(cfg.checkpoint, start, end, cfg.dtype, cfg.engine.kv_budget_bytes, cfg.engine.block_size)
+        .bind(cfg.checkpoint, start, end, cfg.dtype, cfg.engine.kv_budget_bytes, cfg.engine.block_size, cfg.device)
         for k, (start, end) in enumerate(ranges)
     ]
     generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation.serve_options())

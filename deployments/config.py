@@ -54,6 +54,8 @@ class AppConfig(BaseModel):
     head_checkpoints: dict[Literal["classify", "tag", "qa"], str] | None = Field(
         None, description="task → HF checkpoint with that head; default: the demo layout's heads/<task>/ when present")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where stage replicas keep weights and KV cache; auto: the GPU a replica was given, if any")
     num_stages: int = Field(2, ge=1)
     layers_per_stage: list[int] | None = None
     engine: EngineConfig = Field(default_factory=EngineConfig,

@@ -23,8 +23,12 @@ from .wire import pack, unpack
 
 
 class SeedOssStage:
-    def __init__(self, checkpoint: str, start: int, end: int, dtype: str, kv_budget_bytes: int, block_size: int):
-        self.executor = LocalStageExecutor(load_stage(checkpoint, start, end, dtype=dtype), kv_budget_bytes, block_size)
+    def __init__(self, checkpoint: str, start: int, end: int, dtype: str, kv_budget_bytes: int, block_size: int,
+                 device: str = "auto"):
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # a replica given `num_gpus` sees its GPU
+        stage = load_stage(checkpoint, start, end, dtype=dtype, device=device)
+        self.executor = LocalStageExecutor(stage, kv_budget_bytes, block_size)
         self.start, self.end = start, end
 
     async def forward(self, inputs, seq_ids: list[str], query_lens: list[int], context_lens: list[int]):
@@ -47,6 +51,7 @@ class SeedOssStage:
     def info(self) -> dict:
         return {
             "start": self.start, "end": self.end, "num_blocks": self.executor.num_blocks,
+            "device": str(self.executor.stage.device),
             "block_size": self.executor.block_size, "parameter_bytes": parameter_bytes(self.executor.stage),
             "node_id": ray.get_runtime_context().get_node_id(), "actor_name": ray.get_runtime_context().get_actor_name(),
             **self.executor.cache_stats(),

@@ -8,6 +8,7 @@ many tokens it already has cached). Attention pads them into `[B, q, ...]` only 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -83,6 +84,13 @@ class StepBatch:
         """Index of each sequence's last new token in the packed layout."""
         return torch.cumsum(torch.tensor(self.query_lens), 0) - 1
 
+    def to(self, device: torch.device) -> "StepBatch":
+        """A copy whose index tensors live on `device` (they are built on the CPU)."""
+        moved = copy.copy(self)
+        for name in ("positions", "token_seq_lens", "pad_index", "mask"):
+            setattr(moved, name, getattr(self, name).to(device))
+        return moved
+
     def bind_cache(self, cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Check the cache holds each sequence's context, reserve room for the new tokens, and return the slot
         indices (write [T] for the new tokens, read [B, max_kv] for whole contexts) in that cache.
@@ -105,7 +113,7 @@ class StepBatch:
             write.append(slots[c:])
             read[i, : c + q] = slots
             cache.set_length(s, c + q)
-        return torch.cat(write), read
+        return torch.cat(write).to(cache.k.device), read.to(cache.k.device)
 
 
 class Attention(nn.Module):
@@ -215,8 +223,10 @@ class Stage(nn.Module):
         if cache is None and any(batch.context_lens):
             raise ValueError("a step with cached context needs the stage's KV cache")
         slots = batch.bind_cache(cache) if cache is not None else None
+        if self.device.type != "cpu":
+            batch = batch.to(self.device)
         x = self.embed_tokens(inputs.to(self.device)) if self.is_first else inputs.to(self.device, self.dtype)
-        cos, sin = self.rotary(batch.positions.to(self.device), self.dtype, batch.token_seq_lens.to(self.device))
+        cos, sin = self.rotary(batch.positions, self.dtype, batch.token_seq_lens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, batch, (cache.k[i], cache.v[i], *slots) if cache is not None else None)
         return self.norm(x) if self.is_last else x
