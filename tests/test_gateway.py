@@ -41,8 +41,7 @@ def server(demo_checkpoint, tmp_path_factory):
         # a deliberately tiny classification service: one request at a time, one queued, so load overflows it
         "classify": {"max_ongoing_requests": 1, "max_queued_requests": 1},
         "tag": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                                       "upscale_delay_s": 0.5, "downscale_delay_s": 3, "metrics_interval_s": 0.5,
-                                       "look_back_period_s": 1}},
+                                       "upscale_delay_s": 0.5, "downscale_delay_s": 3, "look_back_period_s": 1}},
     }), name="seedoss", route_prefix="/")
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", metrics=f"http://127.0.0.1:{metrics_port}/metrics")
     serve.shutdown()
