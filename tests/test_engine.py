@@ -323,3 +323,19 @@ def test_unavailable_stage_is_retried_then_reported(demo_checkpoint, prompt_ids,
         with pytest.raises(StageUnavailable):
             run(_generate_all(engine, prompt_ids[:2], [params] * 2))
         assert engine.scheduler.kv_usage == 0.0
+
+
+def test_engine_serves_callers_on_successive_event_loops(demo_checkpoint, prompt_ids, hf_greedy):
+    """asyncio.run twice on one engine (a CLI, a test, a notebook): the scheduling loop and its wake-up event
+    follow the caller's event loop instead of staying bound to the first, closed one."""
+    engine = LLMEngine.from_checkpoint(demo_checkpoint)
+    params = SamplingParams(temperature=0, max_tokens=40)
+    for _ in range(2):
+        result = asyncio.run(collect(engine.generate(prompt_ids[0], params)))
+        assert result.outputs[0].token_ids == hf_greedy[0]
+
+    async def loop_is_current():
+        await collect(engine.generate(prompt_ids[1], SamplingParams(temperature=0, max_tokens=2)))
+        return engine._loop_task.get_loop() is asyncio.get_running_loop()
+
+    assert asyncio.run(loop_is_current())

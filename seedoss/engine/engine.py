@@ -118,7 +118,7 @@ class LLMEngine:
         self._head_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-head")
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
-        self._wakeup = asyncio.Event()
+        self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._totals = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
         self._ttft: deque[float] = deque(maxlen=2048)
@@ -223,8 +223,11 @@ class LLMEngine:
             self.scheduler.add(seq)
         self._totals["prompt_tokens"] += len(prompt_ids)
         self.observer.on_prompt(len(prompt_ids))
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+        loop = asyncio.get_running_loop()
+        if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
+            # (re)start the scheduling loop on the caller's event loop; an Event belongs to one loop
+            self._wakeup = asyncio.Event()
+            self._loop_task = loop.create_task(self._loop())
         self._wakeup.set()
         return request
 

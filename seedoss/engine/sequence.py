@@ -23,7 +23,7 @@ class TokenLogprob:
     top: list[tuple[int, float]] | None  # the `logprobs` most likely tokens, when requested
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a sequence is only ever equal to itself
 class Sequence:
     seq_id: str
     request_id: str
