@@ -34,8 +34,10 @@ def server(demo_checkpoint, tmp_path_factory):
     metrics_port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    port, grpc_port = _free_port(), _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly",
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": [
+                    "proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
     serve.run(build_app({
         "checkpoint": str(demo_checkpoint), "num_stages": 2, "api_keys": [KEY], "max_body_bytes": 64 * 1024,
         # a deliberately tiny classification service: one request at a time, one queued, so load overflows it
@@ -43,7 +45,8 @@ def server(demo_checkpoint, tmp_path_factory):
         "tag": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                        "upscale_delay_s": 0.5, "downscale_delay_s": 3, "look_back_period_s": 1}},
     }), name="seedoss", route_prefix="/")
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", metrics=f"http://127.0.0.1:{metrics_port}/metrics")
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", metrics=f"http://127.0.0.1:{metrics_port}/metrics",
+                          grpc=f"127.0.0.1:{grpc_port}")
     serve.shutdown()
     ray.shutdown()
 
@@ -61,6 +64,26 @@ def test_auth_required_except_probes(server):
         assert c.get("/health/live").status_code == 200
         ready = c.get("/health/ready")
         assert ready.status_code == 200 and set(ready.json()["heads"]) == {"generate", "classify", "tag", "qa"}
+
+
+def test_grpc_auth(server):
+    import grpc
+
+    from proto.seedoss.v1 import seedoss_pb2 as pb
+    from proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.SeedOssStub(grpc.insecure_channel(server.grpc))
+    request = pb.ClassifyRequest(inputs=["hello"])
+    for metadata in [(), (("authorization", "Bearer wrong"),)]:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Classify(request, metadata=(("application", "seedoss"), *metadata), timeout=60)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(pb.GenerateRequest(prompt="x", max_tokens=2), metadata=(("application", "seedoss"),), timeout=60))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ok = stub.Classify(request, metadata=(("application", "seedoss"), ("authorization", f"Bearer {KEY}")), timeout=60)
+    assert ok.results[0].predictions
+    assert stub.Health(pb.HealthRequest(), metadata=(("application", "seedoss"),), timeout=60).status == "ready"
 
 
 def test_body_limit(server):
