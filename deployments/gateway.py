@@ -79,8 +79,8 @@ class Gateway(GrpcMethods):
         try:
             body = await json_body(request)
             handle = self.heads.get("generate")
-            if not body.get("stream"):
-                return await handle.complete.remote(body)
+            if not body.get("stream"):  # nothing is sent before the answer: retried if the replica dies
+                return await self._call_head("generate", body, "complete")
             chunks = handle.options(stream=True).stream.remote(body)
             first = await chunks.__anext__()  # validation errors surface here, before any byte is sent
         except Exception as e:
@@ -99,7 +99,7 @@ class Gateway(GrpcMethods):
 
     async def _task(self, task: str, request: Request):
         try:
-            return await self.heads.get(task).remote(await json_body(request))
+            return await self._call_head(task, await json_body(request))
         except Exception as e:
             return error_response(service_error(e))
 

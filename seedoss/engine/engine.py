@@ -8,6 +8,7 @@ depends on cache affinity: a stage that lacks a sequence's context raises, and t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import random
@@ -227,7 +228,8 @@ class LLMEngine:
         if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
             # (re)start the scheduling loop on the caller's event loop; an Event belongs to one loop
             self._wakeup = asyncio.Event()
-            self._loop_task = loop.create_task(self._loop())
+            # a fresh context: the loop outlives the request that started it (Serve would cancel its children)
+            self._loop_task = loop.create_task(self._loop(), context=contextvars.Context())
         self._wakeup.set()
         return request
 
@@ -272,7 +274,7 @@ class LLMEngine:
         return self.sampler(self.lm_head(hidden).float(), states)
 
     def _process(self, batch: MicroBatch, task: asyncio.Task) -> None:
-        error = task.exception()
+        error = StageUnavailable("the step was cancelled") if task.cancelled() else task.exception()
         self.scheduler.complete(batch, succeeded=error is None)
         if isinstance(error, MissingSequenceCache):
             log.info("stage lost the cache of %s; recomputing", error.seq_ids)
@@ -298,7 +300,7 @@ class LLMEngine:
                         self._release(seq)
                     request.queue.put_nowait(failure)
         touched = {}
-        sampled = task.result() if error is None else None
+        sampled = None if error else task.result()
         rows = iter(range(len(batch.items)))
         for item in batch.items:
             seq = item.seq
