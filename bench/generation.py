@@ -95,6 +95,46 @@ def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return 2 * n * 4 / best
 
 
+class CpuMeter:
+    """CPU time used on this machine by processes other than this one (and its children) over an interval, in
+    cores: how much the measurement was disturbed. Linux only (reads /proc/stat); None elsewhere."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
+        t = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system, time.perf_counter()
+
+    def others_cores(self, extra_own_s: float = 0.0) -> float | None:
+        """`extra_own_s`: CPU seconds of our own processes that os.times() does not see (unreaped descendants)."""
+        end = self._read()
+        if self.start is None or end is None:
+            return None
+        busy, own, wall = (e - s for e, s in zip(end, self.start))
+        return max(0.0, (busy - own - extra_own_s) / wall) if wall > 0 else None
+
+
+def process_group_cpu_s(pgid: int) -> float:
+    """CPU seconds (incl. reaped children) of the live processes in process group `pgid` (Linux /proc)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        rest = text[text.rindex(")") + 2:].split()
+        if int(rest[2]) == pgid:
+            total += sum(int(x) for x in rest[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 class Result:
     def __init__(self, concurrency: int, wall_s: float, output_tokens: int, new_tokens_per_seq: int,
                  per_token_s: float | None = None, ttft_s: float | None = None, token_ids: list[int] | None = None):
@@ -174,8 +214,16 @@ async def _engine_run(engine, prompts, new_tokens):
     return Result(len(prompts), wall, total, new_tokens, per_token, ttft, outs[0][0])
 
 
+def _best(a: Result | None, b: Result) -> Result:
+    return b if a is None or b.wall_s < a.wall_s else a
+
+
+def _nth(i: int, repeats: int) -> str:
+    return f", {i + 1} of {repeats}" if repeats > 1 else ""
+
+
 def bench_engine(checkpoint: Path, num_stages: int, dtype: str, prompts, levels, new_tokens, warmup_tokens,
-                 kv_budget_bytes: int) -> tuple[list[Result], dict]:
+                 kv_budget_bytes: int, repeats: int = 1) -> tuple[list[Result], dict]:
     import asyncio
 
     from seedoss.engine import EngineConfig, LLMEngine
@@ -190,8 +238,10 @@ def bench_engine(checkpoint: Path, num_stages: int, dtype: str, prompts, levels,
             for n in levels:
                 log(f"  {n:>2} sequences: warm-up ({warmup_tokens} tokens each)")
                 await _engine_run(engine, prompts[:n], warmup_tokens)
-                log(f"  {n:>2} sequences: timed run ({new_tokens} tokens each)")
-                r = await _engine_run(engine, prompts[:n], new_tokens)
+                r = None
+                for i in range(repeats):
+                    log(f"  {n:>2} sequences: timed run ({new_tokens} tokens each){_nth(i, repeats)}")
+                    r = _best(r, await _engine_run(engine, prompts[:n], new_tokens))
                 log(f"  {n:>2} sequences: {r.tokens_per_s:8.1f} output tokens/s ({r.wall_s:.2f} s)")
                 results.append(r)
         finally:
@@ -203,7 +253,8 @@ def bench_engine(checkpoint: Path, num_stages: int, dtype: str, prompts, levels,
 
 
 # --- HF transformers -------------------------------------------------------------------------------------------
-def bench_hf(checkpoint: Path, dtype: str, prompts, levels, new_tokens, warmup_tokens, tokens_at: dict[int, int]):
+def bench_hf(checkpoint: Path, dtype: str, prompts, levels, new_tokens, warmup_tokens, tokens_at: dict[int, int],
+             repeats: int = 1):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -231,8 +282,10 @@ def bench_hf(checkpoint: Path, dtype: str, prompts, levels, new_tokens, warmup_t
         n_new = tokens_at.get(n, new_tokens)
         log(f"  {n:>2} sequences: warm-up ({warmup_tokens} tokens each)")
         run(prompts[:n], warmup_tokens)
-        log(f"  {n:>2} sequences: timed run ({n_new} tokens each)")
-        r = run(prompts[:n], n_new)
+        r = None
+        for i in range(repeats):
+            log(f"  {n:>2} sequences: timed run ({n_new} tokens each){_nth(i, repeats)}")
+            r = _best(r, run(prompts[:n], n_new))
         log(f"  {n:>2} sequences: {r.tokens_per_s:8.1f} output tokens/s ({r.wall_s:.2f} s)")
         results.append(r)
     del model
@@ -241,11 +294,13 @@ def bench_hf(checkpoint: Path, dtype: str, prompts, levels, new_tokens, warmup_t
 
 # --- vLLM (subprocess in its own venv) -------------------------------------------------------------------------
 def bench_vllm(python: Path, checkpoint: Path, dtype: str, prompts, levels, new_tokens, warmup_tokens, threads,
-               timeout_s: float) -> tuple[list[Result] | None, str]:
+               timeout_s: float, repeats: int = 1, meter: CpuMeter | None = None
+               ) -> tuple[list[Result] | None, str, float | None]:
+    """→ (results or None, vLLM version or why it did not run, other processes' CPU in cores)."""
     if not python.exists():
-        return None, "not installed"
+        return None, "not installed", None
     job = {"checkpoint": str(checkpoint), "dtype": dtype, "prompts": prompts[: max(levels)], "levels": levels,
-           "new_tokens": new_tokens, "warmup_tokens": warmup_tokens}
+           "new_tokens": new_tokens, "warmup_tokens": warmup_tokens, "repeats": repeats}
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                 "VLLM_CPU_OMP_THREADS_BIND": env.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}"),
@@ -253,28 +308,49 @@ def bench_vllm(python: Path, checkpoint: Path, dtype: str, prompts, levels, new_
                 "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
     env.pop("PYTHONPATH", None)
     proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "--vllm-worker"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd="/tmp")
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd="/tmp",
+                            start_new_session=True)  # its own process group: vLLM's engine processes die with it
     proc.stdin.write(json.dumps(job))
     proc.stdin.close()
-    result, tail = None, []
+    result, tail, others = None, [], None
     deadline = time.perf_counter() + timeout_s
     for line in proc.stdout:
         line = line.rstrip("\n")
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT "):])
+            if meter is not None:  # now, while vLLM's processes are alive and countable
+                others = meter.others_cores(extra_own_s=process_group_cpu_s(proc.pid))
+            break
         elif line.startswith("PROGRESS "):
             log("  " + line[len("PROGRESS "):])
         else:
             tail = (tail + [line])[-40:]
         if time.perf_counter() > deadline:
-            proc.kill()
+            tail.append(f"timed out after {timeout_s:.0f} s (--vllm-timeout)")
             break
-    proc.wait()
+    _kill_group(proc)
     if result is None:
         print("\n".join("    | " + t for t in tail), flush=True)
-        return None, f"failed (exit {proc.returncode}; see the log above)"
+        return None, f"failed (exit {proc.returncode}; see the log above)", None
     return [Result(r["concurrency"], r["wall_s"], r["output_tokens"], r["new_tokens_per_seq"],
-                   token_ids=r.get("token_ids")) for r in result["results"]], result.get("version", "")
+                   token_ids=r.get("token_ids")) for r in result["results"]], result.get("version", ""), others
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End the worker and every process it started (vLLM's EngineCore and workers), then reap it."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+            time.sleep(0.5)  # let grandchildren exit too
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
 
 
 def vllm_worker() -> None:
@@ -290,7 +366,7 @@ def vllm_worker() -> None:
 
     progress(f"loading (vllm {vllm.__version__})")
     llm = LLM(model=job["checkpoint"], dtype=job["dtype"], skip_tokenizer_init=True, max_model_len=512,
-              max_num_seqs=max(job["levels"]), seed=0, enforce_eager=True)
+              max_num_seqs=max(job["levels"]), seed=0, enforce_eager=job.get("enforce_eager", True))
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
 
     def run(n, new_tokens):
@@ -305,8 +381,11 @@ def vllm_worker() -> None:
     for n in job["levels"]:
         progress(f"{n:>2} sequences: warm-up ({job['warmup_tokens']} tokens each)")
         run(n, job["warmup_tokens"])
-        progress(f"{n:>2} sequences: timed run ({job['new_tokens']} tokens each)")
-        r = run(n, job["new_tokens"])
+        r = None
+        for i in range(job.get("repeats", 1)):
+            progress(f"{n:>2} sequences: timed run ({job['new_tokens']} tokens each){_nth(i, job.get('repeats', 1))}")
+            new = run(n, job["new_tokens"])
+            r = new if r is None or new["wall_s"] < r["wall_s"] else r
         progress(f"{n:>2} sequences: {r['output_tokens'] / r['wall_s']:8.1f} output tokens/s ({r['wall_s']:.2f} s)")
         results.append(r)
     print("RESULT " + json.dumps({"results": results, "version": vllm.__version__}), flush=True)
@@ -333,14 +412,15 @@ def machine_description(threads: int) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load": os.getloadavg()}
 
 
-def print_report(rows: dict[str, list[Result] | str], levels, new_tokens, prompt_range, machine, roofline) -> None:
-    head = "| system | " + " | ".join(f"{n} seq" for n in levels) + " |"
+def print_report(rows: dict[str, list[Result] | str], others: dict[str, float | None], levels, new_tokens,
+                 prompt_range, machine, roofline) -> None:
+    head = "| system | " + " | ".join(f"{n} seq" for n in levels) + " | other processes' CPU (cores) |"
     print()
     print(f"## output tokens/s (greedy, ignore_eos, {new_tokens} new tokens/seq unless marked, "
           f"prompts {prompt_range[0]}-{prompt_range[1]} tokens, {machine['threads']} torch threads)")
     print()
     print(head)
-    print("|---|" + "---:|" * len(levels))
+    print("|---|" + "---:|" * (len(levels) + 1))
 
     def cells(res):
         if isinstance(res, str):
@@ -352,13 +432,14 @@ def print_report(rows: dict[str, list[Result] | str], levels, new_tokens, prompt
         return out
 
     for name, res in rows.items():
-        print(f"| {name} | " + " | ".join(cells(res)) + " |")
+        other = others.get(name)
+        print(f"| {name} | " + " | ".join(cells(res)) + f" | {'' if other is None else f'{other:.2f}'} |")
     ours = rows.get("seedoss 1 stage float32")
     for ref in ("HF transformers float32", "vllm-cpu float32"):
         other = rows.get(ref)
         if isinstance(ours, list) and isinstance(other, list):
             ratio = [f"{a.tokens_per_s / b.tokens_per_s:.2f}x" for a, b in zip(ours, other)]
-            print(f"| seedoss 1 stage / {ref.split()[0]} | " + " | ".join(ratio) + " |")
+            print(f"| seedoss 1 stage / {ref.split()[0]} | " + " | ".join(ratio) + " | |")
     if roofline:
         print()
         print("## batch-1 decode vs memory-bandwidth roofline")
@@ -369,7 +450,8 @@ def print_report(rows: dict[str, list[Result] | str], levels, new_tokens, prompt
     print("## machine")
     print()
     print(f"{machine['cpu']} ({machine['simd']}), {machine['cores']} cores, {machine['ram_gib']} GiB RAM, "
-          f"torch {machine['torch']}, python {machine['python']}, {machine['date']}, "
+          f"torch {machine['torch']}, python {machine['python']}, "
+          f"{'vllm-cpu ' + machine['vllm'] + ', ' if machine.get('vllm') else ''}{machine['date']}, "
           f"load average at start {machine['load'][0]:.2f} / {machine['load'][1]:.2f} / {machine['load'][2]:.2f}, "
           f"at end {os.getloadavg()[0]:.2f}")
 
@@ -400,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="also run our 1-stage engine in bfloat16")
     parser.add_argument("--hf-tokens-at", type=str, default="",
                         help="fewer new tokens for HF at some concurrencies, e.g. '32:64' (reported in the table)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs per cell, the fastest is reported (a guard against a noisy machine)")
     parser.add_argument("--kv-budget-mib", type=int, default=512, help="our engine's KV cache per stage (default: 512)")
     parser.add_argument("--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON,
                         help="python of the vllm-cpu venv (default: %(default)s; scripts/install_vllm_cpu.sh)")
@@ -431,8 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"  {bandwidth / 1e9:.1f} GB/s (read + write)")
 
     rows: dict[str, list[Result] | str] = {}
+    others: dict[str, float | None] = {}  # cores used by other processes while each row ran
     infos = {}
-    common = dict(prompts=prompts, levels=levels, new_tokens=args.output_tokens, warmup_tokens=args.warmup_tokens)
+    common = dict(prompts=prompts, levels=levels, new_tokens=args.output_tokens, warmup_tokens=args.warmup_tokens,
+                  repeats=args.repeats)
     engine_configs = [("engine1", 1, "float32"), ("engine2", 2, "float32")]
     if args.bf16:
         engine_configs.append(("engine1", 1, "bfloat16"))
@@ -441,16 +527,24 @@ def main(argv: list[str] | None = None) -> int:
             continue
         name = f"seedoss {stages} stage{'s' if stages > 1 else ''} {dtype}"
         log(f"{name}: loading")
+        meter = CpuMeter()
         rows[name], infos[name] = bench_engine(checkpoint, stages, dtype, kv_budget_bytes=args.kv_budget_mib << 20,
                                                **common)
+        others[name] = meter.others_cores()
     if "hf" in systems:
-        log("HF transformers float32: loading")
-        rows["HF transformers float32"] = bench_hf(checkpoint, "float32", tokens_at=hf_tokens_at, **common)
+        name = "HF transformers float32"
+        log(f"{name}: loading")
+        meter = CpuMeter()
+        rows[name] = bench_hf(checkpoint, "float32", tokens_at=hf_tokens_at, **common)
+        others[name] = meter.others_cores()
     if "vllm" in systems:
-        log(f"vllm-cpu float32: {args.vllm_python}")
-        res, note = bench_vllm(args.vllm_python, checkpoint, "float32", threads=threads, timeout_s=args.vllm_timeout,
-                               **common)
-        rows["vllm-cpu float32"] = res if res is not None else note
+        name = "vllm-cpu float32"
+        log(f"{name}: {args.vllm_python}")
+        res, note, others[name] = bench_vllm(args.vllm_python, checkpoint, "float32", threads=threads,
+                                             timeout_s=args.vllm_timeout, meter=CpuMeter(), **common)
+        rows[name] = res if res is not None else note
+        if res is not None:
+            machine["vllm"] = note
         if res is None:
             log(f"  vllm-cpu: {note}")
 
@@ -474,13 +568,14 @@ def main(argv: list[str] | None = None) -> int:
     vl = rows.get("vllm-cpu float32")
     if isinstance(vl, list) and isinstance(ours, list):
         roofline.append(f"- greedy check, prompt 0 at batch 1, seedoss vs vLLM: {agreement(ours[0].token_ids, vl[0].token_ids)}")
-    print_report(rows, levels, args.output_tokens, args.prompt_tokens, machine, roofline)
+    print_report(rows, others, levels, args.output_tokens, args.prompt_tokens, machine, roofline)
     print(f"\ncommand: python -m bench.generation {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     log("done")
     if args.json:
         args.json.write_text(json.dumps({
             "machine": machine, "copy_bandwidth_bytes_per_s": bandwidth, "engine_info": infos,
             "rows": {k: (v if isinstance(v, str) else [r.as_dict() for r in v]) for k, v in rows.items()},
+            "other_processes_cores": others,
         }, indent=2) + "\n")
     return 0
 

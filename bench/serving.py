@@ -1,0 +1,127 @@
+"""Served generation over HTTP vs the in-process engine, in one run.
+
+`python -m bench.serving` deploys the Serve app (2 pipeline stages + the generation head + gateway) on a local
+Ray instance with the "small" demo preset, then for 1, 8 and 32 concurrent streaming clients (greedy, ignore_eos,
+the same prompts for both) measures output tokens/s, per-request latency p50/p99 and time to first token p50/p99
+— and the same numbers for the in-process engine with 2 stages, so the table shows what serving costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from bench.generation import DEFAULT_CHECKPOINT, ensure_checkpoint, log, make_prompts
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def summarize(name: str, concurrency: int, wall: float, tokens: int, latencies: list[float], ttfts: list[float]) -> dict:
+    return {"system": name, "concurrency": concurrency, "tokens_per_s": tokens / wall,
+            "latency_p50_s": percentile(latencies, 0.5), "latency_p99_s": percentile(latencies, 0.99),
+            "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p99_s": percentile(ttfts, 0.99)}
+
+
+async def run_in_process(checkpoint, prompts, max_tokens) -> dict:
+    from seedoss.engine import LLMEngine
+    from seedoss.sampling import SamplingParams
+
+    engine = LLMEngine.from_checkpoint(checkpoint, num_stages=2)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+    async def one(ids):
+        start, first, n = time.perf_counter(), None, 0
+        async for out in engine.generate(ids, params):
+            n += len(out.outputs[0].token_ids) if out.outputs else 0
+            first = first or time.perf_counter()
+        return time.perf_counter() - start, first - start, n
+
+    await asyncio.gather(*[one(p) for p in prompts[:2]])  # warm-up
+    start = time.perf_counter()
+    results = await asyncio.gather(*[one(p) for p in prompts])
+    wall = time.perf_counter() - start
+    await engine.shutdown()
+    return summarize("engine, 2 in-process stages", len(prompts), wall, sum(r[2] for r in results),
+                     [r[0] for r in results], [r[1] for r in results])
+
+
+async def run_served(url: str, prompts, max_tokens) -> dict:
+    import httpx
+
+    async def one(client, ids):
+        body = {"prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+        start, first, n = time.perf_counter(), None, 0
+        async with client.stream("POST", "/v1/generate", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    n += sum(len(c["token_ids"]) for c in chunk["choices"])
+                    first = first or time.perf_counter()
+        return time.perf_counter() - start, first - start, n
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await asyncio.gather(*[one(client, p) for p in prompts[:2]])  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(*[one(client, p) for p in prompts])
+        wall = time.perf_counter() - start
+    return summarize("served over HTTP (2 stage deployments)", len(prompts), wall, sum(r[2] for r in results),
+                     [r[0] for r in results], [r[1] for r in results])
+
+
+def start_server(checkpoint) -> str:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    log("deploying the Serve app (2 stages + generation + gateway) …")
+    serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": 2}), name="seedoss", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    checkpoint = ensure_checkpoint(Path(args.checkpoint))
+    prompts = make_prompts(checkpoint, max(args.concurrency), 64, 128)
+    rows = []
+    for c in args.concurrency:
+        log(f"in-process engine, {c} concurrent …")
+        rows.append(asyncio.run(run_in_process(checkpoint, prompts[:c], args.max_tokens)))
+    url = start_server(checkpoint)
+    for c in args.concurrency:
+        log(f"served, {c} concurrent streams …")
+        rows.append(asyncio.run(run_served(url, prompts[:c], args.max_tokens)))
+    print(f"\n{'system':42} {'conc':>4} {'tok/s':>8} {'lat p50':>8} {'lat p99':>8} {'ttft p50':>8} {'ttft p99':>8}")
+    for r in rows:
+        print(f"{r['system']:42} {r['concurrency']:>4} {r['tokens_per_s']:>8.1f} {r['latency_p50_s']:>8.2f} "
+              f"{r['latency_p99_s']:>8.2f} {r['ttft_p50_s']:>8.3f} {r['ttft_p99_s']:>8.3f}")
+    by = {(r["system"].split(",")[0].split(" ")[0], r["concurrency"]): r["tokens_per_s"] for r in rows}
+    for c in args.concurrency:
+        print(f"served / in-process throughput at {c:>2}: {by[('served', c)] / by[('engine', c)]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
