@@ -1,4 +1,4 @@
-"""`seedoss` command line: demo checkpoints and in-process generation."""
+"""`seedoss` command line: demo checkpoints, in-process generation, the Serve app, capacity planning, k8s rendering."""
 
 from __future__ import annotations
 
