@@ -105,6 +105,7 @@ class ServePipeline:
     def __init__(self, handles: list, num_blocks: int, block_size: int, *, prefill_retry_s: float = 120.0,
                  prefill_backoff_s: float = 0.5, prefill_max_backoff_s: float = 5.0):
         self.handles, self.num_blocks, self.block_size = handles, num_blocks, block_size
+        self.head_executor = None
         self.num_stages = len(handles)
         self.prefill_retry_s, self.prefill_backoff_s = prefill_retry_s, prefill_backoff_s
         self.prefill_max_backoff_s = prefill_max_backoff_s

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from .config import SeedOssConfig
 from .model import Stage
 from .tokenizer import train_demo_tokenizer
+from .weights import build_on_meta
 
 PRESETS = {
     # ~1.6M parameters: tests and the laptop demo
@@ -51,18 +52,20 @@ def demo_config(preset: str = "tiny", **overrides) -> SeedOssConfig:
 
 def _random_backbone(config: SeedOssConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Seeded weights scaled so logits are well spread (greedy decoding has clear winners, not near-ties)."""
-    stage = Stage(config, 0, config.num_hidden_layers)
+    stage = build_on_meta(lambda: Stage(config, 0, config.num_hidden_layers))
+    shapes = dict(part for parts in stage.checkpoint_layout().values() for part in parts)
     tensors = {}
-    for name, param in sorted(stage.named_parameters()):
+    for name in sorted(shapes):
+        shape = shapes[name]
         if name.endswith("norm.weight"):
-            t = 1.0 + 0.1 * torch.randn(param.shape, generator=generator)
-        elif name == "embed_tokens.weight":
-            t = torch.randn(param.shape, generator=generator)
+            t = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        elif name == "model.embed_tokens.weight":
+            t = torch.randn(shape, generator=generator)
         elif name.endswith("bias"):
-            t = 0.02 * torch.randn(param.shape, generator=generator)
+            t = 0.02 * torch.randn(shape, generator=generator)
         else:
-            t = torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[1])
-        tensors[f"model.{name}"] = t.contiguous()
+            t = torch.randn(shape, generator=generator) / math.sqrt(shape[1])
+        tensors[name] = t.contiguous()
     return tensors
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import SeedOssConfig
+from .model import Linear
 
 TASKS = ("generate", "classify", "tag", "qa")
 
@@ -21,7 +22,7 @@ TASKS = ("generate", "classify", "tag", "qa")
 class LMHead(nn.Module):
     def __init__(self, config: SeedOssConfig):
         super().__init__()
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def hf_names(self, config: SeedOssConfig, prefix: str) -> dict[str, str]:
         return {"lm_head.weight": f"{prefix}embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"}
@@ -36,7 +37,7 @@ class SequenceClassificationHead(nn.Module):
     def __init__(self, config: SeedOssConfig):
         super().__init__()
         self.pad_token_id = config.pad_token_id
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
 
     def hf_names(self, config: SeedOssConfig, prefix: str) -> dict[str, str]:
         return {"score.weight": "score.weight"}
@@ -57,7 +58,7 @@ class SequenceClassificationHead(nn.Module):
 class TokenClassificationHead(nn.Module):
     def __init__(self, config: SeedOssConfig):
         super().__init__()
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+        self.score = Linear(config.hidden_size, config.num_labels, bias=True)
 
     def hf_names(self, config: SeedOssConfig, prefix: str) -> dict[str, str]:
         return {"score.weight": "score.weight", "score.bias": "score.bias"}
@@ -69,7 +70,7 @@ class TokenClassificationHead(nn.Module):
 class QuestionAnsweringHead(nn.Module):
     def __init__(self, config: SeedOssConfig):
         super().__init__()
-        self.qa_outputs = nn.Linear(config.hidden_size, 2, bias=True)
+        self.qa_outputs = Linear(config.hidden_size, 2, bias=True)
 
     def hf_names(self, config: SeedOssConfig, prefix: str) -> dict[str, str]:
         return {"qa_outputs.weight": "qa_outputs.weight", "qa_outputs.bias": "qa_outputs.bias"}

@@ -134,8 +134,10 @@ class PagedKVCache:
         for seq_id in list(self._tables):
             self.free(seq_id)
 
-    def slots(self, seq_id: Hashable, start: int, end: int) -> torch.Tensor:
-        """Flat slot index of positions [start, end) of a sequence (its blocks must be reserved)."""
-        table = torch.tensor(self._tables[seq_id], dtype=torch.long)
-        pos = torch.arange(start, end)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+    def slot_table(self, seq_ids: list[Hashable], length: int) -> torch.Tensor:
+        """[len(seq_ids), length] flat slot index of positions [0, length) of each sequence. A sequence's
+        positions past its reserved blocks map to slots of block 0: callers read only up to its length."""
+        blocks = -(-length // self.block_size)
+        table = torch.tensor([(t := self._tables[s][:blocks]) + [0] * (blocks - len(t)) for s in seq_ids])
+        pos = torch.arange(length)
+        return table[:, pos // self.block_size] * self.block_size + pos % self.block_size

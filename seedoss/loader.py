@@ -8,18 +8,20 @@ import torch
 
 from .config import SeedOssConfig
 from .heads import HEAD_CLASSES, TASKS
-from .model import Stage
+from .model import Stage, pack_linears
 from .weights import Checkpoint, build_on_meta, parse_dtype
 
 
 def load_stage(path: str | Path, start: int = 0, end: int | None = None, *, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", checkpoint: Checkpoint | None = None) -> Stage:
-    """Layers [start, end) of the checkpoint at `path` (end defaults to all layers)."""
+    """Layers [start, end) of the checkpoint at `path` (end defaults to all layers), Linear weights prepacked
+    when on CPU in float32."""
     config = SeedOssConfig.from_pretrained(path)
     end = config.num_hidden_layers if end is None else end
     ckpt = checkpoint or Checkpoint(path)
     stage = build_on_meta(lambda: Stage(config, start, end))
-    ckpt.load_into(stage, stage.hf_names(ckpt.prefix), parse_dtype(dtype), device)
+    ckpt.load_into(stage, stage.checkpoint_layout(ckpt.prefix), parse_dtype(dtype), device)
+    pack_linears(stage)
     return stage.eval()
 
 
@@ -34,7 +36,10 @@ def load_head(path: str | Path, task: str, *, dtype: str | torch.dtype = "float3
     config = SeedOssConfig.from_pretrained(path)
     ckpt = checkpoint or Checkpoint(path)
     head = build_on_meta(lambda: HEAD_CLASSES[task](config))
-    ckpt.load_into(head, head.hf_names(config, ckpt.prefix), parse_dtype(dtype), device)
+    params = dict(head.named_parameters())
+    layout = {ours: [(theirs, tuple(params[ours].shape))] for ours, theirs in head.hf_names(config, ckpt.prefix).items()}
+    ckpt.load_into(head, layout, parse_dtype(dtype), device)
+    pack_linears(head)
     return head.eval()
 
 

@@ -3,7 +3,12 @@
 A `Stage` holds a contiguous layer range `[start, end)`: the first stage also owns `embed_tokens`, the last one
 the final `norm`; a full model is one stage over all layers. Tokens travel *packed*: a step's new tokens of all
 sequences form one `[T, hidden]` tensor, described by a `StepBatch` (which sequence each run belongs to, how
-many tokens it already has cached). Attention pads them into `[B, q, ...]` only around the SDPA call.
+many tokens it already has cached). Attention pads them into `[B, q, ...]` only around the SDPA call; a pure
+decode step (one new token per sequence) on CPU reads the paged cache in place instead (seedoss/native.py).
+
+The q/k/v projections are one fused `qkv_proj` and gate/up one `gate_up_proj` (fewer, larger GEMMs); the loader
+concatenates the checkpoint's separate tensors into them (`Stage.checkpoint_layout`). On CPU in float32 the
+loader also prepacks every Linear's weight for oneDNN (`pack_linears`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,36 @@ from torch import nn
 
 from .config import SeedOssConfig
 from .kv_cache import MissingSequenceCache, PagedKVCache
+from .native import paged_decode_attention
 from .rope import RotaryEmbedding, apply_rotary
+from torch.nn.attention.bias import causal_lower_right
+
+# The batch size oneDNN lays packed weights out for; it is a tuning hint only (any batch size runs).
+PACK_BATCH_HINT = 32
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose weight can be prepacked once for oneDNN (`pack`). On AVX2 CPUs in float32 a packed
+    weight runs 1.5-2x faster than MKL through F.linear at decode batch sizes (bench/RESULTS.md)."""
+
+    def pack(self) -> None:
+        weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_BATCH_HINT)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def pack_linears(module: nn.Module) -> None:
+    """Prepack every `Linear` of a loaded module whose weight is a float32 CPU tensor (no-op elsewhere)."""
+    if not torch.backends.mkldnn.is_available():
+        return
+    for m in module.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, Linear) and not w.is_mkldnn and w.device.type == "cpu" and w.dtype == torch.float32:
+            m.pack()
 
 
 class RMSNorm(nn.Module):
@@ -37,12 +71,13 @@ class MLP(nn.Module):
     def __init__(self, config: SeedOssConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.intermediate = i
+        self.gate_up_proj = Linear(h, 2 * i, bias=bias)  # checkpoint: gate_proj ; up_proj
+        self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 @dataclass
@@ -62,22 +97,19 @@ class StepBatch:
         q = torch.tensor(self.query_lens)
         c = torch.tensor(self.context_lens)
         self.num_tokens = int(q.sum())
-        self.max_q = int(q.max())
         self.max_kv = int((q + c).max())
-        b = len(self.seq_ids)
-        # positions of the packed tokens, and where each lands in the padded [B, max_q] layout
-        starts = torch.repeat_interleave(torch.cumsum(q, 0) - q, q)
-        offsets = torch.arange(self.num_tokens) - starts
-        rows = torch.repeat_interleave(torch.arange(b), q)
-        self.positions = torch.repeat_interleave(c, q) + offsets
-        self.token_seq_lens = torch.repeat_interleave(c + q, q)
-        self.pad_index = rows * self.max_q + offsets
-        # causal mask over [B, max_q, max_kv]: query j of row i sees keys up to c_i + j; padded queries see key 0
-        qpos = c[:, None] + torch.arange(self.max_q)[None, :]
-        mask = torch.arange(self.max_kv)[None, None, :] <= qpos[:, :, None]
-        mask &= (torch.arange(self.max_q)[None, :] < q[:, None])[:, :, None]
-        mask[:, :, 0] = True
-        self.mask = mask[:, None]
+        starts = torch.cumsum(q, 0) - q
+        self.positions = torch.repeat_interleave(c, q) + torch.arange(self.num_tokens) - torch.repeat_interleave(starts, q)
+        self.token_rows = torch.repeat_interleave(torch.arange(len(self.seq_ids)), q)
+        self.kv_lens = c + q
+        self.token_seq_lens = torch.repeat_interleave(self.kv_lens, q)
+        # with a cache, decode rows (one new token) attend together and longer runs (a prompt or a chunk of
+        # one) one by one: (row, first token, new tokens, cached tokens)
+        self.runs = list(zip(range(len(self.seq_ids)), starts.tolist(), self.query_lens, self.context_lens))
+        decode = q == 1
+        self.all_decode = bool(decode.all())
+        self.decode_rows = None if self.all_decode else decode.nonzero().flatten()
+        self.decode_tokens = None if self.all_decode else starts[decode]
 
     @property
     def last_token_index(self) -> torch.Tensor:
@@ -87,8 +119,9 @@ class StepBatch:
     def to(self, device: torch.device) -> "StepBatch":
         """A copy whose index tensors live on `device` (they are built on the CPU)."""
         moved = copy.copy(self)
-        for name in ("positions", "token_seq_lens", "pad_index", "mask"):
-            setattr(moved, name, getattr(self, name).to(device))
+        for name in ("positions", "kv_lens", "token_seq_lens", "decode_rows", "decode_tokens"):
+            if getattr(self, name) is not None:
+                setattr(moved, name, getattr(self, name).to(device))
         return moved
 
     def bind_cache(self, cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,13 +140,11 @@ class StepBatch:
             elif cache.length(s) > c:
                 cache.truncate(s, c)
         cache.reserve({s: c + q for s, q, c in zip(self.seq_ids, self.query_lens, self.context_lens)})
-        write, read = [], torch.zeros(len(self.seq_ids), self.max_kv, dtype=torch.long)
-        for i, (s, q, c) in enumerate(zip(self.seq_ids, self.query_lens, self.context_lens)):
-            slots = cache.slots(s, 0, c + q)
-            write.append(slots[c:])
-            read[i, : c + q] = slots
+        for s, q, c in zip(self.seq_ids, self.query_lens, self.context_lens):
             cache.set_length(s, c + q)
-        return torch.cat(write).to(cache.k.device), read.to(cache.k.device)
+        read = cache.slot_table(self.seq_ids, self.max_kv)
+        write = read[self.token_rows, self.positions]
+        return write.to(cache.k.device), read.to(cache.k.device)
 
 
 class Attention(nn.Module):
@@ -121,43 +152,60 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         h, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.attention_out_bias)
+        # checkpoint: q_proj ; k_proj ; v_proj
+        self.qkv_proj = Linear(h, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=config.attention_out_bias)
 
     def forward(self, x, cos, sin, batch: StepBatch, kv: tuple[torch.Tensor, ...] | None):
         """kv: (key cache, value cache, write slots, read slots) of this layer, or None for cache-less prefill."""
         t = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(t, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(t, self.n_kv, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
-        b = len(batch.seq_ids)
-        if kv is not None:
-            k_cache, v_cache, write, read = kv
-            k_cache.index_copy_(0, write, k)
-            v_cache.index_copy_(0, write, v)
-            keys, values = k_cache[read], v_cache[read]  # [B, max_kv, n_kv, d]
-        else:
-            keys, values = _pad(k, batch), _pad(v, batch)
-        out = F.scaled_dot_product_attention(
-            _pad(q, batch).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=batch.mask, scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv,
-        )  # [B, heads, max_q, d]
-        out = out.transpose(1, 2).reshape(b * batch.max_q, self.n_heads * self.head_dim)
-        if b * batch.max_q != t:
-            out = out[batch.pad_index]
-        return self.o_proj(out)
+        qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.head_dim)
+        qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv], cos, sin)
+        q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv:]
+        if kv is None:  # cache-less: every sequence is a whole prompt whose keys are the new ones
+            out = q.new_empty(t, self.n_heads, self.head_dim)
+            for _, start, n, _ in batch.runs:
+                span = slice(start, start + n)
+                out[span] = self._sdpa(q[span], k[span], v[span], causal_lower_right(n, n))
+            return self.o_proj(out.view(t, self.n_heads * self.head_dim))
+        k_cache, v_cache, write, read = kv
+        k_cache.index_copy_(0, write, k)
+        v_cache.index_copy_(0, write, v)
+        if batch.all_decode:
+            out = self._decode(q.contiguous(), k_cache, v_cache, read, batch.kv_lens)
+            return self.o_proj(out.view(t, self.n_heads * self.head_dim))
+        out = q.new_empty(t, self.n_heads, self.head_dim)
+        if len(batch.decode_tokens):
+            rows, tokens = batch.decode_rows, batch.decode_tokens
+            out[tokens] = self._decode(q[tokens].contiguous(), k_cache, v_cache, read[rows], batch.kv_lens[rows])
+        for row, start, n, ctx in batch.runs:
+            if n == 1:
+                continue
+            span = slice(start, start + n)
+            if ctx == 0:  # a whole prompt: its keys are the new ones
+                keys, values = k[span], v[span]
+            else:  # a later chunk: the cached context, then the chunk
+                keys, values = k_cache[read[row, : ctx + n]], v_cache[read[row, : ctx + n]]
+            out[span] = self._sdpa(q[span], keys, values, causal_lower_right(n, ctx + n))
+        return self.o_proj(out.view(t, self.n_heads * self.head_dim))
 
+    def _decode(self, q, k_cache, v_cache, slots, lens):
+        """One query per sequence over its cached context: the native kernel, else gather + masked SDPA."""
+        out = paged_decode_attention(q, k_cache, v_cache, slots, lens, self.head_dim**-0.5)
+        if out is None:
+            mask = torch.arange(slots.shape[1], device=q.device)[None, :] < lens[:, None]
+            out = F.scaled_dot_product_attention(
+                q[:, :, None], k_cache[slots].transpose(1, 2), v_cache[slots].transpose(1, 2),
+                attn_mask=mask[:, None, None, :], scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv,
+            )[:, :, 0]
+        return out
 
-def _pad(x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-    """Packed [T, ...] → padded [B, max_q, ...] (zeros where a sequence has fewer new tokens)."""
-    b = len(batch.seq_ids)
-    if b * batch.max_q == x.shape[0]:
-        return x.view(b, batch.max_q, *x.shape[1:])
-    out = x.new_zeros(b * batch.max_q, *x.shape[1:])
-    out[batch.pad_index] = x
-    return out.view(b, batch.max_q, *x.shape[1:])
+    def _sdpa(self, q, keys, values, mask):
+        """q [n, heads, d] over keys/values [m, kv_heads, d] → [n, heads, d]."""
+        return F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=mask,
+            scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv,
+        )[0].transpose(0, 1)
 
 
 class DecoderLayer(nn.Module):
@@ -195,16 +243,24 @@ class Stage(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].input_layernorm.weight.device
 
-    def hf_names(self, prefix: str = "model.") -> dict[str, str]:
-        """Our parameter name → the HF checkpoint tensor name it loads from."""
-        names = {}
-        for name, _ in self.named_parameters():
-            if name.startswith("layers."):
-                _, local, rest = name.split(".", 2)
-                names[name] = f"{prefix}layers.{self.start + int(local)}.{rest}"
-            else:
-                names[name] = prefix + name
-        return names
+    def checkpoint_layout(self, prefix: str = "model.") -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+        """Our parameter → the checkpoint tensors (HF name, shape) it is made of, concatenated along dim 0."""
+        c = self.config
+        fused = {"self_attn.qkv_proj": [("self_attn.q_proj", c.num_attention_heads * c.head_dim),
+                                        ("self_attn.k_proj", c.num_key_value_heads * c.head_dim),
+                                        ("self_attn.v_proj", c.num_key_value_heads * c.head_dim)],
+                 "mlp.gate_up_proj": [("mlp.gate_proj", c.intermediate_size), ("mlp.up_proj", c.intermediate_size)]}
+        layout = {}
+        for name, param in self.named_parameters():
+            if not name.startswith("layers."):
+                layout[name] = [(prefix + name, tuple(param.shape))]
+                continue
+            _, local, rest = name.split(".", 2)
+            module, kind = rest.rsplit(".", 1)
+            theirs = f"{prefix}layers.{self.start + int(local)}."
+            parts = fused.get(module, [(module, param.shape[0])])
+            layout[name] = [(f"{theirs}{part}.{kind}", (rows, *param.shape[1:])) for part, rows in parts]
+        return layout
 
     def new_kv_cache(self, budget_bytes: int, block_size: int = 16) -> PagedKVCache:
         c = self.config

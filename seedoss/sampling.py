@@ -176,7 +176,7 @@ class SamplingState:
 @dataclass
 class SamplingOutput:
     token_ids: list[int]
-    logprobs: list[float]  # raw log_softmax of the sampled token, every row
+    logprobs: list[float | None]  # raw log_softmax of the sampled token; None where params.logprobs is None
     top_logprobs: list[list[tuple[int, float]] | None]  # None where params.logprobs is None
 
 
@@ -192,7 +192,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[SamplingState]) -> SamplingOutput:
         logits = self._check(logits, requests)
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        # raw (unprocessed) log-probabilities, computed only when a request asked for them
+        wanted = any(r.params.logprobs is not None for r in requests)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wanted else None
         logits, greedy, random, probs = self._process(logits, requests)
         token_ids = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         if greedy is not None:
@@ -305,8 +307,11 @@ class Sampler:
         return (probs / q).argmax(dim=-1)
 
     @staticmethod
-    def _output(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, requests) -> SamplingOutput:
-        sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    def _output(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, requests) -> SamplingOutput:
+        if raw_logprobs is None:
+            n = len(requests)
+            return SamplingOutput(token_ids=token_ids.tolist(), logprobs=[None] * n, top_logprobs=[None] * n)
+        sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
         k_max = max((r.params.logprobs or 0) for r in requests)
         top_vals = top_ids = None
         if k_max > 0:
@@ -317,9 +322,10 @@ class Sampler:
             k = r.params.logprobs
             if k is None:
                 top.append(None)
+                sampled[i] = None
             else:
                 top.append(list(zip(top_ids[i][:k], top_vals[i][:k])) if k > 0 else [])
-        return SamplingOutput(token_ids=token_ids.tolist(), logprobs=sampled.tolist(), top_logprobs=top)
+        return SamplingOutput(token_ids=token_ids.tolist(), logprobs=sampled, top_logprobs=top)
 
 
 def _index(rows: list[int], device) -> torch.Tensor:

@@ -96,20 +96,21 @@ class Checkpoint:
                 raise CheckpointError(f"{file}: cannot read safetensors data ({e}); the file may be truncated or corrupt") from None
         return out
 
-    def load_into(self, module: nn.Module, name_map: dict[str, str], dtype: torch.dtype,
+    def load_into(self, module: nn.Module, layout: dict[str, list[tuple[str, tuple[int, ...]]]], dtype: torch.dtype,
                   device: str | torch.device = "cpu") -> None:
-        """Fill `module`'s parameters (ours → checkpoint names in `name_map`), checking shapes."""
-        tensors = self.read(list(name_map.values()), dtype, device)
-        params = dict(module.named_parameters())
+        """Fill `module`'s parameters; `layout` maps each to the checkpoint tensors (name, expected shape) it is
+        made of, concatenated along dim 0 when there are several (fused projections). Shapes are checked."""
+        tensors = self.read([n for parts in layout.values() for n, _ in parts], dtype, device)
         state = {}
-        for ours, theirs in name_map.items():
-            t = tensors[theirs]
-            if tuple(t.shape) != tuple(params[ours].shape):
-                raise CheckpointError(
-                    f"{self.files[theirs]}: tensor '{theirs}' has shape {tuple(t.shape)}, "
-                    f"expected {tuple(params[ours].shape)} from config.json"
-                )
-            state[ours] = t
+        for ours, parts in layout.items():
+            for theirs, shape in parts:
+                t = tensors[theirs]
+                if tuple(t.shape) != tuple(shape):
+                    raise CheckpointError(
+                        f"{self.files[theirs]}: tensor '{theirs}' has shape {tuple(t.shape)}, "
+                        f"expected {tuple(shape)} from config.json"
+                    )
+            state[ours] = tensors[parts[0][0]] if len(parts) == 1 else torch.cat([tensors[n] for n, _ in parts])
         module.load_state_dict(state, strict=True, assign=True)
         module.requires_grad_(False)
 

@@ -259,7 +259,7 @@ def test_stage_losing_its_cache_triggers_recompute(demo_checkpoint, prompt_ids, 
         while engine.stats().generation_tokens < 20:
             await asyncio.sleep(0.005)
         stage1 = engine.pipeline.executors[1]
-        stage1._worker.submit(stage1.cache.clear)
+        stage1.worker.submit(stage1.cache.clear)
         results = await asyncio.gather(*tasks)
         await engine.shutdown()
         return results
@@ -298,11 +298,12 @@ class _FlakyPipeline:
     def __init__(self, inner, failures):
         self.inner, self.failures = inner, failures
         self.num_stages, self.num_blocks, self.block_size = inner.num_stages, inner.num_blocks, inner.block_size
+        self.head_executor = inner.head_executor
 
     async def run(self, *args):
         if self.failures:
             self.failures -= 1
-            self.inner.executors[-1]._worker.submit(self.inner.executors[-1].cache.clear)
+            self.inner.executors[-1].worker.submit(self.inner.executors[-1].cache.clear)
             raise StageUnavailable("replica died")
         return await self.inner.run(*args)
 

@@ -233,11 +233,11 @@ def test_logprobs_are_raw_and_top_k_sorted():
             s.append(t)
     out = Sampler(gen(11))(logits, states)
     for i, (p, tok) in enumerate(zip(params, out.token_ids)):
-        assert out.logprobs[i] == pytest.approx(raw[i, tok].item(), abs=1e-6)
         k = p["logprobs"]
         if k is None:
-            assert out.top_logprobs[i] is None
+            assert out.logprobs[i] is None and out.top_logprobs[i] is None
             continue
+        assert out.logprobs[i] == pytest.approx(raw[i, tok].item(), abs=1e-6)
         top = out.top_logprobs[i]
         assert len(top) == k
         vals = [v for _, v in top]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import itertools
 import logging
 import random
@@ -116,7 +117,7 @@ class LLMEngine:
         self.max_model_len = min(self.config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings, num_blocks * block_size)
         self.sampler = Sampler(torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**63)))
-        self._head_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-head")
+        self._head_worker = pipeline.head_executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-head")
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._wakeup: asyncio.Event | None = None
@@ -124,6 +125,9 @@ class LLMEngine:
         self._totals = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
         self._ttft: deque[float] = deque(maxlen=2048)
         self._itl: deque[float] = deque(maxlen=8192)
+        # What exists now (weights, tokenizer, configs) lives as long as the engine: move it out of the cyclic
+        # GC's reach so the collections that each step's garbage triggers stay short (vLLM does the same).
+        gc.freeze()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, num_stages: int = 1, layers_per_stage: list[int] | None = None,
@@ -250,6 +254,9 @@ class LLMEngine:
             for task in done:
                 if task is not waker:
                     self._process(in_flight.pop(task), task)
+            # let the streams' consumers run now: their Python work would otherwise overlap the next step and
+            # take cores from the stage's OpenMP threads, which then wait on each other at every barrier
+            await asyncio.sleep(0)
 
     async def _run(self, batch: MicroBatch):
         items = batch.items
