@@ -3,8 +3,9 @@
 A `Stage` holds a contiguous layer range `[start, end)`: the first stage also owns `embed_tokens`, the last one
 the final `norm`; a full model is one stage over all layers. Tokens travel *packed*: a step's new tokens of all
 sequences form one `[T, hidden]` tensor, described by a `StepBatch` (which sequence each run belongs to, how
-many tokens it already has cached). Attention pads them into `[B, q, ...]` only around the SDPA call; a pure
-decode step (one new token per sequence) on CPU reads the paged cache in place instead (seedoss/native.py).
+many tokens it already has cached). In attention, the rows with one new token (decode) are served together
+straight from the paged cache (seedoss/native.py on CPU, else gather + SDPA); longer runs (a prompt or a chunk
+of one) run causal SDPA one sequence at a time, so nothing is padded to the longest prompt.
 
 The q/k/v projections are one fused `qkv_proj` and gate/up one `gate_up_proj` (fewer, larger GEMMs); the loader
 concatenates the checkpoint's separate tensors into them (`Stage.checkpoint_layout`). On CPU in float32 the
@@ -20,12 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .config import SeedOssConfig
 from .kv_cache import MissingSequenceCache, PagedKVCache
 from .native import paged_decode_attention
 from .rope import RotaryEmbedding, apply_rotary
-from torch.nn.attention.bias import causal_lower_right
 
 # The batch size oneDNN lays packed weights out for; it is a tuning hint only (any batch size runs).
 PACK_BATCH_HINT = 32
@@ -50,8 +51,8 @@ def pack_linears(module: nn.Module) -> None:
     if not torch.backends.mkldnn.is_available():
         return
     for m in module.modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, Linear) and not w.is_mkldnn and w.device.type == "cpu" and w.dtype == torch.float32:
+        if isinstance(m, Linear) and not m.weight.is_mkldnn and m.weight.device.type == "cpu" \
+                and m.weight.dtype == torch.float32:
             m.pack()
 
 
