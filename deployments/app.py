@@ -27,12 +27,14 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         .bind(cfg.checkpoint, start, end, cfg.dtype, cfg.engine.kv_budget_bytes, cfg.engine.block_size, cfg.device)
         for k, (start, end) in enumerate(ranges)
     ]
-    generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation.serve_options())
-                  .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), *stages))
+    retry = cfg.retry.model_dump()
+    generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation_options())
+                  .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, *stages))
     heads = {
         task: serve.deployment(TaskHead, name=TASK_DEPLOYMENTS[task]).options(**getattr(cfg, task).serve_options())
-        .bind(task, path, cfg.dtype, *stages)
+        .bind(task, path, cfg.dtype, retry, *stages)
         for task, path in cfg.heads().items()
     }
     return Gateway.options(**cfg.gateway.serve_options()).bind(
-        cfg.checkpoint, cfg.model_name, generation, **heads, api_keys=cfg.api_keys, max_body_bytes=cfg.max_body_bytes)
+        cfg.checkpoint, cfg.model_name, generation, **heads, api_keys=cfg.api_keys, max_body_bytes=cfg.max_body_bytes,
+        retry=retry)

@@ -17,9 +17,11 @@ from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceEr
 from services.generation import sse
 
 from .grpc_api import GrpcMethods
-from .ingress import Heads, error_response, json_body, service_error
+from .faults import RetryPolicy
+from .ingress import error_response, json_body, service_error
 from .metrics import LATENCY, REQUESTS
 from .openai_api import router as openai_router
+from .routing import Heads
 
 api = FastAPI(title="SeedOss Serve", docs_url="/docs")
 api.include_router(openai_router)
@@ -54,8 +56,9 @@ async def guard(request: Request, call_next):
 @serve.ingress(api)
 class Gateway(GrpcMethods):
     def __init__(self, checkpoint: str, model_name: str, generation, classify=None, tag=None, qa=None, *,
-                 api_keys: list[str] | None = None, max_body_bytes: int = 4 << 20):
-        self.heads = Heads(generation, classify, tag, qa)
+                 api_keys: list[str] | None = None, max_body_bytes: int = 4 << 20, retry: dict | None = None):
+        self.heads = Heads({"generate": generation, "classify": classify, "tag": tag, "qa": qa},
+                           RetryPolicy.model_validate(retry or {}))
         self.tokenizer = SeedOssTokenizer.from_pretrained(checkpoint)
         self.model_name = model_name
         env_keys = [k.strip() for k in os.environ.get("SEEDOSS_API_KEYS", "").split(",") if k.strip()]
@@ -78,10 +81,9 @@ class Gateway(GrpcMethods):
     async def generate(self, request: Request):
         try:
             body = await json_body(request)
-            handle = self.heads.get("generate")
             if not body.get("stream"):  # nothing is sent before the answer: retried if the replica dies
-                return await self._call_head("generate", body, "complete")
-            chunks = handle.options(stream=True).stream.remote(body)
+                return await self.heads.call("generate", body, "complete")
+            chunks = self.heads.stream(body)
             first = await chunks.__anext__()  # validation errors surface here, before any byte is sent
         except Exception as e:
             return error_response(service_error(e))
@@ -99,7 +101,7 @@ class Gateway(GrpcMethods):
 
     async def _task(self, task: str, request: Request):
         try:
-            return await self._call_head(task, await json_body(request))
+            return await self.heads.call(task, await json_body(request))
         except Exception as e:
             return error_response(service_error(e))
 

@@ -17,8 +17,9 @@ from services.errors import from_exception
 from services.qa import QAService
 from services.tagging import TaggingService
 
+from .faults import RetryPolicy
 from .metrics import HEAD_LATENCY, HEAD_REQUESTS
-from .stage import ServePipeline
+from .routing import StageChain
 
 SERVICES = {
     "classify": (ClassificationService, "classify"),
@@ -28,11 +29,11 @@ SERVICES = {
 
 
 class TaskHead:
-    def __init__(self, task: str, head_checkpoint: str, dtype: str, *stages):
+    def __init__(self, task: str, head_checkpoint: str, dtype: str, retry: dict, *stages):
         config = SeedOssConfig.from_pretrained(head_checkpoint)
         self.task = task
         self.head = load_head(head_checkpoint, task, dtype=dtype)
-        self.pipeline = ServePipeline(list(stages), num_blocks=0, block_size=0)  # prefill only: no cache needed
+        self.stages = StageChain(stages, RetryPolicy.model_validate(retry))  # cache-less: any stage replica
         service_cls, method = SERVICES[task]
         kwargs = {} if task == "qa" else {"labels": config.labels}
         service = service_cls(SeedOssTokenizer.from_pretrained(head_checkpoint), forward=self._forward,
@@ -40,7 +41,7 @@ class TaskHead:
         self._handle = getattr(service, method)
 
     async def _forward(self, sequences: list[list[int]]):
-        hidden = await self.pipeline.prefill(sequences)
+        hidden = await self.stages.prefill(sequences)
         args = (hidden, sequences) if isinstance(self.head, SequenceClassificationHead) else (hidden,)
         return await asyncio.to_thread(self._run_head, *args)
 

@@ -105,9 +105,9 @@ def _events(chunks: AsyncIterator[dict], params: dict[str, str]) -> StreamingRes
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-async def _start_streams(handle, prompts) -> tuple[list, list[dict]]:
+async def _start_streams(heads, prompts) -> tuple[list, list[dict]]:
     """Start one native stream per prompt and fetch each first chunk (errors surface here, before any byte)."""
-    streams = [handle.options(stream=True).stream.remote(p.body) for p in prompts]
+    streams = [heads.stream(p.body) for p in prompts]
     try:
         firsts = [await s.__anext__() for s in streams]
     except BaseException:
@@ -131,17 +131,16 @@ async def completions(request: Request):
         params = req.error_params()
         check_model(req.model, gateway.model_name)
         prompts = req.native_bodies(gateway.tokenizer)
-        handle = gateway.heads.get("generate")
         mapper = completion_mapper(req, gateway.model_name, gateway.tokenizer, prompts)
         if not req.stream:
-            calls = [handle.complete.remote(p.body) for p in prompts]
+            calls = [asyncio.ensure_future(gateway.heads.call("generate", p.body, "complete")) for p in prompts]
             try:
                 results = await asyncio.gather(*calls)
             except BaseException:
                 _cancel(calls)
                 raise
             return mapper.response(results)
-        streams, firsts = await _start_streams(handle, prompts)
+        streams, firsts = await _start_streams(gateway.heads, prompts)
     except Exception as e:
         return _error(e, params)
 
@@ -164,11 +163,10 @@ async def chat_completions(request: Request):
         params = req.error_params()
         check_model(req.model, gateway.model_name)
         prompts = req.native_bodies(gateway.tokenizer)
-        handle = gateway.heads.get("generate")
         mapper = chat_mapper(req, gateway.model_name, gateway.tokenizer, prompts)
         if not req.stream:
-            return mapper.response(await handle.complete.remote(prompts[0].body))
-        streams, firsts = await _start_streams(handle, prompts)
+            return mapper.response(await gateway.heads.call("generate", prompts[0].body, "complete"))
+        streams, firsts = await _start_streams(gateway.heads, prompts)
     except Exception as e:
         return _error(e, params)
 

@@ -92,12 +92,14 @@ class _Handle:
 
 def _gateway(api_key=None, **handles):
     from deployments.grpc_api import GrpcMethods
-    from deployments.ingress import Heads
+    from deployments.faults import RetryPolicy
+    from deployments.routing import Heads
     from services.errors import Unauthenticated
 
     class FakeGateway(GrpcMethods):
         model_name = "seedoss"
-        heads = Heads(handles.get("generate", _Handle()), handles.get("classify"), handles.get("tag"), None)
+        heads = Heads({"generate": handles.get("generate", _Handle()), "classify": handles.get("classify"),
+                       "tag": handles.get("tag"), "qa": None}, RetryPolicy())
 
         def check_request(self, path, headers):
             if api_key and headers.get("authorization") != f"Bearer {api_key}":

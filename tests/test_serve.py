@@ -51,7 +51,7 @@ def server(demo_checkpoint, tmp_path_factory):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 2, "pin_stages": True,
-                         "engine": {"max_step_retries": 120, "retry_backoff_s": 0.5}}),
+                         "retry": {"attempts": 240, "total_s": 120, "backoff_s": 0.5, "max_backoff_s": 0.5}}),
               name=APP, route_prefix="/")
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", nodes=nodes, checkpoint=demo_checkpoint)
     serve.shutdown()
