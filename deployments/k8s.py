@@ -30,7 +30,7 @@ from seedoss.config import SeedOssConfig
 from seedoss.engine import EngineConfig
 from seedoss.planner import GiB, plan
 
-from .config import TASK_DEPLOYMENTS, AppConfig, DeploymentOptions
+from .config import TASK_DEPLOYMENTS, AppConfig, DeploymentOptions, LaneConfig
 
 REPO = Path(__file__).resolve().parent.parent
 K8S_DIR = REPO / "k8s"
@@ -50,6 +50,8 @@ GPU_MODEL_CONFIG = OVERLAYS_DIR / "gpu-pipeline" / "model-config.json"
 GPU_NUM_STAGES = 4
 GPU_MEM_GIB = 80
 GPU_MEM_UTIL = 0.9
+GPU_LANES = LaneConfig(min=1, max=2, target_sequences=192, upscale_delay_s=30, downscale_delay_s=600,
+                       look_back_period_s=30)  # max: the stage groups' maxReplicas in workers.yaml
 LM_HEAD_RESOURCE = "lm_head"  # advertised by the last stage's worker group: Generation (LM head) sits beside it
 HEAD_SERVICES_RESOURCE = "head_services"  # advertised by the CPU worker group: classify/tag/qa heads + gateway
 
@@ -70,9 +72,8 @@ def cpu_demo_app(checkpoint: str = "/models/demo") -> AppConfig:
         checkpoint=checkpoint, model_name="seedoss-demo", dtype="float32", num_stages=2, pin_stages=False,
         engine=EngineConfig(max_num_seqs=64, max_batched_tokens=512, kv_budget_bytes=256 << 20),
         # the head runs no replica (num-cpus 0): every deployment asks for some CPU so it lands on the worker
-        stage=DeploymentOptions(num_replicas=1, max_ongoing_requests=64, max_queued_requests=256,
-                                ray_actor_options={"num_cpus": 0.5}),
-        generation=DeploymentOptions(num_replicas=1, max_ongoing_requests=256, max_queued_requests=512,
+        stage=DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.5}),
+        generation=DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512,
                                      ray_actor_options={"num_cpus": 0.5}),
         classify=head(4, 4, 16, 64), tag=head(4, 4, 16, 64), qa=head(4, 4, 16, 64),
         gateway=head(2, 32, 256, 512),
@@ -96,10 +97,11 @@ def gpu_pipeline_app(checkpoint: str = "/models/seed-oss-36b") -> AppConfig:
     return AppConfig(
         checkpoint=checkpoint, model_name="seed-oss-36b", dtype="bfloat16", num_stages=GPU_NUM_STAGES, pin_stages=True,
         engine=EngineConfig(max_num_seqs=256, max_batched_tokens=4096, max_model_len=32768, kv_budget_bytes=kv_budget),
-        # stages are fixed (one pipeline lane): a sequence's KV cache lives in one replica of each stage
-        stage=DeploymentOptions(num_replicas=1, max_ongoing_requests=64, max_queued_requests=256,
+        # one Generation replica and one replica of each stage per lane, the lane count autoscaling on engine load
+        lanes=GPU_LANES,
+        stage=DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256,
                                 ray_actor_options={"num_cpus": 4, "num_gpus": 1}),
-        generation=DeploymentOptions(num_replicas=1, max_ongoing_requests=512, max_queued_requests=1024,
+        generation=DeploymentOptions(max_ongoing_requests=512, max_queued_requests=1024,
                                      ray_actor_options={"num_cpus": 4, "resources": {LM_HEAD_RESOURCE: 1}}),
         classify=head(1, 8, 8, 32, 128, 2), tag=head(1, 8, 8, 32, 128, 2), qa=head(1, 8, 8, 32, 128, 2),
         gateway=head(2, 8, 64, 256, 512, 1),

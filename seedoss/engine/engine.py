@@ -96,7 +96,7 @@ class EngineObserver:
     def on_first_token(self, seconds: float) -> None: ...
     def on_next_token(self, seconds: float) -> None: ...
     def on_prompt(self, tokens: int) -> None: ...
-    def on_cache_miss(self, sequences: int) -> None: ...
+    def on_step(self, sequences: int, cache_misses: int) -> None: ...
 
 
 @dataclass
@@ -223,6 +223,9 @@ class LLMEngine:
                 for i in range(params.n) if resume.get(i, []) is not None]
         request = _Request(key, request_id, list(prompt_ids), seqs)
         self._requests[key] = request
+        if not seqs:  # a resumed request whose choices all finished: only its end is left to report
+            self._publish(request)
+            return request
         for seq in seqs:
             self.scheduler.add(seq)
         self._totals["prompt_tokens"] += len(prompt_ids)
@@ -304,11 +307,12 @@ class LLMEngine:
     def _process(self, batch: MicroBatch, task: asyncio.Task) -> None:
         error = StageUnavailable("the step was cancelled") if task.cancelled() else task.exception()
         self.scheduler.complete(batch, succeeded=error is None)
+        misses = len(error.seq_ids) if isinstance(error, MissingSequenceCache) else 0
         self._totals["steps"] += len(batch.items)
+        self._totals["cache_misses"] += misses
+        self.observer.on_step(len(batch.items), misses)
         if isinstance(error, MissingSequenceCache):
             log.info("stage lost the cache of %s; recomputing", error.seq_ids)
-            self._totals["cache_misses"] += len(error.seq_ids)
-            self.observer.on_cache_miss(len(error.seq_ids))
             for item in batch.items:
                 if item.seq.seq_id in error.seq_ids:
                     self.scheduler.reset(item.seq)
