@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field
 
 from .errors import InvalidRequest
 from .schemas import Forward, ServiceModel, Text, Usage, as_numpy, parse, run_forward
@@ -56,14 +56,6 @@ class QARequest(ServiceModel):
     handle_impossible_answer: bool = False
     align_to_words: bool = True
     strip_whitespace: bool = Field(False, description="trim whitespace around answers (the pipeline does not)")
-
-    @field_validator("doc_stride")
-    @classmethod
-    def _stride_within_window(cls, doc_stride: int | None, info: ValidationInfo) -> int | None:
-        max_seq_len = info.data.get("max_seq_len")
-        if doc_stride is not None and max_seq_len is not None and doc_stride > max_seq_len:
-            raise ValueError(f"doc_stride must not exceed max_seq_len ({max_seq_len})")
-        return doc_stride
 
 
 class Answer(BaseModel):
@@ -90,6 +82,8 @@ def preprocess(request: QARequest, tokenizer, max_length: int) -> list[QAWindow]
     max_seq_len = request.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, max_length, tokenizer.model_max_length or max_length)
     if max_seq_len > max_length:
         raise InvalidRequest(f"max_seq_len must not exceed the model's context ({max_length})", param="max_seq_len")
+    if request.doc_stride is not None and request.doc_stride > max_seq_len:  # the pipeline's own check
+        raise InvalidRequest(f"doc_stride must not exceed max_seq_len ({max_seq_len})", param="doc_stride")
     question = len(tokenizer.encode(request.question, add_special_tokens=False))
     context = len(tokenizer.encode(request.context, add_special_tokens=False))
     room = max_seq_len - question - tokenizer.num_special_tokens_to_add(pair=True)  # context tokens per window

@@ -271,6 +271,35 @@ def test_default_window_and_stride(tokenizer, forward):
     assert len(preprocess(long_question, tokenizer, 4096)) > 1  # stride lowered below the context budget
 
 
+def test_windows_are_transformers_overflowing_tokens(tokenizer, qa_dir):
+    """Random lengths, windows and strides: the pipeline's tokenizer call gives the same windows, or fails (a panic
+    in `tokenizers` for a stride that does not fit) where we answer an InvalidRequest naming the field."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(qa_dir)
+    rng = random.Random(1)
+    outcomes = set()
+    for _ in range(300):
+        question, context = random_pair(rng)
+        max_seq_len = rng.randint(4, 48)
+        stride = rng.choice([None, 0, 1, rng.randint(0, 50)])
+        request = QARequest(question=question, context=context, max_seq_len=max_seq_len, doc_stride=stride)
+        try:
+            windows = preprocess(request, tokenizer, 4096)
+        except InvalidRequest as exc:
+            assert exc.param in ("question", "doc_stride")
+            outcomes.add(exc.param)
+            continue
+        if stride is not None:  # with the default stride we also answer where the pipeline's stride cannot fit
+            reference = hf(question, context, truncation="only_second", max_length=max_seq_len, stride=stride,
+                           return_overflowing_tokens=True)
+            assert [w.ids for w in windows] == reference["input_ids"]
+            assert [w.allowed.tolist() for w in windows] == \
+                [[sid == 1 for sid in reference.sequence_ids(i)] for i in range(len(windows))]
+        outcomes.add(len(windows) > 1)
+    assert outcomes == {"question", "doc_stride", True, False}
+
+
 @pytest.mark.parametrize("request_, param", [
     ({"context": CONTEXT}, "question"),
     ({"question": "", "context": CONTEXT}, "question"),
