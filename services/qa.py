@@ -82,8 +82,11 @@ def preprocess(request: QARequest, tokenizer, max_length: int) -> list[QAWindow]
     max_seq_len = request.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, max_length, tokenizer.model_max_length or max_length)
     if max_seq_len > max_length:
         raise InvalidRequest(f"max_seq_len must not exceed the model's context ({max_length})", param="max_seq_len")
-    if request.doc_stride is not None and request.doc_stride > max_seq_len:  # the pipeline's own check
-        raise InvalidRequest(f"doc_stride must not exceed max_seq_len ({max_seq_len})", param="doc_stride")
+    # `tokenizers` refuses a stride above max_seq_len less the special tokens of a single text, windows or not.
+    stride_limit = max_seq_len - tokenizer.num_special_tokens_to_add(pair=False)
+    if request.doc_stride is not None and request.doc_stride > stride_limit:
+        raise InvalidRequest(f"doc_stride must not exceed {stride_limit} with max_seq_len {max_seq_len}",
+                             param="doc_stride")
     question = len(tokenizer.encode(request.question, add_special_tokens=False))
     context = len(tokenizer.encode(request.context, add_special_tokens=False))
     room = max_seq_len - question - tokenizer.num_special_tokens_to_add(pair=True)  # context tokens per window
@@ -158,7 +161,8 @@ def _masked_softmax(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
 def _best_spans(p_start: np.ndarray, p_end: np.ndarray, allowed: np.ndarray, k: int, max_answer_len: int
                 ) -> list[tuple[int, int, float]]:
     """The `k` best (start, end, score) token spans with ``start <= end < start + max_answer_len``, both ends
-    allowed, score > 0; ties go to the earlier start, then the earlier end (the pipeline's ``np.argmax`` order).
+    allowed, score > 0; ties go to the earlier start, then the earlier end (as the pipeline's ``np.argmax`` for
+    ``top_k`` 1; for more, its order of exact ties is ``np.argpartition``'s).
     Scores the band of allowed spans rather than the pipeline's full n × n outer product."""
     n, width = len(p_start), min(max_answer_len, len(p_start))
     ends = np.arange(n)[:, None] + np.arange(width)[None, :]  # [start, length - 1] → end
