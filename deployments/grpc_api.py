@@ -38,7 +38,7 @@ _GENERATE_OPTIONAL = (
     "include_stop_str_in_output",
 )
 _ANSWER_OPTIONAL = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "handle_impossible_answer",
-                    "align_to_words")
+                    "align_to_words", "strip_whitespace")
 _TASK_RESPONSES = {"classify": pb.ClassifyResponse, "tag": pb.TagResponse, "qa": pb.AnswerResponse}
 # Native field → proto field, for error details (the native chat fields live under `chat` in the proto).
 _PARAM_NAMES = {"messages": "chat.messages", "chat_template_kwargs": "chat.chat_template_kwargs",

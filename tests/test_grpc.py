@@ -109,6 +109,19 @@ def _gateway(api_key=None, **handles):
     return FakeGateway()
 
 
+def test_answer_request_maps_the_fields_it_sets():
+    from deployments.grpc_api import answer_body
+    from services.qa import QARequest
+
+    assert answer_body(pb.AnswerRequest(question="q", context="c")) == {"question": "q", "context": "c"}
+    message = pb.AnswerRequest(question="q", context="c", top_k=3, max_answer_len=5, max_seq_len=128, doc_stride=32,
+                               handle_impossible_answer=True, align_to_words=False, strip_whitespace=True)
+    assert answer_body(message) == {"question": "q", "context": "c", "top_k": 3, "max_answer_len": 5,
+                                    "max_seq_len": 128, "doc_stride": 32, "handle_impossible_answer": True,
+                                    "align_to_words": False, "strip_whitespace": True}
+    assert set(answer_body(message)) == set(QARequest.model_fields)
+
+
 def test_errors_become_grpc_statuses_without_a_cluster():
     import asyncio
 
@@ -344,6 +357,12 @@ def test_heads_equal_http(server):
          server.stub.AnswerQuestion, pb.AnswerRequest(question="Where did they meet?", context="Ada Lovelace met "
                                                       "Charles Babbage in London in 1833, at a party.", top_k=3,
                                                       max_answer_len=8), _answer_dict),
+        ("/v1/answer", {"question": "Who?", "context": "Ada Lovelace met Charles Babbage in London.", "top_k": 4,
+                        "align_to_words": False, "strip_whitespace": True, "handle_impossible_answer": True},
+         server.stub.AnswerQuestion, pb.AnswerRequest(question="Who?", context="Ada Lovelace met Charles Babbage in "
+                                                      "London.", top_k=4, align_to_words=False,
+                                                      strip_whitespace=True, handle_impossible_answer=True),
+         _answer_dict),
     ]
     for route, body, rpc, message, as_dict in cases:
         r = server.http.post(route, json=body)
