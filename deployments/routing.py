@@ -193,7 +193,8 @@ class GenerationStream:
         self._stream = self._start(None)
 
     def _start(self, resume: dict | None):
-        return self.handle.options(stream=True).stream.remote(self.body, resume)
+        stream = self.handle.options(stream=True).stream
+        return stream.remote(self.body) if resume is None else stream.remote(self.body, resume)
 
     def _resume(self) -> dict | None:
         if self.id is None:
