@@ -7,18 +7,17 @@ import os
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 
 from seedoss.tokenizer import SeedOssTokenizer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, Unauthenticated, Unavailable
-from services.generation import sse
 
-from .grpc_api import GrpcMethods
 from .faults import RetryPolicy
-from .ingress import error_response, json_body, service_error
+from .grpc_api import GrpcMethods
+from .ingress import error_response, json_body, service_error, sse_response
 from .metrics import LATENCY, REQUESTS
 from .openai_api import router as openai_router
 from .routing import Heads
@@ -88,16 +87,12 @@ class Gateway(GrpcMethods):
         except Exception as e:
             return error_response(service_error(e))
 
-        async def events():
-            yield sse(first)
-            try:
-                async for chunk in chunks:
-                    yield sse(chunk)
-            except Exception as e:  # mid-stream failure: report it in-band, then end the stream
-                yield sse(service_error(e).to_openai_body())
-            yield sse("[DONE]")
+        async def relayed():
+            yield first
+            async for chunk in chunks:
+                yield chunk
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return sse_response(relayed(), [chunks])
 
     async def _task(self, task: str, request: Request):
         try:

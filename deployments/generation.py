@@ -113,7 +113,8 @@ class Generation:
         s = (await self._engine()).stats()
         return {"num_running": s.num_running, "num_waiting": s.num_waiting, "kv_usage": s.kv_usage,
                 "num_preemptions": s.num_preemptions, "generation_tokens": s.generation_tokens,
-                "prompt_tokens": s.prompt_tokens, "requests_finished": s.requests_finished, "steps": s.steps,
+                "prompt_tokens": s.prompt_tokens, "requests_finished": s.requests_finished, "batches": s.batches,
+                "steps": s.steps,
                 "cache_misses": s.cache_misses, "lane": self.lane,
                 "replica": serve.get_replica_context().replica_id.unique_id}
 

@@ -3,14 +3,17 @@ JSON bodies."""
 
 import json
 
+from collections.abc import AsyncIterator, Callable
+
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import RequestCancelledError
 
 from services.errors import (
     Cancelled, InvalidRequest, Overloaded, PayloadTooLarge, ServiceError, Unavailable, from_exception,
 )
+from services.generation import sse
 
 from .faults import backpressure, replica_lost
 
@@ -46,3 +49,26 @@ async def json_body(request: Request) -> dict:
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     return body
+
+
+def sse_response(chunks: AsyncIterator[dict], streams: list,
+                 client_error: Callable[[ServiceError], ServiceError] = lambda e: e) -> StreamingResponse:
+    """Server-sent events of `chunks`, ending with `data: [DONE]`; a failure mid-stream is sent in-band. When the
+    client goes away first, Serve cancels this generator: then the generation `streams` are cancelled too, so the
+    engine aborts the request and frees its KV cache (Serve itself only cancels calls not yet sent to a replica)."""
+    async def events():
+        finished = False
+        try:
+            try:
+                async for chunk in chunks:
+                    yield sse(chunk)
+            except Exception as e:
+                yield sse(client_error(service_error(e)).to_openai_body())
+            yield sse("[DONE]")
+            finished = True
+        finally:
+            if not finished:
+                for stream in streams:
+                    stream.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -14,15 +14,13 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
-from services.generation import sse
 from services.openai import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_mapper, check_model,
     completion_mapper, model_list, rename_param, tokenize_response,
 )
 
-from .ingress import error_response, json_body, service_error
+from .ingress import error_response, json_body, service_error, sse_response
 
 router = APIRouter()
 _CREATED = int(time.time())
@@ -92,19 +90,6 @@ async def _merged(streams: list, firsts: list[dict]) -> AsyncIterator[tuple[int,
         _cancel(streams)
 
 
-def _events(chunks: AsyncIterator[dict], params: dict[str, str]) -> StreamingResponse:
-    async def events():
-        try:
-            async for chunk in chunks:
-                yield sse(chunk)
-        except Exception as e:  # mid-stream failure: report it in-band, then end the stream
-            error = service_error(e)
-            yield sse(rename_param(error, params or {}).to_openai_body())
-        yield sse("[DONE]")
-
-    return StreamingResponse(events(), media_type="text/event-stream")
-
-
 async def _start_streams(heads, prompts) -> tuple[list, list[dict]]:
     """Start one native stream per prompt and fetch each first chunk (errors surface here, before any byte)."""
     streams = [heads.stream(p.body) for p in prompts]
@@ -151,7 +136,7 @@ async def completions(request: Request):
         if mapper.include_usage:
             yield mapper.usage_chunk()
 
-    return _events(chunks(), params)
+    return sse_response(chunks(), streams, lambda e: rename_param(e, params or {}))
 
 
 @router.post("/v1/chat/completions")
@@ -179,7 +164,7 @@ async def chat_completions(request: Request):
         if mapper.include_usage:
             yield mapper.usage_chunk()
 
-    return _events(chunks(), params)
+    return sse_response(chunks(), streams, lambda e: rename_param(e, params or {}))
 
 
 @router.post("/tokenize")

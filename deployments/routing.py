@@ -171,7 +171,16 @@ class Heads:
     async def call(self, task: str, body: dict, method: str | None = None):
         handle = self.get(task)
         target = getattr(handle, method) if method else handle
-        return await self.retry.call(lambda: target.remote(body), f"{task} call")
+
+        async def once():
+            response = target.remote(body)
+            try:
+                return await response
+            except asyncio.CancelledError:  # the client went away: stop the work (Serve would not, once sent)
+                response.cancel()
+                raise
+
+        return await self.retry.call(once, f"{task} call")
 
     def stream(self, body: dict) -> "GenerationStream":
         return GenerationStream(self.get("generate"), body, self.retry)

@@ -84,6 +84,7 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     requests_finished: int
+    batches: int  # micro-batches the pipeline ran
     steps: int  # sequence-steps the pipeline ran (one per sequence per micro-batch)
     cache_misses: int  # of those, steps a stage answered without the sequence's cache (recomputed)
     ttft_s: list[float]
@@ -125,8 +126,8 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}  # by key
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._totals = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "steps": 0,
-                        "cache_misses": 0}
+        self._totals = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "batches": 0,
+                        "steps": 0, "cache_misses": 0}
         self._ttft: deque[float] = deque(maxlen=2048)
         self._itl: deque[float] = deque(maxlen=8192)
         # What exists now (weights, tokenizer, configs) lives as long as the engine: move it out of the cyclic
@@ -308,6 +309,7 @@ class LLMEngine:
         error = StageUnavailable("the step was cancelled") if task.cancelled() else task.exception()
         self.scheduler.complete(batch, succeeded=error is None)
         misses = len(error.seq_ids) if isinstance(error, MissingSequenceCache) else 0
+        self._totals["batches"] += 1
         self._totals["steps"] += len(batch.items)
         self._totals["cache_misses"] += misses
         self.observer.on_step(len(batch.items), misses)
