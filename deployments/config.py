@@ -9,7 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from seedoss.engine import EngineConfig
 
-from .faults import RetryPolicy
+from .faults import RetryPolicy, Timeouts
+
+# Serve's end-to-end bound on one HTTP request (proxy `http_options.request_timeout_s`): above the longest stream a
+# deployment should serve (a 32k-token answer at 40 tokens/s is ~800 s); per-call bounds are `AppConfig.timeouts`.
+REQUEST_TIMEOUT_S = 900
 
 TASK_DEPLOYMENTS = {"classify": "Classification", "tag": "Tagging", "qa": "QA"}
 
@@ -115,6 +119,7 @@ class AppConfig(BaseModel):
                                  description="scheduling limits; kv_budget_bytes and block_size apply to each stage replica")
     pin_stages: bool = Field(False, description="stage k asks for custom resource `stage{k}: 1` (one node per stage)")
     lanes: LaneConfig = Field(default_factory=LaneConfig, description="generation lanes: count or autoscaling range")
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="stage and head call timeouts (503 past them)")
     retry: RetryPolicy = Field(default_factory=RetryPolicy,
                                description="how calls whose replica was lost are sent again (stage steps and "
                                            "forwards, head calls, generation streams)")

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, Unauthenticated, Unavailable
 
-from .faults import RetryPolicy
+from .faults import RetryPolicy, Timeouts
 from .grpc_api import GrpcMethods
 from .ingress import error_response, json_body, service_error, sse_response
 from .metrics import LATENCY, REQUESTS
@@ -55,9 +55,10 @@ async def guard(request: Request, call_next):
 @serve.ingress(api)
 class Gateway(GrpcMethods):
     def __init__(self, checkpoint: str, model_name: str, generation, classify=None, tag=None, qa=None, *,
-                 api_keys: list[str] | None = None, max_body_bytes: int = 4 << 20, retry: dict | None = None):
+                 api_keys: list[str] | None = None, max_body_bytes: int = 4 << 20, retry: dict | None = None,
+                 timeouts: dict | None = None):
         self.heads = Heads({"generate": generation, "classify": classify, "tag": tag, "qa": qa},
-                           RetryPolicy.model_validate(retry or {}))
+                           RetryPolicy.model_validate(retry or {}), Timeouts.model_validate(timeouts or {}))
         self.tokenizer = SeedOssTokenizer.from_pretrained(checkpoint)
         self.model_name = model_name
         env_keys = [k.strip() for k in os.environ.get("SEEDOSS_API_KEYS", "").split(",") if k.strip()]

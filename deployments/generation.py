@@ -15,7 +15,7 @@ from services.errors import from_exception
 from services.generation import GenerateRequest, choice_dict, response_dict
 
 from .autoscaling import LOAD_KV, LOAD_SEQUENCES
-from .faults import RetryPolicy
+from .faults import RetryPolicy, Timeouts
 from .metrics import GenerationMetrics
 from .routing import ServePipeline, StageChain
 
@@ -30,13 +30,13 @@ class Generation:
     """One lane's engine (see `deployments/routing.py`). Reports its load for the lane autoscaling policy
     (`deployments/autoscaling.py`) through `record_autoscaling_stats`."""
 
-    def __init__(self, checkpoint: str, dtype: str, engine_config: dict, retry: dict, *stages):
+    def __init__(self, checkpoint: str, dtype: str, engine_config: dict, retry: dict, timeouts: dict, *stages):
         self.tokenizer = SeedOssTokenizer.from_pretrained(checkpoint)
         self.model_config = SeedOssConfig.from_pretrained(checkpoint)
         self.lm_head = load_head(checkpoint, "generate", dtype=dtype)
         # Between replicas the pipeline retries under the app's policy; the engine must not retry on top of it.
         self.engine_config = EngineConfig.model_validate({**engine_config, "max_step_retries": 0})
-        self.chain = StageChain(stages, RetryPolicy.model_validate(retry))
+        self.chain = StageChain(stages, RetryPolicy.model_validate(retry), Timeouts.model_validate(timeouts).stage_s)
         self.lane = _rank(serve.get_replica_context().rank)
         self.engine: LLMEngine | None = None
         self.metrics = GenerationMetrics()

@@ -17,7 +17,7 @@ from services.errors import from_exception
 from services.qa import QAService
 from services.tagging import TaggingService
 
-from .faults import RetryPolicy
+from .faults import RetryPolicy, Timeouts
 from .metrics import HEAD_LATENCY, HEAD_REQUESTS
 from .routing import StageChain
 
@@ -29,11 +29,12 @@ SERVICES = {
 
 
 class TaskHead:
-    def __init__(self, task: str, head_checkpoint: str, dtype: str, retry: dict, *stages):
+    def __init__(self, task: str, head_checkpoint: str, dtype: str, retry: dict, timeouts: dict, *stages):
         config = SeedOssConfig.from_pretrained(head_checkpoint)
         self.task = task
         self.head = load_head(head_checkpoint, task, dtype=dtype)
-        self.stages = StageChain(stages, RetryPolicy.model_validate(retry))  # cache-less: any stage replica
+        # cache-less forwards: any stage replica serves them
+        self.stages = StageChain(stages, RetryPolicy.model_validate(retry), Timeouts.model_validate(timeouts).stage_s)
         service_cls, method = SERVICES[task]
         kwargs = {} if task == "qa" else {"labels": config.labels}
         service = service_cls(SeedOssTokenizer.from_pretrained(head_checkpoint), forward=self._forward,

@@ -15,17 +15,21 @@ from services.errors import (
 )
 from services.generation import sse
 
-from .faults import backpressure, replica_lost
+from .faults import CallTimeout, PoisonRequest, backpressure, replica_lost
 
 
 def service_error(exc: BaseException) -> ServiceError:
     """The client-facing error for anything a route (or a replica behind it) raised."""
     while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
         exc = exc.cause
+    if isinstance(exc, PoisonRequest):  # not "unavailable": retrying would crash another replica
+        return from_exception(exc)
     if backpressure(exc):  # a deployment's max_queued_requests is reached
         return Overloaded("the server is at capacity; retry shortly", retry_after=1)
     if replica_lost(exc):
         return Unavailable("a service replica is unavailable; retry shortly", retry_after=5)
+    if isinstance(exc, CallTimeout):  # a hung replica: the call was cancelled
+        return Unavailable("the service did not answer in time; retry shortly", retry_after=5)
     if isinstance(exc, RequestCancelledError):
         return Cancelled("request cancelled")
     return from_exception(exc)

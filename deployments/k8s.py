@@ -30,7 +30,7 @@ from seedoss.config import SeedOssConfig
 from seedoss.engine import EngineConfig
 from seedoss.planner import GiB, plan
 
-from .config import TASK_DEPLOYMENTS, AppConfig, DeploymentOptions, LaneConfig
+from .config import REQUEST_TIMEOUT_S, TASK_DEPLOYMENTS, AppConfig, DeploymentOptions, LaneConfig
 
 REPO = Path(__file__).resolve().parent.parent
 K8S_DIR = REPO / "k8s"
@@ -131,7 +131,7 @@ def app_args(app: AppConfig) -> dict[str, Any]:
 def serve_config(app: AppConfig, *, proxy_location: str = "EveryNode") -> dict[str, Any]:
     return {
         "proxy_location": proxy_location,
-        "http_options": {"host": "0.0.0.0", "port": HTTP_PORT},
+        "http_options": {"host": "0.0.0.0", "port": HTTP_PORT, "request_timeout_s": REQUEST_TIMEOUT_S},
         "grpc_options": {"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]},
         "applications": [
             {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": app_args(app)},

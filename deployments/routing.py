@@ -25,7 +25,7 @@ from seedoss.engine import StageUnavailable
 from seedoss.kv_cache import MissingSequenceCache
 from services.errors import NotFound
 
-from .faults import RetryPolicy, backpressure, replica_lost
+from .faults import CallTimeout, RetryPolicy, Timeouts, backpressure, replica_lost
 from .wire import pack, unpack
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,10 @@ class StageChain:
     """The stage deployments in pipeline order. Hidden states go stage to stage without the caller: each stage's
     DeploymentResponse is passed straight into the next stage's call."""
 
-    def __init__(self, handles: list, retry: RetryPolicy):
+    def __init__(self, handles: list, retry: RetryPolicy, stage_timeout_s: float):
         self.handles, self.retry = list(handles), retry
         self.num_stages = len(self.handles)
+        self.timeout_s = stage_timeout_s * self.num_stages  # a forward through every stage
 
     def for_lane(self, lane: int) -> list:
         return [h.options(session_id=lane_session(lane)) for h in self.handles]
@@ -85,10 +86,17 @@ class StageChain:
             return x
 
         async def attempt():
-            return unpack(await detached(chain))
+            response = detached(chain)
+            try:
+                return unpack(await response)
+            except asyncio.CancelledError:  # timed out, or the caller went away
+                response.cancel()
+                raise
 
         try:
-            return await self.retry.call(attempt, "cache-less stage forward")
+            return await self.retry.call(attempt, "cache-less stage forward", self.timeout_s)
+        except CallTimeout:
+            raise StageUnavailable(f"a stage forward took longer than {self.timeout_s:g}s") from None
         except Exception as e:
             if replica_lost(e):
                 raise StageUnavailable("a stage replica is unavailable") from None
@@ -123,22 +131,24 @@ class ServePipeline:
         return x
 
     async def run(self, tokens, seq_ids, query_lens, context_lens):
-        backoffs = self.chain.retry.backoffs()
+        retries = self.chain.retry.retries(f"lane {self.lane} step")
         while True:
+            step = detached(self._forward, tokens, seq_ids, query_lens, context_lens)
             try:
-                return unpack(await detached(self._forward, tokens, seq_ids, query_lens, context_lens))
+                return unpack(await asyncio.wait_for(step, self.chain.timeout_s))
             except MissingSequenceCache as e:  # Ray re-raises the replica's exception as a subclass of it
                 raise MissingSequenceCache(getattr(e, "cause", e).seq_ids) from None
+            except TimeoutError:
+                step.cancel()
+                raise StageUnavailable(f"a stage step took longer than {self.chain.timeout_s:g}s") from None
             except Exception as e:
                 if backpressure(e):
                     raise StageUnavailable("a stage is at capacity") from None
-                if not replica_lost(e):
-                    raise
-                delay = next(backoffs, None)
+                delay = retries.delay_after(e)
                 if delay is None:
-                    raise StageUnavailable("a stage replica is unavailable") from None
-                log.warning("lane %d: stage replica lost (%s); re-sending the step in %.2fs", self.lane,
-                            type(e).__name__, delay)
+                    if replica_lost(e):
+                        raise StageUnavailable("a stage replica is unavailable") from None
+                    raise
             await asyncio.sleep(delay)
 
     def _free(self, seq_ids):
@@ -156,8 +166,8 @@ class Heads:
     power-of-two-choices on ongoing requests per Generation replica: a request is a sequence (or `n`), so a lane's
     ongoing requests track its running + waiting sequences, the same load the lane autoscaler reads."""
 
-    def __init__(self, handles: dict, retry: RetryPolicy):
-        self.handles, self.retry = handles, retry
+    def __init__(self, handles: dict, retry: RetryPolicy, timeouts: Timeouts):
+        self.handles, self.retry, self.timeouts = handles, retry, timeouts
 
     def get(self, task: str):
         handle = self.handles.get(task)
@@ -180,10 +190,10 @@ class Heads:
                 response.cancel()
                 raise
 
-        return await self.retry.call(once, f"{task} call")
+        return await self.retry.call(once, f"{task} call", self.timeouts.head_s)
 
     def stream(self, body: dict) -> "GenerationStream":
-        return GenerationStream(self.get("generate"), body, self.retry)
+        return GenerationStream(self.get("generate"), body, self.retry, self.timeouts.head_s)
 
 
 class GenerationStream:
@@ -193,12 +203,12 @@ class GenerationStream:
     sees one stream with no token repeated or missing. Greedy and seeded requests continue as if nothing happened
     (the engine replays penalties, seeded draws, detokenizer and stop-string state)."""
 
-    def __init__(self, handle, body: dict, retry: RetryPolicy):
-        self.handle, self.body = handle, body
+    def __init__(self, handle, body: dict, retry: RetryPolicy, chunk_timeout_s: float):
+        self.handle, self.body, self.chunk_timeout_s = handle, body, chunk_timeout_s
         self.id: str | None = None
         self.delivered: dict[int, list[int]] = {}
         self.finished: set[int] = set()
-        self._backoffs = retry.backoffs()
+        self._retries = retry.retries("generation stream")
         self._stream = self._start(None)
 
     def _start(self, resume: dict | None):
@@ -217,15 +227,17 @@ class GenerationStream:
     async def __anext__(self) -> dict:
         while True:
             try:
-                chunk = await self._stream.__anext__()
+                chunk = await asyncio.wait_for(self._stream.__anext__(), self.chunk_timeout_s)
             except StopAsyncIteration:
                 raise
+            except TimeoutError:
+                self._stream.cancel()
+                raise CallTimeout(f"no generation output for {self.chunk_timeout_s:g}s") from None
             except Exception as e:
-                delay = next(self._backoffs, None) if replica_lost(e) else None
+                delay = self._retries.delay_after(e)
                 if delay is None:
                     raise
-                log.warning("generation stream %s lost its lane (%s); resuming on another in %.2fs", self.id,
-                            type(e).__name__, delay)
+                log.warning("generation stream %s lost its lane (%s); resuming on another", self.id, type(e).__name__)
                 await asyncio.sleep(delay)
                 self._stream = self._start(self._resume())
                 continue

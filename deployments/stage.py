@@ -21,12 +21,13 @@ from .wire import pack, unpack
 
 class SeedOssStage:
     def __init__(self, checkpoint: str, start: int, end: int, dtype: str, kv_budget_bytes: int, block_size: int,
-                 device: str = "auto"):
+                 device: str = "auto", forward_timeout_s: float = 60.0):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"  # a replica given `num_gpus` sees its GPU
         stage = load_stage(checkpoint, start, end, dtype=dtype, device=device)
         self.executor = LocalStageExecutor(stage, kv_budget_bytes, block_size)
         self.start, self.end = start, end
+        self.forward_timeout_s = forward_timeout_s
 
     async def forward(self, inputs, seq_ids: list[str], query_lens: list[int], context_lens: list[int]):
         """A generation step with the KV cache (inputs: packed ids or the previous stage's hidden states)."""
@@ -56,4 +57,8 @@ class SeedOssStage:
         }
 
     def check_health(self) -> None:
-        self.executor.cache_stats()  # the worker thread answers
+        """Answers at once (never queued behind a forward); unhealthy when one forward has run past the stage
+        timeout — a hung replica, which Serve then replaces."""
+        busy = self.executor.busy_for()
+        if busy > self.forward_timeout_s:
+            raise RuntimeError(f"stage {self.start}-{self.end} has been running one forward for {busy:.0f}s")

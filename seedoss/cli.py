@@ -69,10 +69,12 @@ def _serve(args) -> None:
     from ray import serve
 
     from deployments.app import build_app
+    from deployments.config import REQUEST_TIMEOUT_S
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_demo_checkpoint()
     ray.init(address=args.ray_address, include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly",
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": REQUEST_TIMEOUT_S},
+                proxy_location="HeadOnly",
                 grpc_options={"port": args.grpc_port,
                               "grpc_servicer_functions": ["proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
     low, _, high = args.lanes.partition(":")

@@ -92,14 +92,14 @@ class _Handle:
 
 def _gateway(api_key=None, **handles):
     from deployments.grpc_api import GrpcMethods
-    from deployments.faults import RetryPolicy
+    from deployments.faults import RetryPolicy, Timeouts
     from deployments.routing import Heads
     from services.errors import Unauthenticated
 
     class FakeGateway(GrpcMethods):
         model_name = "seedoss"
         heads = Heads({"generate": handles.get("generate", _Handle()), "classify": handles.get("classify"),
-                       "tag": handles.get("tag"), "qa": None}, RetryPolicy())
+                       "tag": handles.get("tag"), "qa": None}, RetryPolicy(), Timeouts())
 
         def check_request(self, path, headers):
             if api_key and headers.get("authorization") != f"Bearer {api_key}":
