@@ -33,8 +33,20 @@ class LogOptions(BaseModel):
 
 
 class ToServeLogger(logging.Handler):
+    """Hands a record to the handlers of Serve's logger that its own propagation does not reach already (where
+    one handler sits on both, as test harnesses arrange, it must not see the record twice)."""
+
     def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger(SERVE_LOGGER).handle(record)
+        serve_logger = logging.getLogger(SERVE_LOGGER)
+        if not serve_logger.filter(record):
+            return
+        reached, logger = set(), logging.getLogger(record.name)
+        while logger:
+            reached.update(logger.handlers)
+            logger = logger.parent if logger.propagate else None
+        for handler in serve_logger.handlers:
+            if handler not in reached and record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def forward_library_logs() -> None:
