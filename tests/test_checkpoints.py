@@ -13,10 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import SeedOssForCausalLM
 
+from seedoss import weights
 from seedoss.config import ConfigError, SeedOssConfig
 from seedoss.loader import load_head, load_stage
 from seedoss.model import StepBatch
-from seedoss import weights
 from seedoss.weights import Checkpoint, CheckpointError
 
 CONFIG_36B = "tests/data/seed_oss_36b_config.json"
