@@ -4,7 +4,7 @@ tasks answer over HTTP, and over gRPC on the configured port.
 
 The config is taken from k8s/overlays/cpu-demo/serve-config.yaml the way KubeRay hands it to Ray: the operator
 parses the `spec.serveConfigV2` YAML string and submits the result as is. Only what a local run must change is
-changed — `applications[0].args.checkpoint` (`/models/demo`, the pods' init-container path) becomes the
+changed — `applications[0].args.checkpoint` (`/models/demo`, baked into the CPU image) becomes the
 `demo_checkpoint` fixture, the HTTP/gRPC ports (8000/9000) become free local ports and the HTTP host 127.0.0.1 —
 and a test checks that nothing else differs. `proxy_location: EveryNode` is kept: three proxies then share each
 port on this one machine (Serve's HTTP proxy sets SO_REUSEPORT, gRPC servers do by default on Linux).
