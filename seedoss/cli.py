@@ -63,7 +63,7 @@ EXAMPLES = {
 def _serve(args) -> None:
     import json
     import signal
-    import threading
+    import time
 
     import ray
     from ray import serve
@@ -90,10 +90,14 @@ def _serve(args) -> None:
     for route, body in EXAMPLES.items():
         print(f"curl -s {base}/v1/{route} -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
     print("\nCtrl-C stops the server.")
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
+    signals: list[int] = []
+    # The handler only records the signal: it may interrupt the main thread anywhere (a threading.Event set from it
+    # can deadlock on the Event's own lock). The loop wakes up now and then because a signal the kernel hands to one
+    # of Ray's threads only runs the handler once the main thread runs bytecode again.
+    signal.signal(signal.SIGINT, lambda signum, _: signals.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, _: signals.append(signum))
+    while not signals:
+        time.sleep(0.5)
     print("shutting down …", file=sys.stderr)
     serve.shutdown()
     ray.shutdown()
