@@ -16,7 +16,7 @@ from .logs import LogOptions
 # deployment should serve (a 32k-token answer at 40 tokens/s is ~800 s); per-call bounds are `AppConfig.timeouts`.
 REQUEST_TIMEOUT_S = 900
 
-TASK_DEPLOYMENTS = {"classify": "Classification", "tag": "Tagging", "qa": "QA"}
+TASK_DEPLOYMENTS = {"classify": "Classification", "tag": "Tagging", "qa": "QA", "embed": "Embedding"}
 
 
 class DeploymentOptions(BaseModel):
@@ -109,8 +109,9 @@ class AppConfig(BaseModel):
     model_name: str = Field("seedoss", description="the model id clients ask for (OpenAI `model`)")
     api_keys: list[str] | None = Field(None, description="bearer tokens accepted (also SEEDOSS_API_KEYS, comma-separated)")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="largest request body accepted (413 above)")
-    head_checkpoints: dict[Literal["classify", "tag", "qa"], str] | None = Field(
-        None, description="task → HF checkpoint with that head; default: the demo layout's heads/<task>/ when present")
+    head_checkpoints: dict[Literal["classify", "tag", "qa", "embed"], str] | None = Field(
+        None, description="task → HF checkpoint with that head; default: the demo layout's heads/<task>/ when present, "
+                          "and embeddings (the bare backbone, no head weights) from `checkpoint` itself")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where stage replicas keep weights and KV cache; auto: the GPU a replica was given, if any")
@@ -129,6 +130,7 @@ class AppConfig(BaseModel):
     classify: DeploymentOptions = Field(default_factory=DeploymentOptions)
     tag: DeploymentOptions = Field(default_factory=DeploymentOptions)
     qa: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    embed: DeploymentOptions = Field(default_factory=DeploymentOptions)
     gateway: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512))
     logs: LogOptions = Field(default_factory=LogOptions, description="log encoding (TEXT/JSON), level, stage access "
                              "logs (see deployments/logs.py)")
@@ -152,7 +154,8 @@ class AppConfig(BaseModel):
         if self.head_checkpoints is not None:
             return dict(self.head_checkpoints)
         root = Path(self.checkpoint) / "heads"
-        return {task: str(root / task) for task in TASK_DEPLOYMENTS if (root / task / "config.json").exists()}
+        heads = {task: str(root / task) for task in TASK_DEPLOYMENTS if (root / task / "config.json").exists()}
+        return {**heads, "embed": self.checkpoint}
 
     def head_options(self, task: str) -> dict[str, Any]:
         return {**getattr(self, task).serve_options(), "logging_config": self.logs.serve_logging()}

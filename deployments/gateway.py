@@ -54,10 +54,10 @@ async def guard(request: Request, call_next):
 @serve.deployment(name="Gateway")
 @serve.ingress(api)
 class Gateway(GrpcMethods):
-    def __init__(self, checkpoint: str, model_name: str, generation, classify=None, tag=None, qa=None, *,
+    def __init__(self, checkpoint: str, model_name: str, generation, classify=None, tag=None, qa=None, embed=None, *,
                  api_keys: list[str] | None = None, max_body_bytes: int = 4 << 20, retry: dict | None = None,
                  timeouts: dict | None = None):
-        self.heads = Heads({"generate": generation, "classify": classify, "tag": tag, "qa": qa},
+        self.heads = Heads({"generate": generation, "classify": classify, "tag": tag, "qa": qa, "embed": embed},
                            RetryPolicy.model_validate(retry or {}), Timeouts.model_validate(timeouts or {}))
         self.tokenizer = SeedOssTokenizer.from_pretrained(checkpoint)
         self.model_name = model_name

@@ -39,7 +39,8 @@ _GENERATE_OPTIONAL = (
 )
 _ANSWER_OPTIONAL = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "handle_impossible_answer",
                     "align_to_words", "strip_whitespace")
-_TASK_RESPONSES = {"classify": pb.ClassifyResponse, "tag": pb.TagResponse, "qa": pb.AnswerResponse}
+_TASK_RESPONSES = {"classify": pb.ClassifyResponse, "tag": pb.TagResponse, "qa": pb.AnswerResponse,
+                   "embed": pb.EmbedResponse}
 # Native field → proto field, for error details (the native chat fields live under `chat` in the proto).
 _PARAM_NAMES = {"messages": "chat.messages", "chat_template_kwargs": "chat.chat_template_kwargs",
                 "add_generation_prompt": "chat.add_generation_prompt", "prompt_token_ids": "prompt_token_ids.ids"}
@@ -139,6 +140,18 @@ def answer_body(request: pb.AnswerRequest) -> dict[str, Any]:
     return body
 
 
+def embed_body(request: pb.EmbedRequest) -> dict[str, Any]:
+    if request.texts and request.token_ids:
+        raise InvalidRequest("texts: give texts or token_ids, not both", param="texts")
+    body: dict[str, Any] = {"input": list(request.texts) or [list(t.ids) for t in request.token_ids]}
+    for field in ("pooling", "normalize", "dimensions"):
+        if request.HasField(field):
+            body[field] = getattr(request, field)
+    if request.truncate:
+        body["truncate"] = True
+    return body
+
+
 def _enum_value(enum, number: int, prefix: str) -> str:
     try:
         return enum.Name(number).removeprefix(prefix).lower()
@@ -175,6 +188,8 @@ def task_response(task: str, result: dict[str, Any]):
     """A task head's JSON result as its response message (fields a newer head adds are skipped)."""
     if task == "tag":
         result = {**result, "results": [{"entities": entities} for entities in result["results"]]}
+    elif task == "embed":
+        result = {"embeddings": [{"values": d["embedding"]} for d in result["data"]], "usage": result["usage"]}
     return json_format.ParseDict(result, _TASK_RESPONSES[task](), ignore_unknown_fields=True)
 
 
@@ -270,6 +285,9 @@ class GrpcMethods:
 
     async def AnswerQuestion(self, request: pb.AnswerRequest, grpc_context=None) -> pb.AnswerResponse:
         return await self._grpc_task("qa", "AnswerQuestion", answer_body, request, grpc_context)
+
+    async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
+        return await self._grpc_task("embed", "Embed", embed_body, request, grpc_context)
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
         async def call():

@@ -1,5 +1,6 @@
-"""Classification, tagging and QA head services: task logic from `services/`, the head's weights here, the
-backbone forward through the shared stage deployments (cache-less, batched `prefill`)."""
+"""Classification, tagging, QA and embedding head services: task logic from `services/`, the head's weights here
+(embeddings have none: they pool the backbone's final hidden states), the backbone forward through the shared stage
+deployments (cache-less, batched `prefill`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from seedoss.heads import SequenceClassificationHead
 from seedoss.loader import load_head
 from seedoss.tokenizer import SeedOssTokenizer
 from services.classification import ClassificationService
+from services.embeddings import EmbeddingService, PoolingConfig
 from services.errors import from_exception
 from services.qa import QAService
 from services.tagging import TaggingService
@@ -31,18 +33,25 @@ SERVICES = {
 class TaskHead:
     def __init__(self, task: str, head_checkpoint: str, dtype: str, retry: dict, timeouts: dict, *stages):
         config = SeedOssConfig.from_pretrained(head_checkpoint)
+        tokenizer = SeedOssTokenizer.from_pretrained(head_checkpoint)
         self.task = task
-        self.head = load_head(head_checkpoint, task, dtype=dtype)
+        self.head = None if task == "embed" else load_head(head_checkpoint, task, dtype=dtype)
         # cache-less forwards: any stage replica serves them
         self.stages = StageChain(stages, RetryPolicy.model_validate(retry), Timeouts.model_validate(timeouts).stage_s)
+        if task == "embed":
+            self._handle = EmbeddingService(
+                tokenizer, forward=self._forward, max_length=config.max_position_embeddings,
+                vocab_size=config.vocab_size, pooling=PoolingConfig.from_checkpoint(head_checkpoint)).embed
+            return
         service_cls, method = SERVICES[task]
         kwargs = {} if task == "qa" else {"labels": config.labels}
-        service = service_cls(SeedOssTokenizer.from_pretrained(head_checkpoint), forward=self._forward,
-                              max_length=config.max_position_embeddings, **kwargs)
+        service = service_cls(tokenizer, forward=self._forward, max_length=config.max_position_embeddings, **kwargs)
         self._handle = getattr(service, method)
 
     async def _forward(self, sequences: list[list[int]]):
         hidden = await self.stages.prefill(sequences)
+        if self.head is None:  # embeddings: the final hidden states themselves
+            return hidden
         args = (hidden, sequences) if isinstance(self.head, SequenceClassificationHead) else (hidden,)
         return await asyncio.to_thread(self._run_head, *args)
 

@@ -75,7 +75,7 @@ def cpu_demo_app(checkpoint: str = "/models/demo") -> AppConfig:
         stage=DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.5}),
         generation=DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512,
                                      ray_actor_options={"num_cpus": 0.5}),
-        classify=head(4, 4, 16, 64), tag=head(4, 4, 16, 64), qa=head(4, 4, 16, 64),
+        classify=head(4, 4, 16, 64), tag=head(4, 4, 16, 64), qa=head(4, 4, 16, 64), embed=head(4, 4, 16, 64),
         gateway=head(2, 32, 256, 512),
     )
 
@@ -104,6 +104,7 @@ def gpu_pipeline_app(checkpoint: str = "/models/seed-oss-36b") -> AppConfig:
         generation=DeploymentOptions(max_ongoing_requests=512, max_queued_requests=1024,
                                      ray_actor_options={"num_cpus": 4, "resources": {LM_HEAD_RESOURCE: 1}}),
         classify=head(1, 8, 8, 32, 128, 2), tag=head(1, 8, 8, 32, 128, 2), qa=head(1, 8, 8, 32, 128, 2),
+        embed=head(1, 4, 8, 32, 128, 2),
         gateway=head(2, 8, 64, 256, 512, 1),
     )
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
+from services.errors import InvalidRequest
 from services.openai import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_mapper, check_model,
     completion_mapper, model_list, rename_param, tokenize_response,
@@ -188,5 +189,37 @@ async def detokenize(request: Request):
         req = DetokenizeRequest.model_validate(await json_body(request))
         check_model(req.model, gateway.model_name)
         return {"prompt": req.text(gateway.tokenizer)}
+    except Exception as e:
+        return _error(e)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request):
+    """OpenAI's embeddings (plus our `pooling`, `normalize`, `truncate` extensions)."""
+    gateway = request.app.state.gateway
+    try:
+        body = await json_body(request)
+        check_model(body.pop("model", None), gateway.model_name)
+        body.pop("user", None)
+        if body.get("pooling") == "none":
+            raise InvalidRequest("pooling: none (per-token states) is served by /pooling", param="pooling")
+        result = await gateway.heads.call("embed", body)
+        return {**result, "model": gateway.model_name,
+                "usage": {**result["usage"], "total_tokens": result["usage"]["prompt_tokens"]}}
+    except Exception as e:
+        return _error(e)
+
+
+@router.post("/pooling")
+async def pooling(request: Request):
+    """vLLM's `/pooling`: every token's final hidden state per input (`data[i].data`: [tokens][hidden])."""
+    gateway = request.app.state.gateway
+    try:
+        body = await json_body(request)
+        check_model(body.pop("model", None), gateway.model_name)
+        body.pop("user", None)
+        result = await gateway.heads.call("embed", {**body, "pooling": "none"})
+        return {"object": "list", "model": gateway.model_name, "usage": result["usage"],
+                "data": [{"index": d["index"], "object": "pooling", "data": d["embedding"]} for d in result["data"]]}
     except Exception as e:
         return _error(e)

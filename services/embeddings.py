@@ -80,7 +80,8 @@ class PoolingConfig(BaseModel):
 
 class EmbeddingRequest(ServiceModel):
     input: Annotated[list, BeforeValidator(_inputs)]
-    pooling: Pooling | None = Field(None, description="default: the checkpoint's (PoolingConfig)")
+    # "none": no pooling, every token's hidden state (vLLM's `/pooling`)
+    pooling: Literal["last", "mean", "cls", "none"] | None = Field(None, description="default: the checkpoint's")
     normalize: bool | None = Field(None, description="L2-normalise; default: the checkpoint's")
     dimensions: int | None = Field(None, ge=1, description="keep the first N values (Matryoshka)")
     encoding_format: Literal["float", "base64"] = "float"
@@ -90,7 +91,7 @@ class EmbeddingRequest(ServiceModel):
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str  # str: base64 of little-endian float32
+    embedding: list[float] | list[list[float]] | str  # per token with pooling none; str: base64 of float32 LE
 
 
 class EmbeddingResponse(BaseModel):
@@ -161,9 +162,15 @@ class EmbeddingService:
         request = parse(EmbeddingRequest, request)
         sequences = self.sequences(request)
         hidden = await self.hidden_states(sequences)
-        pooled = pool(hidden, [len(s) for s in sequences], request.pooling or self.pooling.pooling)
+        lengths = [len(s) for s in sequences]
         normalize = self.pooling.normalize if request.normalize is None else request.normalize
-        vectors = finish(pooled, normalize, request.dimensions)
+        if request.pooling == "none":  # per token, as they are (vLLM's /pooling): normalised only when asked
+            starts = np.cumsum([0] + lengths)
+            outputs = [finish(hidden[a:b], bool(request.normalize), request.dimensions)
+                       for a, b in zip(starts[:-1], starts[1:])]
+        else:
+            outputs = finish(pool(hidden, lengths, request.pooling or self.pooling.pooling), normalize,
+                             request.dimensions)
         return EmbeddingResponse(
-            data=[Embedding(index=i, embedding=encode(v, request.encoding_format)) for i, v in enumerate(vectors)],
-            usage=Usage(prompt_tokens=sum(map(len, sequences))))
+            data=[Embedding(index=i, embedding=encode(v, request.encoding_format)) for i, v in enumerate(outputs)],
+            usage=Usage(prompt_tokens=sum(lengths)))

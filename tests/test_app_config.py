@@ -19,13 +19,14 @@ def test_repo_serve_config_validates_and_builds(demo_checkpoint):
     ServeDeploySchema.model_validate(raw)
     args = raw["applications"][0]["args"]
     cfg = AppConfig.model_validate({**args, "checkpoint": str(demo_checkpoint)})
-    for task in ["classify", "tag", "qa", "gateway"]:
+    for task in ["classify", "tag", "qa", "embed", "gateway"]:
         AutoscalingConfig.model_validate(getattr(cfg, task).autoscaling_config)
         assert getattr(cfg, task).serve_options().get("num_replicas") is None
     app = build_app(cfg)
     assert app is not None
     assert AppConfig.model_validate({**args}).checkpoint.endswith(".cache/seedoss/demo-tiny")  # ~ expanded
-    assert cfg.heads().keys() == {"classify", "tag", "qa"}
+    assert cfg.heads() == {**{t: str(demo_checkpoint / "heads" / t) for t in ("classify", "tag", "qa")},
+                           "embed": str(demo_checkpoint)}  # embeddings: the backbone itself
 
 
 def test_stage_pinning_and_bounded_queues(demo_checkpoint):

@@ -63,7 +63,7 @@ def test_auth_required_except_probes(server):
         assert c.post("/v1/generate", json=body, headers=AUTH).status_code == 200
         assert c.get("/health/live").status_code == 200
         ready = c.get("/health/ready")
-        assert ready.status_code == 200 and set(ready.json()["heads"]) == {"generate", "classify", "tag", "qa"}
+        assert ready.status_code == 200 and set(ready.json()["heads"]) == {"generate", "classify", "tag", "qa", "embed"}
 
 
 def test_grpc_auth(server):

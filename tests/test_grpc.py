@@ -388,7 +388,7 @@ def test_tokenize_models_and_health(server):
 
     models = server.stub.ListModels(pb.ListModelsRequest(), metadata=METADATA).models
     assert [(m.id, m.object, sorted(m.tasks)) for m in models] == [("seedoss", "model",
-                                                                     ["classify", "generate", "qa", "tag"])]
+                                                                     ["classify", "embed", "generate", "qa", "tag"])]
     health = server.stub.Health(pb.HealthRequest(), metadata=METADATA)
     http = server.http.get("/health/ready").json()
     assert health.status == http["status"] == "ready" and dict(health.heads) == http["heads"]

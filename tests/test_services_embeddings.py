@@ -104,6 +104,12 @@ def test_bad_requests_name_the_field(service, body, param):
     assert e.value.param == param, e.value.message
 
 
+def test_per_token_hidden_states_equal_transformers(service, reference):
+    response = embed(service, {"input": TEXTS[:2], "pooling": "none"})
+    for got, expected in zip(response.data, reference[:2]):
+        assert np.abs(np.array(got.embedding) - expected).max() <= 1e-5
+
+
 def test_long_inputs_are_truncated_when_asked(service, reference):
     long = embed(service, {"input": LONG, "truncate": True})
     assert long.usage.prompt_tokens == service.max_length

@@ -54,6 +54,11 @@ class SeedOssStub:
                 request_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerRequest.SerializeToString,
                 response_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/seedoss.v1.SeedOss/Embed',
+                request_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/seedoss.v1.SeedOss/Tokenize',
                 request_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TokenizeRequest.SerializeToString,
@@ -103,6 +108,13 @@ class SeedOssServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeddings from the bare backbone (OpenAI `/v1/embeddings`): pooled, optionally normalised and shortened.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Tokenize(self, request, context):
         """The token ids the server would run for a text or a chat.
         """
@@ -146,6 +158,11 @@ def add_SeedOssServicer_to_server(servicer, server):
                     servicer.AnswerQuestion,
                     request_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerRequest.FromString,
                     response_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedRequest.FromString,
+                    response_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -271,6 +288,33 @@ class SeedOss:
             '/seedoss.v1.SeedOss/AnswerQuestion',
             proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerRequest.SerializeToString,
             proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seedoss.v1.SeedOss/Embed',
+            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedRequest.SerializeToString,
+            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
