@@ -535,3 +535,31 @@ def test_grpc_bad_inputs_get_invalid_argument_and_the_server_keeps_serving(serve
         assert needle in e.value.details(), (rpc, e.value.details())
     assert len(HTTP_BAD_INPUTS) + len(_grpc_bad_inputs()) >= 30
     assert server.http.post("/v1/generate", json={"prompt": "still fine", "max_tokens": 2}).status_code == 200
+
+
+
+def test_embed_equals_transformers_and_names_bad_fields(server, demo_checkpoint):
+    import numpy as np
+    import torch
+    from transformers import SeedOssModel
+
+    from seedoss.tokenizer import SeedOssTokenizer
+
+    texts = ["Hello world", "The history of the city is long and full of surprises", "a"]
+    model = SeedOssModel.from_pretrained(demo_checkpoint).eval()
+    tok = SeedOssTokenizer.from_pretrained(demo_checkpoint)
+    response = server.stub.Embed(pb.EmbedRequest(texts=texts, pooling="mean"), metadata=METADATA)
+    assert len(response.embeddings) == 3 and response.usage.prompt_tokens == sum(len(tok.encode(t)) for t in texts)
+    for text, got in zip(texts, response.embeddings):
+        with torch.no_grad():
+            states = model(torch.tensor([tok.encode(text)])).last_hidden_state[0].numpy()
+        expected = states.mean(axis=0) / np.linalg.norm(states.mean(axis=0))
+        assert np.abs(np.array(got.values) - expected).max() <= 1e-5
+    by_ids = server.stub.Embed(pb.EmbedRequest(token_ids=[pb.TokenIds(ids=tok.encode(texts[0]))], pooling="mean"),
+                               metadata=METADATA)
+    assert np.allclose(by_ids.embeddings[0].values, response.embeddings[0].values, atol=1e-6)
+    for request, field in [(pb.EmbedRequest(), "input"), (pb.EmbedRequest(texts=["a"], dimensions=0), "dimensions"),
+                           (pb.EmbedRequest(texts=["a"], token_ids=[pb.TokenIds(ids=[1])]), "texts")]:
+        with pytest.raises(grpc.RpcError) as e:
+            server.stub.Embed(request, metadata=METADATA)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(field)

@@ -38,8 +38,9 @@ def server(demo_checkpoint, tmp_path_factory):
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 1, "head_checkpoints": {},
-                         "model_name": MODEL}), name="seedoss", route_prefix="/")
+    serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 1,
+                         "head_checkpoints": {"embed": str(demo_checkpoint)}, "model_name": MODEL}),
+              name="seedoss", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=120) as http:
         yield SimpleNamespace(url=url, http=http, tokenizer=SeedOssTokenizer.from_pretrained(demo_checkpoint),
@@ -351,3 +352,68 @@ def test_stream_mapping_without_a_server(demo_checkpoint):
     assert [c["choices"][0]["delta"] for c in mapper.role_chunks()] == [{"role": "assistant", "content": ""}] * 2
     final = mapper.chunks({"id": "r", "choices": [choice(0, "", "stop")]})
     assert final[0]["choices"][0]["delta"] == {} and "usage" not in final[0]
+
+
+EMBED_TEXTS = ["Hello world", "The history of the city is long and full of surprises", "a", "Ελληνικά και 日本語"]
+
+
+@pytest.fixture(scope="module")
+def backbone_states(demo_checkpoint):
+    """transformers' SeedOssModel last hidden state per text (the reference for embeddings)."""
+    import torch
+    from transformers import SeedOssModel
+
+    model = SeedOssModel.from_pretrained(demo_checkpoint).eval()
+    tok = SeedOssTokenizer.from_pretrained(demo_checkpoint)
+    with torch.no_grad():
+        return [model(torch.tensor([tok.encode(t)])).last_hidden_state[0].numpy() for t in EMBED_TEXTS]
+
+
+def test_embeddings_with_the_openai_client_equal_transformers(server, backbone_states):
+    import numpy as np
+
+    # the client asks for base64 and decodes it: the packed format is exercised too
+    response = server.client.embeddings.create(model=MODEL, input=EMBED_TEXTS)
+    assert response.model == MODEL and [d.index for d in response.data] == [0, 1, 2, 3]
+    assert response.usage.prompt_tokens == response.usage.total_tokens == sum(len(s) for s in backbone_states)
+    for got, states in zip(response.data, backbone_states):
+        expected = states[-1] / np.linalg.norm(states[-1])  # last token, normalised (the decoder default)
+        assert np.abs(np.array(got.embedding) - expected).max() <= 1e-5
+    short = server.client.embeddings.create(model=MODEL, input=EMBED_TEXTS[1], dimensions=8, encoding_format="float")
+    expected = backbone_states[1][-1][:8] / np.linalg.norm(backbone_states[1][-1][:8])
+    assert np.abs(np.array(short.data[0].embedding) - expected).max() <= 1e-5
+    mean = server.http.post("/v1/embeddings", json={"input": EMBED_TEXTS[:2], "pooling": "mean", "normalize": False})
+    assert mean.status_code == 200
+    for got, states in zip(mean.json()["data"], backbone_states):
+        assert np.abs(np.array(got["embedding"]) - states.mean(axis=0)).max() <= 1e-5
+    tokens = server.http.post("/pooling", json={"model": MODEL, "input": EMBED_TEXTS[2]})
+    assert tokens.status_code == 200 and tokens.json()["data"][0]["object"] == "pooling"
+    assert np.abs(np.array(tokens.json()["data"][0]["data"]) - backbone_states[2]).max() <= 1e-5
+
+
+def test_many_concurrent_embedding_requests_each_get_their_own_answer(server, backbone_states):
+    import asyncio
+
+    import numpy as np
+
+    async def one(client, i):
+        r = await client.post("/v1/embeddings", json={"input": EMBED_TEXTS[i % 4], "encoding_format": "float"})
+        assert r.status_code == 200, r.text
+        return i, np.array(r.json()["data"][0]["embedding"])
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*[one(client, i) for i in range(32)])
+
+    for i, got in asyncio.run(main()):
+        states = backbone_states[i % 4]
+        assert np.abs(got - states[-1] / np.linalg.norm(states[-1])).max() <= 1e-5
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": []}, "input"), ({"input": "a", "dimensions": 0}, "dimensions"), ({"model": "other", "input": "a"}, "model"),
+    ({"input": "a", "pooling": "none"}, "pooling"), ({"input": [[10**9]]}, "input"), ({"input": "a", "extra": 1}, "extra"),
+])
+def test_embedding_errors_name_the_field(server, body, param):
+    r = server.http.post("/v1/embeddings", json=body)
+    assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
