@@ -24,7 +24,8 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     ranges = partition_layers(model_config, None if cfg.layers_per_stage else cfg.num_stages, cfg.layers_per_stage)
     stages = [
         serve.deployment(SeedOssStage, name=f"SeedOssStage{k}").options(**cfg.stage_options(k))
-        .bind(cfg.checkpoint, start, end, cfg.dtype, cfg.engine.kv_budget_bytes, cfg.engine.block_size, cfg.device)
+        .bind(cfg.checkpoint, start, end, cfg.dtype, cfg.engine.kv_budget_bytes, cfg.engine.block_size, cfg.device,
+              cfg.batching.max_batch_tokens)
         for k, (start, end) in enumerate(ranges)
     ]
     retry = cfg.retry.model_dump()
@@ -32,7 +33,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
                   .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, *stages))
     heads = {
         task: serve.deployment(TaskHead, name=TASK_DEPLOYMENTS[task]).options(**getattr(cfg, task).serve_options())
-        .bind(task, path, cfg.dtype, retry, *stages)
+        .bind(task, path, cfg.dtype, retry, cfg.batching.model_dump(), *stages)
         for task, path in cfg.heads().items()
     }
     return Gateway.options(**cfg.gateway.serve_options()).bind(

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from seedoss.engine import EngineConfig
 
+from .batching import BatchingConfig
 from .faults import RetryPolicy
 
 TASK_DEPLOYMENTS = {"classify": "Classification", "tag": "Tagging", "qa": "QA"}
@@ -43,6 +44,10 @@ class DeploymentOptions(BaseModel):
 
     def serve_options(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
+
+
+def head_options() -> DeploymentOptions:
+    return DeploymentOptions(max_ongoing_requests=128, max_queued_requests=64)
 
 
 class LaneConfig(BaseModel):
@@ -120,9 +125,13 @@ class AppConfig(BaseModel):
                                            "forwards, head calls, generation streams)")
     stage: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256))
     generation: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512))
-    classify: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    tag: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    qa: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig,
+                                     description="how the heads pack concurrent requests into backbone forwards")
+    # A head replica batches across its ongoing requests, so it takes many at once (TEI's max_concurrent_requests);
+    # its bounds are below the gateway's, so excess load meets the head's queue limit and is answered 429.
+    classify: DeploymentOptions = Field(default_factory=lambda: head_options())
+    tag: DeploymentOptions = Field(default_factory=lambda: head_options())
+    qa: DeploymentOptions = Field(default_factory=lambda: head_options())
     gateway: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512))
 
     @model_validator(mode="after")

@@ -1,15 +1,13 @@
 """Classification, tagging and QA head services: task logic from `services/`, the head's weights here, the
-backbone forward through the shared stage deployments (cache-less, batched `prefill`)."""
+backbone forward through the shared stage deployments (cache-less `prefill`). The sequences of concurrent requests
+(texts, tagging windows, QA windows) are packed into shared forwards by a `TokenBatcher` (`AppConfig.batching`):
+one stage-chain call per batch, not per request."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-import torch
-
 from seedoss.config import SeedOssConfig
-from seedoss.heads import SequenceClassificationHead
 from seedoss.loader import load_head
 from seedoss.tokenizer import SeedOssTokenizer
 from services.classification import ClassificationService
@@ -17,6 +15,7 @@ from services.errors import from_exception
 from services.qa import QAService
 from services.tagging import TaggingService
 
+from .batching import BatchedHead, BatchingConfig
 from .faults import RetryPolicy
 from .metrics import HEAD_LATENCY, HEAD_REQUESTS
 from .routing import StageChain
@@ -29,25 +28,17 @@ SERVICES = {
 
 
 class TaskHead:
-    def __init__(self, task: str, head_checkpoint: str, dtype: str, retry: dict, *stages):
+    def __init__(self, task: str, head_checkpoint: str, dtype: str, retry: dict, batching: dict, *stages):
         config = SeedOssConfig.from_pretrained(head_checkpoint)
         self.task = task
-        self.head = load_head(head_checkpoint, task, dtype=dtype)
         self.stages = StageChain(stages, RetryPolicy.model_validate(retry))  # cache-less: any stage replica
+        self.forward = BatchedHead(self.stages.prefill, load_head(head_checkpoint, task, dtype=dtype),
+                                   BatchingConfig.model_validate(batching))
         service_cls, method = SERVICES[task]
         kwargs = {} if task == "qa" else {"labels": config.labels}
-        service = service_cls(SeedOssTokenizer.from_pretrained(head_checkpoint), forward=self._forward,
+        service = service_cls(SeedOssTokenizer.from_pretrained(head_checkpoint), forward=self.forward,
                               max_length=config.max_position_embeddings, **kwargs)
         self._handle = getattr(service, method)
-
-    async def _forward(self, sequences: list[list[int]]):
-        hidden = await self.stages.prefill(sequences)
-        args = (hidden, sequences) if isinstance(self.head, SequenceClassificationHead) else (hidden,)
-        return await asyncio.to_thread(self._run_head, *args)
-
-    @torch.inference_mode()
-    def _run_head(self, *args):
-        return self.head(*args)
 
     async def __call__(self, body: dict) -> dict:
         start = time.monotonic()
@@ -62,5 +53,5 @@ class TaskHead:
         return response.model_dump(mode="json", exclude_none=True)
 
     async def ready(self) -> bool:
-        await self._forward([[0, 5]])  # the whole stage chain answers
+        await self.forward.forward_batch([[0, 5]])  # the whole stage chain answers (not queued behind requests)
         return True
