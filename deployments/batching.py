@@ -75,6 +75,7 @@ class TokenBatcher(Generic[Item]):
         self._queued_tokens = 0
         self._in_flight = 0
         self._wake = asyncio.Event()  # an arrival or a finished batch: the scheduler looks again
+        self._timer: asyncio.TimerHandle | None = None
         self._scheduler = loop.create_task(self._schedule())
 
     @classmethod
@@ -96,6 +97,7 @@ class TokenBatcher(Generic[Item]):
         return await request.future  # cancelling it (the caller went away) drops the items not yet taken
 
     async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -103,7 +105,8 @@ class TokenBatcher(Generic[Item]):
             while self._queue and self._in_flight < self.max_concurrent_batches:
                 wait = self._wait_s()
                 if wait > 0:
-                    asyncio.get_running_loop().call_later(wait, self._wake.set)
+                    if self._timer is None or self._timer.cancelled() or self._timer.when() <= loop.time():
+                        self._timer = loop.call_later(wait, self._wake.set)  # one pending wake-up is enough
                     break
                 batch = self._take()
                 self._in_flight += 1
