@@ -77,6 +77,7 @@ class TokenBatcher(Generic[Item]):
         self._wake = asyncio.Event()  # an arrival or a finished batch: the scheduler looks again
         self._timer: asyncio.TimerHandle | None = None
         self._scheduler = loop.create_task(self._schedule())
+        self._scheduler.add_done_callback(self._stopped)
 
     @classmethod
     def from_config(cls, forward, combine, config: BatchingConfig, size: Callable[[Item], int] = len
@@ -96,6 +97,13 @@ class TokenBatcher(Generic[Item]):
         self._wake.set()
         return await request.future  # cancelling it (the caller went away) drops the items not yet taken
 
+    def _stopped(self, scheduler: asyncio.Task) -> None:
+        """The scheduler ended (its loop is closing, or a bug): fail what waits instead of leaving it hanging."""
+        error = RuntimeError("the request batcher stopped") if scheduler.cancelled() else scheduler.exception()
+        for request in self._queue:
+            if not request.future.done():
+                request.future.set_exception(error)
+
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -105,12 +113,16 @@ class TokenBatcher(Generic[Item]):
             while self._queue and self._in_flight < self.max_concurrent_batches:
                 wait = self._wait_s()
                 if wait > 0:
-                    if self._timer is None or self._timer.cancelled() or self._timer.when() <= loop.time():
-                        self._timer = loop.call_later(wait, self._wake.set)  # one pending wake-up is enough
+                    if self._timer is None:  # one pending wake-up is enough: the oldest item's deadline only grows
+                        self._timer = loop.call_later(wait, self._timer_fired)
                     break
                 batch = self._take()
                 self._in_flight += 1
-                asyncio.get_running_loop().create_task(self._run(batch))
+                loop.create_task(self._run(batch))
+
+    def _timer_fired(self) -> None:
+        self._timer = None  # cleared here, not judged by the clock: asyncio may run a timer slightly early
+        self._wake.set()
 
     def _wait_s(self) -> float:
         """How long the next batch should still wait for more items (0: start it now)."""

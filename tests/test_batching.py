@@ -143,3 +143,25 @@ def test_one_request_never_waits_and_failures_stay_in_their_batch():
         return await asyncio.gather(batcher(["g"]), batcher(["hh", "i"]))
 
     assert asyncio.run(after()) == [["G"], ["HH", "I"]]
+
+
+@pytest.mark.parametrize("loop_factory", [None, "uvloop"])  # Serve replicas run uvloop
+def test_waves_of_concurrent_requests_all_complete(loop_factory):
+    """Many short waits while batches are in flight (the scheduler's timer path): no request is ever left behind."""
+    async def forward(items):
+        await asyncio.sleep(0.001)
+        return items
+
+    batcher = TokenBatcher(forward, list, max_batch_tokens=64, max_wait_ms=0.3, max_concurrent_batches=2)
+
+    async def wave(n):
+        await asyncio.sleep(n * 0.0003)  # arrivals trickle in while batches are in flight
+        return await asyncio.gather(*[batcher([f"{n}-{k}"]) for k in range(1 + n % 3)])
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*[wave(n) for n in range(300)]), timeout=20)
+
+    if loop_factory == "uvloop":
+        loop_factory = pytest.importorskip("uvloop").new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        assert runner.run(main()) == [[[f"{n}-{k}"] for k in range(1 + n % 3)] for n in range(300)]
