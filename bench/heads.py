@@ -146,13 +146,18 @@ class CpuMeter:
 
 
 def http_sender(session, url: str, task: str):
+    import aiohttp
+
     route = url + ROUTES[task]
 
     async def send(item) -> bool:
         body = {"inputs": item} if task != "qa" else item
-        async with session.post(route, json=body) as response:
-            await response.read()
-            return response.status == 200
+        try:
+            async with session.post(route, json=body) as response:
+                await response.read()
+                return response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):  # counted as not OK (a timeout is a failure too)
+            return False
 
     return send
 
@@ -167,11 +172,11 @@ def grpc_sender(stub, task: str):
     async def send(item) -> bool:
         try:
             if task == "classify":
-                await stub.Classify(pb.ClassifyRequest(inputs=[item]), metadata=metadata)
+                await stub.Classify(pb.ClassifyRequest(inputs=[item]), metadata=metadata, timeout=60)
             elif task == "tag":
-                await stub.TagTokens(pb.TagRequest(inputs=[item]), metadata=metadata)
+                await stub.TagTokens(pb.TagRequest(inputs=[item]), metadata=metadata, timeout=60)
             else:
-                await stub.AnswerQuestion(pb.AnswerRequest(**item), metadata=metadata)
+                await stub.AnswerQuestion(pb.AnswerRequest(**item), metadata=metadata, timeout=60)
         except grpc.aio.AioRpcError:
             return False
         return True
@@ -211,7 +216,7 @@ async def run_front_end(front_end: str, url: str, grpc_target: str, inputs: dict
 
     rows = []
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session, \
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session, \
             grpc.aio.insecure_channel(grpc_target) as channel:
         stub = seedoss_pb2_grpc.SeedOssStub(channel)
         for task in TASKS:
