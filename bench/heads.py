@@ -2,14 +2,15 @@
 gRPC, beside HF in process on the same head and inputs — in one run.
 
 `python -m bench.heads` deploys the app as `seedoss serve` does (the tiny demo checkpoint, 2 stage deployments, one
-replica per head, default `batching`) on a local Ray instance with the HTTP and gRPC proxies, then for each task
-and front end runs closed-loop clients (each sends its next request when the last is answered) at 1/4/16/32/64
-concurrent clients for `--seconds` each after a short warm-up, and reports requests/s, p50 and p95 latency,
-any non-OK answers, and where the CPU went: CPU milliseconds per request of each server process (the Serve proxy,
-the Gateway, the head, each stage; read from /proc for the processes this run started) and of the clients. The clients run in this process, on the same cores as the server. The HF rows are the
-text-classification and token-classification pipelines with `batch_size=32` over the same inputs, and for QA (which
-transformers 5 no longer has a pipeline for) the HF tokenizer + `AutoModelForQuestionAnswering` in padded batches
-of 32 — the pipeline's compute without its span decoding. Prints the CPU model and flags and the machine load.
+replica per head, default `batching`) on a local Ray instance of its own with the HTTP and gRPC proxies. For each
+task it first times HF in process (the app idling), then runs closed-loop clients (each sends its next request when
+the last is answered) at 1/4/16/32/64 concurrent clients, HTTP then gRPC at each count, `--seconds` each after a
+short warm-up, and reports requests/s, p50 and p95 latency, non-OK answers, and where the CPU went: CPU
+milliseconds per request of each server process (the Serve proxy, the Gateway, the head, each stage; read from
+/proc for the processes this run started) and of the clients, which run in this process on the same cores.
+HF is the text-classification and token-classification pipeline with `batch_size=32` over the same inputs, and
+for QA (transformers 5 has no QA pipeline any more) the HF tokenizer + `AutoModelForQuestionAnswering` in padded
+batches of 32: the pipeline's compute without its span decoding. Prints the CPU model and flags and the load.
 """
 
 from __future__ import annotations
@@ -207,8 +208,9 @@ async def closed_loop(send, items: list, clients: int, seconds: float, warmup_s:
             "cpu_ms_per_request": meter.stop(len(latencies))}
 
 
-async def run_front_end(front_end: str, url: str, grpc_target: str, inputs: dict, concurrency: list[int],
-                        seconds: float, warmup_s: float) -> list[dict]:
+async def run_served(task: str, url: str, grpc_target: str, items: list, concurrency: list[int], seconds: float,
+                     warmup_s: float) -> list[dict]:
+    """One task's cells: for each client count, HTTP then gRPC (so the two are measured under the same load)."""
     import aiohttp
     import grpc
 
@@ -218,12 +220,11 @@ async def run_front_end(front_end: str, url: str, grpc_target: str, inputs: dict
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session, \
             grpc.aio.insecure_channel(grpc_target) as channel:
-        stub = seedoss_pb2_grpc.SeedOssStub(channel)
-        for task in TASKS:
-            send = http_sender(session, url, task) if front_end == "http" else grpc_sender(stub, task)
-            for clients in concurrency:
-                meter = CpuMeter()
-                row = await closed_loop(send, inputs[task], clients, seconds, warmup_s, meter)
+        senders = {"http": http_sender(session, url, task),
+                   "grpc": grpc_sender(seedoss_pb2_grpc.SeedOssStub(channel), task)}
+        for clients in concurrency:
+            for front_end, send in senders.items():
+                row = await closed_loop(send, items, clients, seconds, warmup_s, CpuMeter())
                 row.update(task=task, system=front_end, load=load())
                 log(f"{front_end:4} {task:8} {clients:>2} clients: {row['requests_per_s']:7.1f} req/s  "
                     f"p50 {row['p50_ms']:6.1f} ms  p95 {row['p95_ms']:6.1f} ms  not ok {row['not_ok']}  "
@@ -235,7 +236,8 @@ async def run_front_end(front_end: str, url: str, grpc_target: str, inputs: dict
 # --------------------------------------------------------------------------------------------------- HF in process
 
 
-def run_hf(checkpoint: Path, inputs: dict, batch_size: int = 32, repeats: int = 2) -> list[dict]:
+def run_hf(checkpoint: Path, task: str, items: list, batch_size: int = 32, repeats: int = 2) -> dict:
+    """HF in process on the same head and inputs: inputs/s, the best of `repeats` timed passes."""
     import torch
     from transformers import (
         AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoModelForTokenClassification,
@@ -244,37 +246,32 @@ def run_hf(checkpoint: Path, inputs: dict, batch_size: int = 32, repeats: int = 
 
     from seedoss.demo import head_dir
 
-    rows = []
-    for task in TASKS:
-        path = head_dir(checkpoint, task)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        items = inputs[task]
-        if task == "qa":
-            model = AutoModelForQuestionAnswering.from_pretrained(path).eval()
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token_id = model.config.pad_token_id
+    path = head_dir(checkpoint, task)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if task == "qa":
+        model = AutoModelForQuestionAnswering.from_pretrained(path).eval()
 
-            def run():
-                with torch.inference_mode():
-                    for i in range(0, len(items), batch_size):
-                        chunk = items[i: i + batch_size]
-                        enc = tokenizer([x["question"] for x in chunk], [x["context"] for x in chunk], padding=True,
-                                        truncation="only_second", max_length=384, return_tensors="pt")
-                        model(**enc)
-            name = f"HF tokenizer + QA model, batch {batch_size}"
-        else:
-            cls = AutoModelForSequenceClassification if task == "classify" else AutoModelForTokenClassification
-            kind = "text-classification" if task == "classify" else "token-classification"
-            pipe = pipeline(kind, model=cls.from_pretrained(path).eval(), tokenizer=tokenizer, batch_size=batch_size)
+        def run():
+            with torch.inference_mode():
+                for i in range(0, len(items), batch_size):
+                    chunk = items[i: i + batch_size]
+                    enc = tokenizer([x["question"] for x in chunk], [x["context"] for x in chunk], padding=True,
+                                    truncation="only_second", max_length=384, return_tensors="pt")
+                    model(**enc)
+        name = f"HF tokenizer + QA model, batch {batch_size}"
+    else:
+        cls = AutoModelForSequenceClassification if task == "classify" else AutoModelForTokenClassification
+        kind = "text-classification" if task == "classify" else "token-classification"
+        pipe = pipeline(kind, model=cls.from_pretrained(path).eval(), tokenizer=tokenizer, batch_size=batch_size)
 
-            def run():
-                pipe(items)
-            name = f"HF {kind} pipeline, batch {batch_size}"
-        run()  # warm-up
-        best = min(_timed(run) for _ in range(repeats))
-        rows.append({"task": task, "system": name, "inputs_per_s": len(items) / best, "load": load()})
-        log(f"{name:48} {task:8} {len(items) / best:7.1f} inputs/s  (load {load()})")
-    return rows
+        def run():
+            pipe(items)
+        name = f"HF {kind} pipeline, batch {batch_size}"
+    run()  # warm-up
+    best = min(_timed(run) for _ in range(repeats))
+    row = {"task": task, "system": name, "inputs_per_s": len(items) / best, "load": load()}
+    log(f"{name:48} {task:8} {row['inputs_per_s']:7.1f} inputs/s  (load {row['load']})")
+    return row
 
 
 def _timed(fn) -> float:
@@ -329,12 +326,12 @@ def main() -> None:
     log(f"CPU: {cpu_info()}")
     log(f"load average at start: {load()}")
     inputs = make_inputs()
-    hf = run_hf(checkpoint, inputs)
     url, grpc_target = start_server(checkpoint)
-    served = []
-    for front_end in ("http", "grpc"):
-        served += asyncio.run(run_front_end(front_end, url, grpc_target, inputs, args.concurrency, args.seconds,
-                                            args.warmup))
+    hf, served = [], []
+    for task in TASKS:  # HF right before the task's served cells: both under much the same machine load
+        hf.append(run_hf(checkpoint, task, inputs[task]))
+        served += asyncio.run(run_served(task, url, grpc_target, inputs[task], args.concurrency, args.seconds,
+                                         args.warmup))
     print("\n" + report(served, hf, args.concurrency))
     log(f"load average at end: {load()}")
     if args.json:
