@@ -75,9 +75,10 @@ class TokenBatcher(Generic[Item]):
         self._queued_tokens = 0
         self._in_flight = 0
         self._wake = asyncio.Event()  # an arrival or a finished batch: the scheduler looks again
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # uvloop returns a plain Handle for short delays
         self._scheduler = loop.create_task(self._schedule())
-        self._scheduler.add_done_callback(self._stopped)
+        queue = self._queue  # this scheduler's requests (a later `_start` makes a new queue)
+        self._scheduler.add_done_callback(lambda scheduler: self._stopped(scheduler, queue))
 
     @classmethod
     def from_config(cls, forward, combine, config: BatchingConfig, size: Callable[[Item], int] = len
@@ -97,10 +98,11 @@ class TokenBatcher(Generic[Item]):
         self._wake.set()
         return await request.future  # cancelling it (the caller went away) drops the items not yet taken
 
-    def _stopped(self, scheduler: asyncio.Task) -> None:
+    @staticmethod
+    def _stopped(scheduler: asyncio.Task, queue: deque) -> None:
         """The scheduler ended (its loop is closing, or a bug): fail what waits instead of leaving it hanging."""
         error = RuntimeError("the request batcher stopped") if scheduler.cancelled() else scheduler.exception()
-        for request in self._queue:
+        for request in queue:
             if not request.future.done():
                 request.future.set_exception(error)
 
