@@ -36,7 +36,7 @@ def log(message: str) -> None:
 
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def cpu_info() -> str:
@@ -157,7 +157,7 @@ def http_sender(session, url: str, task: str):
             async with session.post(route, json=body) as response:
                 await response.read()
                 return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):  # counted as not OK (a timeout is a failure too)
+        except (TimeoutError, aiohttp.ClientError):  # counted as not OK (a timeout is a failure too)
             return False
 
     return send
@@ -240,8 +240,11 @@ def run_hf(checkpoint: Path, task: str, items: list, batch_size: int = 32, repea
     """HF in process on the same head and inputs: inputs/s, the best of `repeats` timed passes."""
     import torch
     from transformers import (
-        AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoModelForTokenClassification,
-        AutoTokenizer, pipeline,
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+        pipeline,
     )
 
     from seedoss.demo import head_dir
@@ -288,8 +291,8 @@ def report(served: list[dict], hf: list[dict], concurrency: list[int]) -> str:
     for task in TASKS:
         reference = next(r for r in hf if r["task"] == task)
         lines += [f"#### {task}: {reference['system']}: {reference['inputs_per_s']:.0f} inputs/s", "",
-                  "| clients | HTTP req/s | HTTP p50 ms | HTTP p95 ms | gRPC req/s | gRPC p50 ms | gRPC p95 ms | "
-                  "HTTP / HF | not OK |",
+                  ("| clients | HTTP req/s | HTTP p50 ms | HTTP p95 ms | gRPC req/s | gRPC p50 ms | gRPC p95 ms | "
+                   "HTTP / HF | not OK |"),
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c in concurrency:
             h, g = (next(r for r in served if r["task"] == task and r["system"] == s and r["clients"] == c)

@@ -82,7 +82,7 @@ class TokenBatcher(Generic[Item]):
 
     @classmethod
     def from_config(cls, forward, combine, config: BatchingConfig, size: Callable[[Item], int] = len
-                    ) -> "TokenBatcher":
+                    ) -> TokenBatcher:
         return cls(forward, combine, size, **config.model_dump())
 
     async def __call__(self, items: Sequence[Item]) -> Any:
