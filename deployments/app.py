@@ -25,7 +25,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     stages = [
         serve.deployment(SeedOssStage, name=f"SeedOssStage{k}").options(**cfg.stage_options(k))
         .bind(cfg.checkpoint, start, end, cfg.dtype, cfg.engine.kv_budget_bytes, cfg.engine.block_size, cfg.device,
-              cfg.timeouts.stage_s)
+              cfg.timeouts.stage_s, cfg.batching.max_batch_tokens)
         for k, (start, end) in enumerate(ranges)
     ]
     retry, timeouts = cfg.retry.model_dump(), cfg.timeouts.model_dump()
@@ -33,7 +33,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
                   .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, timeouts, *stages))
     heads = {
         task: serve.deployment(TaskHead, name=TASK_DEPLOYMENTS[task]).options(**cfg.head_options(task))
-        .bind(task, path, cfg.dtype, retry, timeouts, *stages)
+        .bind(task, path, cfg.dtype, retry, timeouts, cfg.batching.model_dump(), *stages)
         for task, path in cfg.heads().items()
     }
     return Gateway.options(**cfg.gateway_options()).bind(

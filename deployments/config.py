@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from seedoss.engine import EngineConfig
 
+from .batching import BatchingConfig
 from .faults import RetryPolicy, Timeouts
 from .logs import LogOptions
 
@@ -48,6 +49,10 @@ class DeploymentOptions(BaseModel):
 
     def serve_options(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
+
+
+def batched_head_options() -> DeploymentOptions:
+    return DeploymentOptions(max_ongoing_requests=128, max_queued_requests=64)
 
 
 class LaneConfig(BaseModel):
@@ -127,10 +132,14 @@ class AppConfig(BaseModel):
                                            "forwards, head calls, generation streams)")
     stage: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256))
     generation: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512))
-    classify: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    tag: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    qa: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    embed: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig,
+                                     description="how the heads pack concurrent requests into backbone forwards")
+    # A head replica batches across its ongoing requests, so it takes many at once (TEI's max_concurrent_requests);
+    # its bounds are below the gateway's, so excess load meets the head's queue limit and is answered 429.
+    classify: DeploymentOptions = Field(default_factory=lambda: batched_head_options())
+    tag: DeploymentOptions = Field(default_factory=lambda: batched_head_options())
+    qa: DeploymentOptions = Field(default_factory=lambda: batched_head_options())
+    embed: DeploymentOptions = Field(default_factory=lambda: batched_head_options())
     gateway: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512))
     logs: LogOptions = Field(default_factory=LogOptions, description="log encoding (TEXT/JSON), level, stage access "
                              "logs (see deployments/logs.py)")

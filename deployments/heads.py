@@ -1,16 +1,16 @@
 """Classification, tagging, QA and embedding head services: task logic from `services/`, the head's weights here
 (embeddings have none: they pool the backbone's final hidden states), the backbone forward through the shared stage
-deployments (cache-less, batched `prefill`)."""
+deployments (cache-less `prefill`). The sequences of concurrent requests (texts, tagging windows, QA windows,
+embedding inputs) are packed into shared forwards by a `TokenBatcher` (`AppConfig.batching`): one stage-chain call
+per batch, not per request."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import torch
 
 from seedoss.config import SeedOssConfig
-from seedoss.heads import SequenceClassificationHead
 from seedoss.loader import load_head
 from seedoss.tokenizer import SeedOssTokenizer
 from services.classification import ClassificationService
@@ -19,6 +19,7 @@ from services.errors import from_exception
 from services.qa import QAService
 from services.tagging import TaggingService
 
+from .batching import BatchedHead, BatchingConfig
 from .faults import RetryPolicy, Timeouts
 from .metrics import HEAD_LATENCY, HEAD_REQUESTS
 from .routing import StageChain
@@ -31,33 +32,25 @@ SERVICES = {
 
 
 class TaskHead:
-    def __init__(self, task: str, head_checkpoint: str, dtype: str, retry: dict, timeouts: dict, *stages):
+    def __init__(self, task: str, head_checkpoint: str, dtype: str, retry: dict, timeouts: dict, batching: dict,
+                 *stages):
         config = SeedOssConfig.from_pretrained(head_checkpoint)
         tokenizer = SeedOssTokenizer.from_pretrained(head_checkpoint)
         self.task = task
-        self.head = None if task == "embed" else load_head(head_checkpoint, task, dtype=dtype)
         # cache-less forwards: any stage replica serves them
         self.stages = StageChain(stages, RetryPolicy.model_validate(retry), Timeouts.model_validate(timeouts).stage_s)
+        # embeddings have no head weights: the final hidden states themselves are pooled by the service
+        head = torch.nn.Identity() if task == "embed" else load_head(head_checkpoint, task, dtype=dtype)
+        self.forward = BatchedHead(self.stages.prefill, head, BatchingConfig.model_validate(batching))
         if task == "embed":
             self._handle = EmbeddingService(
-                tokenizer, forward=self._forward, max_length=config.max_position_embeddings,
+                tokenizer, forward=self.forward, max_length=config.max_position_embeddings,
                 vocab_size=config.vocab_size, pooling=PoolingConfig.from_checkpoint(head_checkpoint)).embed
             return
         service_cls, method = SERVICES[task]
         kwargs = {} if task == "qa" else {"labels": config.labels}
-        service = service_cls(tokenizer, forward=self._forward, max_length=config.max_position_embeddings, **kwargs)
+        service = service_cls(tokenizer, forward=self.forward, max_length=config.max_position_embeddings, **kwargs)
         self._handle = getattr(service, method)
-
-    async def _forward(self, sequences: list[list[int]]):
-        hidden = await self.stages.prefill(sequences)
-        if self.head is None:  # embeddings: the final hidden states themselves
-            return hidden
-        args = (hidden, sequences) if isinstance(self.head, SequenceClassificationHead) else (hidden,)
-        return await asyncio.to_thread(self._run_head, *args)
-
-    @torch.inference_mode()
-    def _run_head(self, *args):
-        return self.head(*args)
 
     async def __call__(self, body: dict) -> dict:
         start = time.monotonic()
@@ -72,5 +65,5 @@ class TaskHead:
         return response.model_dump(mode="json", exclude_none=True)
 
     async def ready(self) -> bool:
-        await self._forward([[0, 5]])  # the whole stage chain answers
+        await self.forward.forward_batch([[0, 5]])  # the whole stage chain answers (not queued behind requests)
         return True

@@ -30,6 +30,7 @@ from seedoss.config import SeedOssConfig
 from seedoss.engine import EngineConfig
 from seedoss.planner import GiB, plan
 
+from .batching import BatchingConfig
 from .config import REQUEST_TIMEOUT_S, TASK_DEPLOYMENTS, AppConfig, DeploymentOptions, LaneConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +76,9 @@ def cpu_demo_app(checkpoint: str = "/models/demo") -> AppConfig:
         stage=DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.5}),
         generation=DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512,
                                      ray_actor_options={"num_cpus": 0.5}),
-        classify=head(4, 4, 16, 64), tag=head(4, 4, 16, 64), qa=head(4, 4, 16, 64), embed=head(4, 4, 16, 64),
+        # a head replica batches its ongoing requests: it scales out only when 64 are ongoing on average
+        classify=head(4, 64, 128, 64), tag=head(4, 64, 128, 64), qa=head(4, 64, 128, 64),
+        embed=head(4, 64, 128, 64),
         gateway=head(2, 32, 256, 512),
     )
 
@@ -103,8 +106,10 @@ def gpu_pipeline_app(checkpoint: str = "/models/seed-oss-36b") -> AppConfig:
                                 ray_actor_options={"num_cpus": 4, "num_gpus": 1}),
         generation=DeploymentOptions(max_ongoing_requests=512, max_queued_requests=1024,
                                      ray_actor_options={"num_cpus": 4, "resources": {LM_HEAD_RESOURCE: 1}}),
-        classify=head(1, 8, 8, 32, 128, 2), tag=head(1, 8, 8, 32, 128, 2), qa=head(1, 8, 8, 32, 128, 2),
-        embed=head(1, 4, 8, 32, 128, 2),
+        # head batches no larger than an engine step; a replica batches its ongoing requests (scale at 64)
+        batching=BatchingConfig(max_batch_tokens=4096),
+        classify=head(1, 8, 64, 128, 64, 2), tag=head(1, 8, 64, 128, 64, 2), qa=head(1, 8, 64, 128, 64, 2),
+        embed=head(1, 4, 64, 128, 64, 2),
         gateway=head(2, 8, 64, 256, 512, 1),
     )
 

@@ -1,8 +1,9 @@
 """One pipeline stage as a Serve deployment (`SeedOssStage0` … `SeedOssStage{N-1}`).
 
 A replica loads only its layers and keeps its own paged KV cache, shared by the lanes routed to it (sequence ids are
-globally unique, see `deployments/routing.py`). Cache-less forwards (classification, tagging, QA) use `prefill`,
-batched across callers with `@serve.batch`.
+globally unique, see `deployments/routing.py`). Cache-less forwards (classification, tagging, QA) use `prefill`:
+calls arriving while a forward runs are packed into the next one, up to `max_batch_tokens` (`TokenBatcher`; no
+waiting: a head already batches its own requests, this only merges batches of different heads and head replicas).
 """
 
 from __future__ import annotations
@@ -11,37 +12,38 @@ import os
 
 import ray
 import torch
-from ray import serve
 
 from seedoss.engine import LocalStageExecutor
 from seedoss.loader import load_stage, parameter_bytes
 
+from .batching import TokenBatcher
 from .wire import pack, unpack
 
 
 class SeedOssStage:
     def __init__(self, checkpoint: str, start: int, end: int, dtype: str, kv_budget_bytes: int, block_size: int,
-                 device: str = "auto", forward_timeout_s: float = 60.0):
+                 device: str = "auto", forward_timeout_s: float = 60.0, max_batch_tokens: int = 16384):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"  # a replica given `num_gpus` sees its GPU
         stage = load_stage(checkpoint, start, end, dtype=dtype, device=device)
         self.executor = LocalStageExecutor(stage, kv_budget_bytes, block_size)
         self.start, self.end = start, end
         self.forward_timeout_s = forward_timeout_s
+        self.prefill_batcher = TokenBatcher(self._prefill_batch, torch.cat, max_batch_tokens=max_batch_tokens)
 
     async def forward(self, inputs, seq_ids: list[str], query_lens: list[int], context_lens: list[int]):
         """A generation step with the KV cache (inputs: packed ids or the previous stage's hidden states)."""
         return pack(await self.executor.forward(unpack(inputs), seq_ids, query_lens, context_lens))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def prefill(self, inputs: list, lengths: list[list[int]]) -> list:
-        """Cache-less forward of whole sequences; concurrent callers are packed into one forward."""
-        tensors = [unpack(x) for x in inputs]
-        flat = [n for lens in lengths for n in lens]
-        hidden = await self.executor.forward(torch.cat(tensors), list(range(len(flat))), flat, [0] * len(flat),
-                                             use_cache=False)
-        sizes = [sum(lens) for lens in lengths]
-        return [pack(h) for h in hidden.split(sizes)]
+    async def prefill(self, inputs, lengths: list[int]):
+        """Cache-less forward of whole sequences (inputs: their packed ids or hidden states, `lengths` each)."""
+        return pack(await self.prefill_batcher(unpack(inputs).split(lengths)))
+
+    async def _prefill_batch(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+        lengths = [len(s) for s in sequences]
+        hidden = await self.executor.forward(torch.cat(sequences), list(range(len(lengths))), lengths,
+                                             [0] * len(lengths), use_cache=False)
+        return list(hidden.split(lengths))
 
     def free(self, seq_ids: list[str]) -> None:
         self.executor.free(seq_ids)

@@ -173,6 +173,39 @@ def _assert_close(got, expected, path="$"):
         assert got == expected, path
 
 
+def test_concurrent_head_requests_get_exactly_what_they_get_alone(server):
+    """Concurrent requests of different lengths and options are packed into shared forwards by the heads'
+    batchers (and the stages'); each still gets exactly its solo answer."""
+    context = "Ada Lovelace met Charles Babbage in London in 1833. They wrote about the Analytical Engine. " * 4
+    cases = [
+        ("/v1/classify", {"inputs": "ok"}),
+        ("/v1/classify", {"inputs": ["what a lovely day it was, all of it", "this is terrible"], "top_k": 1}),
+        ("/v1/classify", {"inputs": ["ça va très bien", context], "function_to_apply": "sigmoid",
+                          "full_probabilities": True}),
+        ("/v1/classify", {"inputs": "short text", "top_k": 2, "raw_scores": True}),
+        ("/v1/tag", {"inputs": "Ada Lovelace met Charles Babbage in London.", "aggregation_strategy": "simple",
+                     "ignore_labels": []}),
+        ("/v1/tag", {"inputs": ["Zoë lives in Zürich", context], "aggregation_strategy": "max"}),
+        ("/v1/answer", {"question": "Where did they meet?", "context": context, "max_seq_len": 48,
+                        "doc_stride": 16, "top_k": 2}),
+        ("/v1/answer", {"question": "Who?", "context": "Babbage designed the engine.",
+                        "handle_impossible_answer": True}),
+    ]
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        alone = [client.post(route, json=body) for route, body in cases]
+    assert all(r.status_code == 200 for r in alone), [r.text for r in alone]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            order = [i for _ in range(4) for i in range(len(cases))]
+            responses = await asyncio.gather(*[client.post(cases[i][0], json=cases[i][1]) for i in order])
+            return list(zip(order, responses))
+
+    for i, r in asyncio.run(main()):
+        assert r.status_code == 200, r.text
+        assert r.json() == alone[i].json(), cases[i]
+
+
 def test_sixteen_concurrent_streams_equal_their_solo_results(server):
     requests = [{"prompt": f"Story number {i}: once upon a time", "max_tokens": 12 + i % 5,
                  "temperature": 0 if i % 2 else 0.9, "seed": i} for i in range(16)]
