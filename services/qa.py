@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from .errors import InvalidRequest
+from .limits import Limits
 from .schemas import Forward, ServiceModel, Text, Usage, as_numpy, parse, run_forward, softmax, window_ranges
 
 DEFAULT_MAX_SEQ_LEN = 384
@@ -75,7 +76,8 @@ class QAWindow:
     word_starts: list[bool]  # per context token: does it begin a word
 
 
-def preprocess(request: QARequest, tokenizer, max_length: int) -> list[QAWindow]:
+def preprocess(request: QARequest, tokenizer, max_length: int, limits: Limits | None = None) -> list[QAWindow]:
+    """The windows of the context; `limits` bounds their total tokens before any window is built."""
     max_seq_len = request.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, max_length)
     if max_seq_len > max_length:
         raise InvalidRequest(f"max_seq_len must not exceed the model's context ({max_length})", param="max_seq_len")
@@ -93,9 +95,12 @@ def preprocess(request: QARequest, tokenizer, max_length: int) -> list[QAWindow]
         raise InvalidRequest(f"doc_stride must be below the {budget} context tokens a window holds with this "
                              "question", param="doc_stride")
     ids, offsets = tokenizer.encode_with_offsets(request.context, add_special_tokens=False)
+    ranges = window_ranges(len(ids), budget, stride)
+    if limits is not None:
+        limits.check_task_tokens("context" if request.doc_stride is None else "doc_stride",
+                                 sum(len(head) + b - a for a, b in ranges))
     word_starts = _word_starts(request.context, offsets)
-    return [QAWindow(head + ids[a:b], len(head), offsets[a:b], word_starts[a:b])
-            for a, b in window_ranges(len(ids), budget, stride)]
+    return [QAWindow(head + ids[a:b], len(head), offsets[a:b], word_starts[a:b]) for a, b in ranges]
 
 
 def _word_starts(text: str, offsets: list[tuple[int, int]]) -> list[bool]:
@@ -157,16 +162,18 @@ def _char_span(context: str, window: QAWindow, s: int, e: int, align_to_words: b
 
 
 class QAService:
-    def __init__(self, tokenizer, forward: Forward, *, max_length: int):
+    def __init__(self, tokenizer, forward: Forward, *, max_length: int, limits: Limits | None = None):
         if tokenizer.bos_token_id is None:
             raise ValueError("the QA layout needs the tokenizer's bos token")
         self.tokenizer = tokenizer
         self.forward = forward
         self.max_length = max_length  # the model's context
+        self.limits = limits or Limits()
 
     async def answer(self, request: QARequest | dict) -> QAResponse:
         request = parse(QARequest, request)
-        windows = preprocess(request, self.tokenizer, self.max_length)
+        self.limits.check_chars("context", len(request.question) + len(request.context))
+        windows = preprocess(request, self.tokenizer, self.max_length, self.limits)
         start_logits, end_logits = await run_forward(self.forward, [w.ids for w in windows])
         return QAResponse(answers=postprocess(start_logits, end_logits, windows, request),
                           usage=Usage(prompt_tokens=sum(len(w.ids) for w in windows)))
