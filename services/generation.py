@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from jinja2 import TemplateError
 from pydantic import ConfigDict, Field, model_validator
 
 from seedoss.engine import RequestOutput
@@ -49,8 +50,12 @@ class GenerateRequest(SamplingParams):
         try:
             return tokenizer.apply_chat_template(self.messages, tokenize=True, add_generation_prompt=self.add_generation_prompt,
                                                  **self.chat_template_kwargs)
-        except Exception as e:  # jinja2 raises TemplateError / TypeError on malformed messages
-            raise InvalidRequest(f"messages could not be rendered with the chat template: {e}", param="messages") from None
+        except TemplateError as e:  # the template's own checks (raise_exception) and undefined fields: meant for users
+            raise InvalidRequest(f"messages could not be rendered with the chat template: {e.message}",
+                                 param="messages") from None
+        except Exception:  # TypeError and the like on malformed messages: their text is an internal repr
+            raise InvalidRequest("messages could not be rendered with the chat template: check each message's role "
+                                 "and content types", param="messages") from None
 
 
 def choice_dict(output) -> dict[str, Any]:
