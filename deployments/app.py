@@ -31,8 +31,9 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
                   .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), *stages))
     heads = {
         task: serve.deployment(TaskHead, name=TASK_DEPLOYMENTS[task]).options(**getattr(cfg, task).serve_options())
-        .bind(task, path, cfg.dtype, *stages)
+        .bind(task, path, cfg.dtype, *stages, limits=cfg.limits)
         for task, path in cfg.heads().items()
     }
     return Gateway.options(**cfg.gateway.serve_options()).bind(
-        cfg.checkpoint, cfg.model_name, generation, **heads, api_keys=cfg.api_keys, max_body_bytes=cfg.max_body_bytes)
+        cfg.checkpoint, cfg.model_name, generation, **heads, api_keys=cfg.api_keys, limits=cfg.limits,
+        require_api_keys=cfg.require_api_keys)

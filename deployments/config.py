@@ -8,8 +8,29 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from seedoss.engine import EngineConfig
+from services.limits import Limits
 
 TASK_DEPLOYMENTS = {"classify": "Classification", "tag": "Tagging", "qa": "QA"}
+
+
+def checked_api_keys(keys: list[str], source: str) -> list[str]:
+    """`keys` unchanged, or ValueError: auth must fail closed, so a key that is empty, blank or padded with
+    whitespace (which no client's header can match, or which ``Authorization: Bearer `` would) stops the config
+    from loading instead of being skipped or accepted."""
+    for i, key in enumerate(keys):
+        if not key.strip() or key != key.strip():
+            raise ValueError(f"{source}: key {i} is empty or has surrounding whitespace")
+    return keys
+
+
+def resolve_api_keys(api_keys: list[str] | None, env: str, required: bool) -> list[str]:
+    """The keys a gateway accepts: the config's plus `env` (``SEEDOSS_API_KEYS``: comma-separated, items stripped;
+    unset or blank means none, an empty item is an error); ValueError when `required` and there are none."""
+    env_keys = checked_api_keys([k.strip() for k in env.split(",")], "SEEDOSS_API_KEYS") if env.strip() else []
+    keys = [*(api_keys or []), *env_keys]
+    if required and not keys:
+        raise ValueError("require_api_keys is set but no key is configured (api_keys or SEEDOSS_API_KEYS)")
+    return keys
 
 
 class DeploymentOptions(BaseModel):
@@ -50,7 +71,9 @@ class AppConfig(BaseModel):
     checkpoint: str
     model_name: str = Field("seedoss", description="the model id clients ask for (OpenAI `model`)")
     api_keys: list[str] | None = Field(None, description="bearer tokens accepted (also SEEDOSS_API_KEYS, comma-separated)")
-    max_body_bytes: int = Field(4 << 20, ge=1024, description="largest request body accepted (413 above)")
+    require_api_keys: bool = Field(
+        False, description="the gateway refuses to start without a key (api_keys or SEEDOSS_API_KEYS): fail closed")
+    limits: Limits = Field(default_factory=Limits, description="per-request limits (services/limits.py, README)")
     head_checkpoints: dict[Literal["classify", "tag", "qa"], str] | None = Field(
         None, description="task → HF checkpoint with that head; default: the demo layout's heads/<task>/ when present")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -67,6 +90,13 @@ class AppConfig(BaseModel):
     tag: DeploymentOptions = Field(default_factory=DeploymentOptions)
     qa: DeploymentOptions = Field(default_factory=DeploymentOptions)
     gateway: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512))
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_fail_closed(cls, keys: list[str] | None) -> list[str] | None:
+        if keys is not None and not keys:
+            raise ValueError("an empty list would turn auth off (likely a templating mistake); use null to serve without keys")
+        return keys if keys is None else checked_api_keys(keys, "api_keys")
 
     @field_validator("checkpoint")
     @classmethod

@@ -14,6 +14,7 @@ from seedoss.loader import load_head
 from seedoss.tokenizer import SeedOssTokenizer
 from services.classification import ClassificationService
 from services.errors import from_exception
+from services.limits import Limits
 from services.qa import QAService
 from services.tagging import TaggingService
 
@@ -28,7 +29,7 @@ SERVICES = {
 
 
 class TaskHead:
-    def __init__(self, task: str, head_checkpoint: str, dtype: str, *stages):
+    def __init__(self, task: str, head_checkpoint: str, dtype: str, *stages, limits: Limits | None = None):
         config = SeedOssConfig.from_pretrained(head_checkpoint)
         self.task = task
         self.head = load_head(head_checkpoint, task, dtype=dtype)
@@ -36,7 +37,7 @@ class TaskHead:
         service_cls, method = SERVICES[task]
         kwargs = {} if task == "qa" else {"labels": config.labels}
         service = service_cls(SeedOssTokenizer.from_pretrained(head_checkpoint), forward=self._forward,
-                              max_length=config.max_position_embeddings, **kwargs)
+                              max_length=config.max_position_embeddings, limits=limits, **kwargs)
         self._handle = getattr(service, method)
 
     async def _forward(self, sequences: list[list[int]]):

@@ -2,6 +2,7 @@
 JSON bodies, and access to the head handles of the running Gateway."""
 
 import json
+import re
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -9,7 +10,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
 from services.errors import (
-    Cancelled, InvalidRequest, NotFound, Overloaded, PayloadTooLarge, ServiceError, Unavailable, from_exception,
+    Cancelled, InvalidRequest, NotFound, Overloaded, ServiceError, Unavailable, from_exception, server_error,
 )
 
 
@@ -19,8 +20,8 @@ def service_error(exc: BaseException) -> ServiceError:
         exc = exc.cause
     if isinstance(exc, BackPressureError):  # a deployment's max_queued_requests is reached
         return Overloaded("the server is at capacity; retry shortly", retry_after=1)
-    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
-        return Unavailable(f"a service replica is unavailable ({type(exc).__name__}); retry shortly", retry_after=5)
+    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):  # their text names actors, pids and nodes
+        return server_error(Unavailable("a service replica is unavailable; retry shortly", retry_after=5), exc)
     if isinstance(exc, RequestCancelledError):
         return Cancelled("request cancelled")
     return from_exception(exc)
@@ -32,18 +33,44 @@ def error_response(error: ServiceError) -> JSONResponse:
 
 async def json_body(request: Request) -> dict:
     raw = await request.body()
-    limit = request.app.state.gateway.max_body_bytes
-    if len(raw) > limit:  # bodies sent without Content-Length are only measurable here
-        raise PayloadTooLarge(f"request body of {len(raw)} bytes exceeds the limit of {limit}")
+    limits = request.app.state.gateway.limits
+    limits.check_body_size(len(raw))  # bodies sent without Content-Length are only measurable here
     try:
         body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise InvalidRequest(f"request body is not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise InvalidRequest("request body has an integer too large to read", param="body") from None
+    except RecursionError:  # nesting deeper than the parser's stack
+        raise InvalidRequest(f"request body nests deeper than {limits.max_json_depth} levels", param="body") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    limits.check_json_depth(body)
+    if (field := lone_surrogate(body)) is not None:
+        raise InvalidRequest(f"{field}: contains a lone UTF-16 surrogate escape (not text)", param=field)
     return body
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value) -> str | None:
+    """The path of the first string in `value` holding an unpaired surrogate (JSON's ``"\\ud800"`` decodes to one;
+    it cannot be encoded as UTF-8, so the tokenizer and every response would fail on it), or None."""
+    stack = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return path or "body"
+        elif isinstance(item, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in item.items())
+            stack.extend(("body", k) for k in item if not k.isascii())  # keys too, reported as the body
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(item))
+    return None
 
 
 class Heads:

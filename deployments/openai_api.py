@@ -127,7 +127,9 @@ async def completions(request: Request):
     gateway = request.app.state.gateway
     params = None
     try:
-        req = CompletionRequest.parse(await json_body(request))
+        body = await json_body(request)
+        gateway.limits.check_generation(body)
+        req = CompletionRequest.parse(body)
         params = req.error_params()
         check_model(req.model, gateway.model_name)
         prompts = req.native_bodies(gateway.tokenizer)
@@ -160,7 +162,9 @@ async def chat_completions(request: Request):
     gateway = request.app.state.gateway
     params = None
     try:
-        req = ChatCompletionRequest.parse(await json_body(request))
+        body = await json_body(request)
+        gateway.limits.check_generation(body)
+        req = ChatCompletionRequest.parse(body)
         params = req.error_params()
         check_model(req.model, gateway.model_name)
         prompts = req.native_bodies(gateway.tokenizer)
@@ -189,7 +193,9 @@ async def chat_completions(request: Request):
 async def tokenize(request: Request):
     gateway = request.app.state.gateway
     try:
-        req = TokenizeRequest.parse(await json_body(request))
+        body = await json_body(request)
+        gateway.limits.check_generation(body)  # its prompt/messages characters
+        req = TokenizeRequest.parse(body)
         check_model(req.model, gateway.model_name)
         ids = req.token_ids(gateway.tokenizer)
         return tokenize_response(ids, gateway.tokenizer, await max_model_len(gateway), req.return_token_strs)

@@ -216,6 +216,10 @@ class CompletionRequest(_OpenAIRequest):
             if isinstance(p, str):
                 native = {"prompt": p, "add_special_tokens": self.add_special_tokens}
             else:
+                bad = [t for t in p if not 0 <= t < tokenizer.vocab_size]  # before decode, which cannot take them
+                if bad:
+                    raise InvalidRequest(f"prompt: token ids {bad[:5]} are outside the vocabulary "
+                                         f"[0, {tokenizer.vocab_size})", param="prompt")
                 native = {"prompt_token_ids": p}
             ids = _native_prompt_ids({**base, **native}, tokenizer, _COMPLETION_PARAMS)
             text = p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False)

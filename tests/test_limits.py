@@ -1,0 +1,101 @@
+"""Per-request limits (services/limits.py) and the config that carries them: each violation a 4xx naming the field."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from services.errors import InvalidRequest, PayloadTooLarge
+from services.limits import Limits
+
+LIMITS = Limits(max_n=4, max_stop_strings=2, max_stop_string_chars=5, max_prompt_chars=100, max_client_batch_size=3,
+                max_task_tokens=50, max_json_depth=4, max_body_bytes=2048)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "x", "n": 5}, "n"),
+    ({"prompt": "x", "stop": ["a", "b", "c"]}, "stop"),
+    ({"prompt": "x", "stop": "abcdef"}, "stop"),
+    ({"prompt": "x", "stop": ["ok", "abcdef"]}, "stop"),
+    ({"prompt": "x" * 101}, "prompt"),
+    ({"prompt": ["x" * 60, "y" * 60]}, "prompt"),  # OpenAI's list of prompts: the total counts
+    ({"messages": [{"role": "user", "content": "x" * 60}, {"role": "user", "content": "y" * 60}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 101}]}]}, "messages"),
+])
+def test_generation_limits_name_the_field(body, field):
+    with pytest.raises(InvalidRequest) as e:
+        LIMITS.check_generation(body)
+    assert e.value.param == field and e.value.http_status == 400 and e.value.message.startswith(field)
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "x" * 100, "n": 4, "stop": ["abcde", "b"]},
+    {"prompt": [1, 2, 3]},  # token ids: the token limits of the engine apply
+    {"messages": [{"role": "user", "content": "x" * 100}]},
+    {"prompt": "x", "n": "many", "stop": 7},  # wrong types are the request schema's to reject
+])
+def test_generation_within_limits_passes(body):
+    LIMITS.check_generation(body)
+
+
+def test_task_limits():
+    LIMITS.check_texts("inputs", ["a", "b", "c"])
+    with pytest.raises(InvalidRequest, match="inputs: 4 inputs") as e:
+        LIMITS.check_texts("inputs", ["a"] * 4)
+    assert e.value.param == "inputs"
+    with pytest.raises(InvalidRequest, match="101 characters"):
+        LIMITS.check_texts("inputs", ["x" * 50, "y" * 51])
+    LIMITS.check_task_tokens("inputs", 50)
+    with pytest.raises(InvalidRequest) as e:
+        LIMITS.check_task_tokens("doc_stride", 51)
+    assert e.value.param == "doc_stride" and e.value.code == "request_too_large"
+
+
+def test_sizes_and_json_depth():
+    LIMITS.check_body_size(2048)
+    with pytest.raises(PayloadTooLarge) as e:
+        LIMITS.check_body_size(2049, "gRPC message")
+    assert e.value.http_status == 413 and e.value.grpc_code == "INVALID_ARGUMENT" and "gRPC message" in e.value.message
+    LIMITS.check_json_depth({"a": [{"b": [1]}]})  # 4 levels
+    with pytest.raises(InvalidRequest, match="deeper than 4"):
+        LIMITS.check_json_depth({"a": [{"b": [[1]]}]})
+    deep: list = []
+    for _ in range(100_000):  # no recursion: a deep value cannot exhaust the checker's stack
+        deep = [deep]
+    with pytest.raises(InvalidRequest):
+        LIMITS.check_json_depth({"x": deep})
+
+
+def test_defaults_and_validation():
+    limits = Limits()
+    assert (limits.max_body_bytes, limits.max_n, limits.max_client_batch_size, limits.max_task_tokens) == (
+        4 << 20, 16, 32, 32768)
+    for bad in ({"max_n": 0}, {"max_body_bytes": 10}, {"max_nn": 3}, {"max_task_tokens": -1}):
+        with pytest.raises(ValidationError):
+            Limits(**bad)
+
+
+def test_app_config_embeds_the_limits_and_rejects_blank_keys():
+    from deployments.config import AppConfig
+
+    cfg = AppConfig.model_validate({"checkpoint": "/m", "limits": {"max_n": 2}, "api_keys": ["k1"]})
+    assert cfg.limits == Limits(max_n=2) and cfg.api_keys == ["k1"]
+    assert AppConfig(checkpoint="/m").limits == Limits()
+    for keys in ([""], ["  "], ["k1", ""], [" k1"], []):
+        with pytest.raises(ValidationError, match="api_keys"):
+            AppConfig.model_validate({"checkpoint": "/m", "api_keys": keys})
+    with pytest.raises(ValidationError, match="max_body_bytes"):  # moved under limits: the old key is an error
+        AppConfig.model_validate({"checkpoint": "/m", "max_body_bytes": 1 << 20})
+
+
+def test_env_keys_fail_closed():
+    """The gateway's SEEDOSS_API_KEYS parse: an empty item stops it (never `Authorization: Bearer ` admitted)."""
+    from deployments.config import resolve_api_keys
+
+    for env in ("a,,b", "a, ", " , ", ","):
+        with pytest.raises(ValueError, match="SEEDOSS_API_KEYS"):
+            resolve_api_keys(None, env, False)
+    assert resolve_api_keys(["k"], "a, b", True) == ["k", "a", "b"]
+    assert resolve_api_keys(None, "", False) == resolve_api_keys(None, "  ", False) == []
+    with pytest.raises(ValueError, match="require_api_keys"):
+        resolve_api_keys(None, "", True)
