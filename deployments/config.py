@@ -95,7 +95,8 @@ class AppConfig(BaseModel):
     @classmethod
     def _keys_fail_closed(cls, keys: list[str] | None) -> list[str] | None:
         if keys is not None and not keys:
-            raise ValueError("an empty list would turn auth off (likely a templating mistake); use null to serve without keys")
+            raise ValueError("an empty list would turn auth off (likely a templating mistake); "
+                             "use null to serve without keys")
         return keys if keys is None else checked_api_keys(keys, "api_keys")
 
     @field_validator("checkpoint")

@@ -13,12 +13,15 @@ from seedoss.tokenizer import SeedOssTokenizer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, Unauthenticated, Unavailable
-from services.generation import sse
+from services.classification import ClassificationRequest
+from services.generation import GenerateRequest, sse
 from services.limits import Limits
+from services.qa import QARequest
+from services.tagging import TaggingRequest
 
 from .config import resolve_api_keys
 from .grpc_api import GrpcMethods
-from .ingress import Heads, error_response, json_body, service_error
+from .ingress import Heads, body_schema, error_response, json_body, service_error
 from .metrics import LATENCY, REQUESTS
 from .openai_api import router as openai_router
 
@@ -77,7 +80,7 @@ class Gateway(GrpcMethods):
                 return e
         return None
 
-    @api.post("/v1/generate")
+    @api.post("/v1/generate", openapi_extra=body_schema(GenerateRequest))
     async def generate(self, request: Request):
         try:
             body = await json_body(request)
@@ -107,15 +110,15 @@ class Gateway(GrpcMethods):
         except Exception as e:
             return error_response(service_error(e))
 
-    @api.post("/v1/classify")
+    @api.post("/v1/classify", openapi_extra=body_schema(ClassificationRequest))
     async def classify(self, request: Request):
         return await self._task("classify", request)
 
-    @api.post("/v1/tag")
+    @api.post("/v1/tag", openapi_extra=body_schema(TaggingRequest))
     async def tag(self, request: Request):
         return await self._task("tag", request)
 
-    @api.post("/v1/answer")
+    @api.post("/v1/answer", openapi_extra=body_schema(QARequest))
     async def answer(self, request: Request):
         return await self._task("qa", request)
 

@@ -5,6 +5,7 @@ import json
 import re
 
 from fastapi import Request
+from pydantic import BaseModel
 from fastapi.responses import JSONResponse
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
@@ -87,3 +88,22 @@ class Heads:
 
     def deployed(self) -> dict:
         return {task: h for task, h in self.handles.items() if h is not None}
+
+
+def body_schema(model: type[BaseModel]) -> dict:
+    """`openapi_extra` declaring a route's JSON body as `model` (routes read the raw body themselves, to answer bad
+    JSON with our own errors, so FastAPI cannot infer it): the OpenAPI document then describes every request, for
+    clients and for schema-driven fuzzing (bench/fuzz.py). The schema is inlined: `$defs` references resolved."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}

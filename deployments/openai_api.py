@@ -22,7 +22,7 @@ from services.openai import (
     completion_mapper, model_list, rename_param, tokenize_response,
 )
 
-from .ingress import error_response, json_body, service_error
+from .ingress import body_schema, error_response, json_body, service_error
 
 router = APIRouter()
 _CREATED = int(time.time())
@@ -122,7 +122,7 @@ async def list_models(request: Request):
     return model_list(gateway.model_name, await max_model_len(gateway), _CREATED)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
 async def completions(request: Request):
     gateway = request.app.state.gateway
     params = None
@@ -157,7 +157,7 @@ async def completions(request: Request):
     return _events(chunks(), params)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request):
     gateway = request.app.state.gateway
     params = None
@@ -188,8 +188,8 @@ async def chat_completions(request: Request):
     return _events(chunks(), params)
 
 
-@router.post("/tokenize")
-@router.post("/v1/tokenize")
+@router.post("/tokenize", openapi_extra=body_schema(TokenizeRequest))
+@router.post("/v1/tokenize", openapi_extra=body_schema(TokenizeRequest))
 async def tokenize(request: Request):
     gateway = request.app.state.gateway
     try:
@@ -203,8 +203,8 @@ async def tokenize(request: Request):
         return _error(e)
 
 
-@router.post("/detokenize")
-@router.post("/v1/detokenize")
+@router.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest))
+@router.post("/v1/detokenize", openapi_extra=body_schema(DetokenizeRequest))
 async def detokenize(request: Request):
     gateway = request.app.state.gateway
     try:

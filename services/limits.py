@@ -37,7 +37,7 @@ from .errors import InvalidRequest, PayloadTooLarge
 class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_body_bytes: int = Field(4 << 20, ge=1024, description="HTTP body and gRPC message size (413 / INVALID_ARGUMENT)")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="HTTP body and gRPC message bytes (413)")
     max_json_depth: int = Field(32, ge=4, description="nesting of a JSON body's arrays and objects")
     max_n: int = Field(16, ge=1, description="choices per generation request (`n`)")
     max_stop_strings: int = Field(16, ge=0, description="`stop` strings per request")
