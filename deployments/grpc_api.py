@@ -63,9 +63,10 @@ _PARAM_NAMES = {"messages": "chat.messages", "chat_template_kwargs": "chat.chat_
 # ------------------------------------------------------------------------------------------ proto → native
 
 
-def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+def struct_dict(struct: struct_pb2.Struct, field: str) -> dict[str, Any]:
     """A Struct as a dict; numbers are doubles in a Struct, integral ones come back as ints (a template printing
-    ``thinking_budget`` must see ``512``, not ``512.0``)."""
+    ``thinking_budget`` must see ``512``, not ``512.0``). A Struct is JSON: NaN or infinity is an error naming
+    `field`."""
     def fix(v):
         if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
             return int(v)
@@ -75,15 +76,19 @@ def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
             return [fix(x) for x in v]
         return v
 
-    return fix(json_format.MessageToDict(struct))
+    try:
+        return fix(json_format.MessageToDict(struct))
+    except ValueError:  # json_format refuses non-finite numbers
+        raise InvalidRequest(f"{field}: numbers must be finite (NaN and infinity are not JSON)", param=field) from None
 
 
 def chat_body(chat: pb.Chat) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "messages": [{**struct_dict(m.extra), "role": m.role, "content": m.content} for m in chat.messages],
+        "messages": [{**struct_dict(m.extra, f"messages.{i}.extra"), "role": m.role, "content": m.content}
+                     for i, m in enumerate(chat.messages)],
     }
     if chat.HasField("chat_template_kwargs"):
-        body["chat_template_kwargs"] = struct_dict(chat.chat_template_kwargs)
+        body["chat_template_kwargs"] = struct_dict(chat.chat_template_kwargs, "chat_template_kwargs")
     if chat.HasField("add_generation_prompt"):
         body["add_generation_prompt"] = chat.add_generation_prompt
     return body

@@ -138,11 +138,10 @@ class Unavailable(_Retryable):
     error_type = "service_unavailable_error"
 
 
-def server_error(error: ServiceError, cause: BaseException | None = None, detail: str = "") -> ServiceError:
+def server_error(error: ServiceError, cause: BaseException) -> ServiceError:
     """`error` (a 5xx with a generic message) after logging its id with the full cause, which the client never
     sees."""
-    log.error("%s %s (error id %s)%s", error.error_type, error.message, error.error_id,
-              f": {detail}" if detail else "", exc_info=cause)
+    log.error("error id %s: %s %r", error.error_id, error.error_type, error.message, exc_info=cause)
     return error
 
 

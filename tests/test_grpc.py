@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import grpc
 import httpx
 import pytest
+from google.protobuf import struct_pb2
 
 from proto.seedoss.v1 import seedoss_pb2 as pb
 from proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
@@ -559,6 +560,14 @@ def _grpc_bad_inputs():
         ("AnswerQuestion", pb.AnswerRequest(question="q", context="word " * 20_000, max_seq_len=200, doc_stride=190),
          "doc_stride"),
         ("Tokenize", pb.TokenizeRequest(prompt="x" * 500_001), "prompt"),
+        # found by bench/fuzz.py: a Struct holding infinity (JSON has none) was an INTERNAL error
+        ("Generate", pb.GenerateRequest(chat=pb.Chat(
+            messages=[pb.ChatMessage(role="user", content="x")],
+            chat_template_kwargs=struct_pb2.Struct(fields={"t": struct_pb2.Value(number_value=float("inf"))}))),
+         "chat.chat_template_kwargs"),
+        ("Tokenize", pb.TokenizeRequest(chat=pb.Chat(messages=[pb.ChatMessage(
+            role="user", content="x", extra=struct_pb2.Struct(fields={"n": struct_pb2.Value(number_value=float("nan"))}))])),
+         "chat.messages.0.extra"),
     ]
 
 
