@@ -50,7 +50,7 @@ from seedoss.sampling import MAX_LOGPROBS
 from seedoss.tokenizer import SeedOssTokenizer
 
 from .errors import InvalidRequest, NotFound, ServiceError, from_exception
-from .generation import GenerateRequest
+from .generation import CHAT_MESSAGES_SCHEMA, GenerateRequest
 
 LOGPROB_FLOOR = -9999.0  # vLLM's stand-in for -inf (JSON cannot carry it)
 
@@ -173,7 +173,10 @@ class _OpenAIRequest(BaseModel):
 class CompletionRequest(_OpenAIRequest):
     """`POST /v1/completions` (OpenAI legacy completions + vLLM extras)."""
 
-    prompt: Any
+    prompt: Any = Field(json_schema_extra={"anyOf": [  # validated by _prompt: the schema is for the OpenAPI document
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1}, "minItems": 1}]})
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
@@ -230,7 +233,7 @@ class CompletionRequest(_OpenAIRequest):
 class ChatCompletionRequest(_OpenAIRequest):
     """`POST /v1/chat/completions` (OpenAI chat completions + vLLM extras)."""
 
-    messages: list[dict[str, Any]]
+    messages: list[dict[str, Any]] = Field(json_schema_extra=CHAT_MESSAGES_SCHEMA)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
