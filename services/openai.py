@@ -53,6 +53,12 @@ from .errors import InvalidRequest, NotFound, ServiceError, from_exception
 from .generation import CHAT_MESSAGES_SCHEMA, GenerateRequest
 
 LOGPROB_FLOOR = -9999.0  # vLLM's stand-in for -inf (JSON cannot carry it)
+_TEXT_PARTS = {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
+    "type": {"const": "text"}, "text": {"type": "string"}}}}
+# For the OpenAPI document (normalize_messages validates): content is a string, text parts or null
+OPENAI_MESSAGES_SCHEMA = {"minItems": 1, "items": {"type": "object", "required": ["role"], "properties": {
+    "role": CHAT_MESSAGES_SCHEMA["items"]["properties"]["role"],
+    "content": {"anyOf": [{"type": "string"}, _TEXT_PARTS, {"type": "null"}]}}}}
 
 
 def _empty(v: Any) -> bool:
@@ -233,7 +239,7 @@ class CompletionRequest(_OpenAIRequest):
 class ChatCompletionRequest(_OpenAIRequest):
     """`POST /v1/chat/completions` (OpenAI chat completions + vLLM extras)."""
 
-    messages: list[dict[str, Any]] = Field(json_schema_extra=CHAT_MESSAGES_SCHEMA)
+    messages: list[dict[str, Any]] = Field(json_schema_extra=OPENAI_MESSAGES_SCHEMA)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
