@@ -166,6 +166,51 @@ def test_errors_become_grpc_statuses_without_a_cluster():
     assert context.details.startswith("max_tokens") and handle.cancelled
 
 
+def test_replica_failures_reach_clients_with_an_error_id_and_no_ray_detail(caplog):
+    """A dead replica's RayActorError names actor ids, pids and node addresses: the client gets a generic message
+    and an error id (gRPC trailer `error-id`), the log gets the detail under the same id."""
+    import asyncio
+    import logging
+
+    from ray.exceptions import RayActorError
+
+    detail = "The actor 5f2a9c01 died; pid=4242, ip=10.0.0.7, worker /tmp/ray/session_x/logs"
+    context = _Context()
+    with caplog.at_level(logging.ERROR, logger="services.errors"):
+        asyncio.run(_gateway(classify=_Handle(RayActorError("5f2a9c01", detail))).Classify(
+            pb.ClassifyRequest(inputs=["a"]), grpc_context=context))
+    trailers = dict(context.trailers)
+    assert context.code == grpc.StatusCode.UNAVAILABLE and trailers["retry-after"] == "5"
+    for secret in ("5f2a9c01", "4242", "10.0.0.7", "/tmp/ray", "RayActorError"):
+        assert secret not in context.details and secret not in str(context.trailers), secret
+    assert len(trailers["error-id"]) == 16 and f"error id {trailers['error-id']}" in caplog.text
+    assert "10.0.0.7" in caplog.text
+
+
+def test_readiness_is_checked_at_most_once_a_second_and_shared():
+    import asyncio
+
+    class CountingReady(_Handle):
+        calls = 0
+
+        def remote(self, body=None):
+            CountingReady.calls += 1
+            return super().remote(body)
+
+    gateway = _gateway(classify=CountingReady(True), generate=CountingReady(True))
+
+    async def probes():
+        first = await asyncio.gather(*[gateway.head_status() for _ in range(10)])  # concurrent probes share one
+        again = await gateway.head_status()  # within a second: the cached answer
+        await asyncio.sleep(1.1)
+        later = await gateway.head_status()  # stale: checked again
+        return first, again, later
+
+    first, again, later = asyncio.run(probes())
+    assert all(s == {"generate": "ready", "classify": "ready"} for s in [*first, again, later])
+    assert CountingReady.calls == 4  # two heads, checked twice
+
+
 LIMITS = {"max_body_bytes": 1 << 20}  # the other limits keep their defaults (services/limits.py)
 
 
