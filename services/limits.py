@@ -18,7 +18,8 @@ Defaults, and why (each is a knob in `AppConfig.limits`):
 - ``max_prompt_chars`` 500,000: checked before tokenizing (tokenizing 1 MB of text took 2.8 s here). At ~4
   characters a token that is ~125k tokens, beyond the engine's context by default, so a prompt rejected by it
   would have been rejected for its tokens anyway. For chat, the total of every message's text counts.
-- ``max_client_batch_size`` 32: TEI's default for inputs per classify/embed request.
+- ``max_client_batch_size`` 32: TEI's default for inputs per classify/embed request; also the number of prompts
+  of one OpenAI completions request (each becomes a generation of its own).
 - ``max_task_tokens`` 32,768 backbone tokens per classify/tag/QA request, windows × their length: twice TEI's
   ``max_batch_tokens`` default (16,384); with the QA defaults (384-token windows, stride 128) that covers ~21k
   context tokens (~80 KB of text). Checked after tokenizing and before any forward runs.
@@ -43,7 +44,7 @@ class Limits(BaseModel):
     max_stop_strings: int = Field(16, ge=0, description="`stop` strings per request")
     max_stop_string_chars: int = Field(256, ge=1, description="characters per `stop` string")
     max_prompt_chars: int = Field(500_000, ge=1, description="characters of text per request, before tokenizing")
-    max_client_batch_size: int = Field(32, ge=1, description="classify/tag `inputs` per request")
+    max_client_batch_size: int = Field(32, ge=1, description="classify/tag `inputs`, completions prompts per request")
     max_task_tokens: int = Field(32_768, ge=1, description="backbone tokens per classify/tag/QA request (all windows)")
 
     # ------------------------------------------------------------------------------------------- sizes
@@ -86,6 +87,12 @@ class Limits(BaseModel):
         if isinstance(prompt, str):
             self.check_chars("prompt", len(prompt))
         elif isinstance(prompt, list):
+            # OpenAI completions: a list of texts or of token-id lists is one request per prompt (a flat list of
+            # ints is a single prompt); each is a generation of its own, so their number is bounded like inputs
+            prompts = sum(isinstance(p, (str, list)) for p in prompt)
+            if prompts > self.max_client_batch_size:
+                raise InvalidRequest(f"prompt: {prompts} prompts, more than the limit of {self.max_client_batch_size} "
+                                     "per request", param="prompt")
             self.check_chars("prompt", sum(len(p) for p in prompt if isinstance(p, str)))
         messages = body.get("messages")
         if isinstance(messages, list):

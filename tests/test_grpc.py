@@ -552,6 +552,7 @@ HTTP_BAD_INPUTS = [
     ("/v1/completions", {"prompt": "x", "stop": ["y" * 257]}, 400, "stop"),
     ("/v1/generate", {"prompt": "x" * 500_001}, 400, "prompt"),
     ("/v1/completions", {"prompt": ["x" * 250_001, "y" * 250_000]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["x"] * 33}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 500_001}]}, 400, "messages"),
     ("/tokenize", {"prompt": "x" * 500_001}, 400, "prompt"),
     ("/v1/classify", {"inputs": ["x"] * 33}, 400, "inputs"),

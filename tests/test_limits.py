@@ -19,6 +19,8 @@ LIMITS = Limits(max_n=4, max_stop_strings=2, max_stop_string_chars=5, max_prompt
     ({"prompt": "x", "stop": ["ok", "abcdef"]}, "stop"),
     ({"prompt": "x" * 101}, "prompt"),
     ({"prompt": ["x" * 60, "y" * 60]}, "prompt"),  # OpenAI's list of prompts: the total counts
+    ({"prompt": ["x"] * 4}, "prompt"),  # more prompts than max_client_batch_size
+    ({"prompt": [[5]] * 4}, "prompt"),
     ({"messages": [{"role": "user", "content": "x" * 60}, {"role": "user", "content": "y" * 60}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 101}]}]}, "messages"),
 ])
@@ -30,7 +32,8 @@ def test_generation_limits_name_the_field(body, field):
 
 @pytest.mark.parametrize("body", [
     {"prompt": "x" * 100, "n": 4, "stop": ["abcde", "b"]},
-    {"prompt": [1, 2, 3]},  # token ids: the token limits of the engine apply
+    {"prompt": [1, 2, 3, 4, 5]},  # one tokenized prompt: the token limits of the engine apply
+    {"prompt": ["a", "b", "c"]},
     {"messages": [{"role": "user", "content": "x" * 100}]},
     {"prompt": "x", "n": "many", "stop": 7},  # wrong types are the request schema's to reject
 ])
