@@ -5,8 +5,8 @@ import json
 import re
 
 from fastapi import Request
-from pydantic import BaseModel
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
@@ -99,9 +99,8 @@ def body_schema(model: type[BaseModel]) -> dict:
 
     def inline(node):
         if isinstance(node, dict):
-            if "$ref" in node:
-                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {k: inline(v) for k, v in node.items()}
+            here = {k: inline(v) for k, v in node.items() if k != "$ref"}
+            return {**inline(defs[node["$ref"].rsplit("/", 1)[-1]]), **here} if "$ref" in node else here
         if isinstance(node, list):
             return [inline(v) for v in node]
         return node
