@@ -9,8 +9,10 @@ Errors become gRPC statuses with the `ServiceError`'s code (`services/errors.py`
 RESOURCE_EXHAUSTED, UNAVAILABLE, CANCELLED, UNAUTHENTICATED, INTERNAL) and its message as details; the details of
 a bad-input error start with the offending field as the proto names it (``temperature: ...``,
 ``chat.messages.0.role: ...``). Unary methods set the code on the context and return an empty message (Serve's
-documented way; the trailing metadata ``error-type``, ``error-param`` and ``retry-after`` travel with it); the
-streaming `Generate` sets the code and raises (Serve wraps that into a `gRPCStatusError` carrying the code).
+documented way; the trailing metadata ``error-type``, ``error-param``, ``retry-after`` and, for server errors,
+``error-id`` travel with it); the streaming `Generate` sets the code and raises (Serve wraps that into a
+`gRPCStatusError` carrying the code). Every request message is held to `limits.max_body_bytes` (`ByteSize()`),
+and generation requests to the generation limits, before anything else runs.
 A client cancelling a `Generate` call cancels this generator: its `finally` cancels the stream from the Generation
 replica, whose engine then aborts the request and frees its KV cache.
 """
@@ -266,7 +268,7 @@ class GrpcMethods:
 
     def _grpc_check_size(self, request) -> None:
         """Every message is held to HTTP's body limit (Serve's gRPC proxy itself accepts up to 2 GiB unless
-        RAY_SERVE_GRPC_MAX_MESSAGE_SIZE is set on the proxy's node, as the KubeRay head does)."""
+        RAY_SERVE_GRPC_MAX_MESSAGE_SIZE is set on the proxy's node, as the KubeRay pods do)."""
         self.limits.check_body_size(request.ByteSize(), "gRPC message")
 
     def _grpc_check_auth(self, grpc_context, path: str) -> None:
