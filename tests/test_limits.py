@@ -102,3 +102,40 @@ def test_env_keys_fail_closed():
     assert resolve_api_keys(None, "", False) == resolve_api_keys(None, "  ", False) == []
     with pytest.raises(ValueError, match="require_api_keys"):
         resolve_api_keys(None, "", True)
+
+
+def test_task_services_refuse_before_any_forward(demo_checkpoint):
+    """Inputs, characters and window tokens are checked before the backbone runs (and before windows are built)."""
+    import asyncio
+
+    from seedoss.tokenizer import SeedOssTokenizer
+    from services.classification import ClassificationService
+    from services.qa import QAService
+    from services.tagging import TaggingService
+
+    def forward(sequences):
+        raise AssertionError("the forward must not run")
+
+    tokenizer = SeedOssTokenizer.from_pretrained(demo_checkpoint)
+    limits = Limits(max_client_batch_size=4, max_prompt_chars=20_000, max_task_tokens=2_000)
+    classify = ClassificationService(tokenizer, ["a", "b"], forward, max_length=4096, limits=limits)
+    tag = TaggingService(tokenizer, ["O", "B-X"], forward, max_length=512, limits=limits)
+    qa = QAService(tokenizer, forward, max_length=4096, limits=limits)
+    cases = [
+        (classify.classify({"inputs": ["x"] * 5}), "inputs", None),
+        (classify.classify({"inputs": ["x" * 20_001]}), "inputs", None),
+        (classify.classify({"inputs": ["word " * 600] * 4}), "inputs", "request_too_large"),  # ~2400 tokens
+        (tag.tag({"inputs": ["word " * 1500], "stride": 500, "aggregation_strategy": "simple"}), "stride",
+         "request_too_large"),
+        (qa.answer({"question": "q", "context": "word " * 1900, "max_seq_len": 64, "doc_stride": 60}), "doc_stride",
+         "request_too_large"),
+        (qa.answer({"question": "q", "context": "word " * 1900}), "context", "request_too_large"),  # 384 / 128
+        (qa.answer({"question": "q" * 10_000, "context": "c" * 10_001}), "context", None),
+    ]
+    for call, field, code in cases:
+        with pytest.raises(InvalidRequest) as e:
+            asyncio.run(call)
+        assert (e.value.param, e.value.code) == (field, code), e.value.message
+    within = asyncio.run(ClassificationService(tokenizer, ["a", "b"], lambda s: [[0.0, 1.0]] * len(s), max_length=4096,
+                                               limits=limits).classify({"inputs": ["word " * 400] * 4}))
+    assert within.usage.prompt_tokens <= 2_000
