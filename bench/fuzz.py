@@ -54,7 +54,8 @@ class FuzzReport:
 
     def summary(self) -> str:
         lines = [f"{self.requests} requests, {len(self.failures)} failures"]
-        lines += [f"  {n:6d}  {outcome:40s} e.g. {self.samples[outcome]}" for outcome, n in sorted(self.outcomes.items())]
+        lines += [f"  {n:6d}  {outcome:40s} e.g. {self.samples[outcome]}"
+                  for outcome, n in sorted(self.outcomes.items())]
         lines += [f"  FAIL {f}" for f in self.failures]
         return "\n".join(lines)
 
