@@ -4,6 +4,10 @@
 Ray instance with the "small" demo preset, then for 1, 8 and 32 concurrent streaming clients (greedy, ignore_eos,
 the same prompts for both) measures output tokens/s, per-request latency p50/p99 and time to first token p50/p99
 — and the same numbers for the in-process engine with 2 stages, so the table shows what serving costs.
+
+`--lanes 1 2 --lane-concurrency 32 64` adds lane rows: the app redeployed with 1, then 2 generation lanes (each an
+engine + one replica of each stage), the same streams, with each lane's share of the tokens (warm-up included), its mean sequences per
+step, and the stage-cache miss rate (misses / sequence-steps, from every Generation replica's stats).
 """
 
 from __future__ import annotations
@@ -77,21 +81,60 @@ async def run_served(url: str, prompts, max_tokens) -> dict:
                      [r[0] for r in results], [r[1] for r in results])
 
 
+def lane_stats(app: str = "seedoss") -> list[dict]:
+    """`Generation.stats()` of every lane (asked until each replica has answered)."""
+    from ray import serve
+
+    running = serve.status().applications[app].deployments["Generation"].replica_states.get("RUNNING", 0)
+    handle = serve.get_deployment_handle("Generation", app)
+    stats: dict[str, dict] = {}
+    for _ in range(200):
+        s = handle.stats.remote().result()
+        stats[s["replica"]] = s
+        if len(stats) >= running:
+            break
+    return sorted(stats.values(), key=lambda s: s["lane"])
+
+
+def run_lanes(url: str, prompts, max_tokens, lanes: int) -> dict:
+    before = {s["replica"]: s for s in lane_stats()}
+    row = asyncio.run(run_served(url, prompts, max_tokens))
+    after = lane_stats()
+
+    def delta(s, key):
+        return s[key] - before.get(s["replica"], {}).get(key, 0)
+
+    steps = sum(delta(s, "steps") for s in after)
+    tokens = [delta(s, "generation_tokens") for s in after]
+    row.update(system=f"served, {lanes} lane(s)", lanes=lanes,
+               miss_rate=sum(delta(s, "cache_misses") for s in after) / max(steps, 1), lane_tokens=tokens,
+               seqs_per_step=[round(delta(s, "steps") / max(delta(s, "batches"), 1), 1) for s in after])
+    return row
+
+
 def start_server(checkpoint) -> str:
+    """A local Ray instance with Serve's HTTP proxy on a free port, running the app with one lane; its URL."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
-
-    from deployments.app import build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    log("deploying the Serve app (2 stages + generation + gateway) …")
-    serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": 2}), name="seedoss", route_prefix="/")
+    deploy(checkpoint, lanes=1)
     return f"http://127.0.0.1:{port}"
+
+
+def deploy(checkpoint, lanes: int) -> None:
+    from ray import serve
+
+    from deployments.app import build_app
+
+    log(f"deploying the Serve app (2 stages x {lanes} lane(s) + gateway) …")
+    serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": 2, "head_checkpoints": {},
+                         "lanes": {"min": lanes, "max": lanes}}), name="seedoss", route_prefix="/")
 
 
 def main() -> None:
@@ -99,10 +142,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--lanes", type=int, nargs="*", default=[], help="lane counts for the lane rows, e.g. 1 2")
+    parser.add_argument("--lane-concurrency", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     checkpoint = ensure_checkpoint(Path(args.checkpoint))
-    prompts = make_prompts(checkpoint, max(args.concurrency), 64, 128)
+    prompts = make_prompts(checkpoint, max(args.concurrency + args.lane_concurrency), 64, 128)
     rows = []
     for c in args.concurrency:
         log(f"in-process engine, {c} concurrent …")
@@ -118,6 +163,19 @@ def main() -> None:
     by = {(r["system"].split(",")[0].split(" ")[0], r["concurrency"]): r["tokens_per_s"] for r in rows}
     for c in args.concurrency:
         print(f"served / in-process throughput at {c:>2}: {by[('served', c)] / by[('engine', c)]:.2f}")
+    lane_rows = []
+    for lanes in args.lanes:
+        deploy(checkpoint, lanes)
+        for c in args.lane_concurrency:
+            log(f"served, {lanes} lane(s), {c} concurrent streams …")
+            lane_rows.append(run_lanes(url, prompts[:c], args.max_tokens, lanes))
+    if lane_rows:
+        print(f"\n{'lanes':>5} {'conc':>4} {'tok/s':>8} {'lat p50':>8} {'ttft p50':>8} {'miss rate':>9}  tokens per lane"
+              "  sequences per step")
+        for r in lane_rows:
+            print(f"{r['lanes']:>5} {r['concurrency']:>4} {r['tokens_per_s']:>8.1f} {r['latency_p50_s']:>8.2f} "
+                  f"{r['ttft_p50_s']:>8.3f} {r['miss_rate']:>9.4f}  {r['lane_tokens']}  {r['seqs_per_step']}")
+        rows += lane_rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -527,7 +527,8 @@ def app_config(checkpoint, engine_retry_s: float = 120.0) -> dict:
     """The soak's app: 2 stages, 2 Classification replicas (one survives the kill), an engine that rides out a stage
     replica restart (retries of 0.5 s up to `engine_retry_s`)."""
     return {"checkpoint": str(checkpoint), "num_stages": 2, "classify": {"num_replicas": 2},
-            "engine": {"max_step_retries": int(engine_retry_s / 0.5), "retry_backoff_s": 0.5}}
+            "retry": {"attempts": int(engine_retry_s / 0.5), "total_s": engine_retry_s, "backoff_s": 0.5,
+                      "max_backoff_s": 0.5}}
 
 
 def start_server(checkpoint, temp_dir: str, num_cpus: int = 2) -> SimpleNamespace:

@@ -24,16 +24,18 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     ranges = partition_layers(model_config, None if cfg.layers_per_stage else cfg.num_stages, cfg.layers_per_stage)
     stages = [
         serve.deployment(SeedOssStage, name=f"SeedOssStage{k}").options(**cfg.stage_options(k))
-        .bind(cfg.checkpoint, start, end, cfg.dtype, cfg.engine.kv_budget_bytes, cfg.engine.block_size, cfg.device)
+        .bind(cfg.checkpoint, start, end, cfg.dtype, cfg.engine.kv_budget_bytes, cfg.engine.block_size, cfg.device,
+              cfg.timeouts.stage_s)
         for k, (start, end) in enumerate(ranges)
     ]
-    generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation.serve_options())
-                  .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), *stages))
+    retry, timeouts = cfg.retry.model_dump(), cfg.timeouts.model_dump()
+    generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation_options())
+                  .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, timeouts, *stages))
     heads = {
         task: serve.deployment(TaskHead, name=TASK_DEPLOYMENTS[task]).options(**getattr(cfg, task).serve_options())
-        .bind(task, path, cfg.dtype, *stages, limits=cfg.limits)
+        .bind(task, path, cfg.dtype, retry, timeouts, *stages, limits=cfg.limits)
         for task, path in cfg.heads().items()
     }
     return Gateway.options(**cfg.gateway.serve_options()).bind(
         cfg.checkpoint, cfg.model_name, generation, **heads, api_keys=cfg.api_keys, limits=cfg.limits,
-        require_api_keys=cfg.require_api_keys)
+        require_api_keys=cfg.require_api_keys, retry=retry, timeouts=timeouts)

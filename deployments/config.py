@@ -10,6 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from seedoss.engine import EngineConfig
 from services.limits import Limits
 
+from .faults import RetryPolicy, Timeouts
+
+# Serve's end-to-end bound on one HTTP request (proxy `http_options.request_timeout_s`): above the longest stream a
+# deployment should serve (a 32k-token answer at 40 tokens/s is ~800 s); per-call bounds are `AppConfig.timeouts`.
+REQUEST_TIMEOUT_S = 900
+
 TASK_DEPLOYMENTS = {"classify": "Classification", "tag": "Tagging", "qa": "QA"}
 
 
@@ -38,7 +44,8 @@ class DeploymentOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_replicas: int | None = Field(1, ge=1)
+    num_replicas: int | None = Field(None, ge=1, description="a fixed replica count (default 1; Generation and "
+                                     "the stages: one per lane, see `lanes`)")
     autoscaling_config: dict[str, Any] | None = None
     max_ongoing_requests: int = Field(16, ge=1)
     max_queued_requests: int = Field(64, ge=-1, description="per caller; -1 is unbounded (never use in production)")
@@ -63,6 +70,56 @@ class DeploymentOptions(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
+class LaneConfig(BaseModel):
+    """How many generation lanes run (a lane: one Generation engine + one replica of each stage, see
+    `deployments/routing.py`). `min == max`: a fixed count. Otherwise lanes autoscale on the engines' own load
+    (`deployments/autoscaling.py`): enough lanes that each has at most `target_sequences` sequences running or
+    waiting and at most `target_kv_usage` of its KV cache in use, averaged over `look_back_period_s`; changes wait
+    `upscale_delay_s` / `downscale_delay_s`. A lane being removed finishes its streams within the Generation
+    deployment's `graceful_shutdown_timeout_s`; streams still running then continue on another lane."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+    initial: int | None = Field(None, ge=1, description="lanes at deploy time (default: min)")
+    target_sequences: float = Field(32, gt=0, description="running + waiting sequences per lane")
+    target_kv_usage: float = Field(0.8, gt=0, le=1, description="fraction of a lane's KV cache in use")
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+    look_back_period_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.max < self.min:
+            raise ValueError(f"lanes.max ({self.max}) is below lanes.min ({self.min})")
+        if self.initial is not None and not self.min <= self.initial <= self.max:
+            raise ValueError(f"lanes.initial ({self.initial}) is outside [{self.min}, {self.max}]")
+        return self
+
+    @property
+    def fixed(self) -> bool:
+        return self.min == self.max
+
+    def scaling(self, policy: str, **policy_kwargs) -> dict[str, Any]:
+        """Serve options for a deployment with one replica per lane."""
+        if self.fixed:
+            return {"num_replicas": self.min}
+        autoscaling = {"min_replicas": self.min, "max_replicas": self.max, "initial_replicas": self.initial,
+                       "look_back_period_s": self.look_back_period_s,
+                       "policy": {"policy_function": policy, "policy_kwargs": policy_kwargs}}
+        if policy_kwargs:  # the Generation deployment decides; the stages follow it at once
+            autoscaling.update(upscale_delay_s=self.upscale_delay_s, downscale_delay_s=self.downscale_delay_s)
+        else:
+            autoscaling.update(upscale_delay_s=0.0, downscale_delay_s=0.0)
+        return {"autoscaling_config": {k: v for k, v in autoscaling.items() if v is not None}}
+
+
+LANE_POLICY = "deployments.autoscaling:LanePolicy"
+FOLLOW_LANES_POLICY = "deployments.autoscaling:FollowLanes"
+LANE_ROUTER = "deployments.routing:LaneRouter"
+
+
 class AppConfig(BaseModel):
     """`serve run deployments.app:build_app checkpoint=... num_stages=2` or a Serve config's `args:`."""
 
@@ -84,6 +141,11 @@ class AppConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig,
                                  description="scheduling limits; kv_budget_bytes and block_size apply to each stage replica")
     pin_stages: bool = Field(False, description="stage k asks for custom resource `stage{k}: 1` (one node per stage)")
+    lanes: LaneConfig = Field(default_factory=LaneConfig, description="generation lanes: count or autoscaling range")
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="stage and head call timeouts (503 past them)")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy,
+                               description="how calls whose replica was lost are sent again (stage steps and "
+                                           "forwards, head calls, generation streams)")
     stage: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256))
     generation: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512))
     classify: DeploymentOptions = Field(default_factory=DeploymentOptions)
@@ -99,6 +161,16 @@ class AppConfig(BaseModel):
                              "use null to serve without keys")
         return keys if keys is None else checked_api_keys(keys, "api_keys")
 
+    @model_validator(mode="after")
+    def _lanes_own_scaling(self):
+        if not (self.lanes.fixed and self.lanes.min == 1):
+            for name in ("generation", "stage"):
+                options = getattr(self, name)
+                if options.num_replicas is not None or options.autoscaling_config is not None:
+                    raise ValueError(f"{name}: set the replica count through `lanes` (one {name} replica per "
+                                     f"lane), not {name}.num_replicas / autoscaling_config")
+        return self
+
     @field_validator("checkpoint")
     @classmethod
     def _expand_home(cls, path: str) -> str:
@@ -110,8 +182,19 @@ class AppConfig(BaseModel):
         root = Path(self.checkpoint) / "heads"
         return {task: str(root / task) for task in TASK_DEPLOYMENTS if (root / task / "config.json").exists()}
 
+    def _lane_scaled(self, name: str, policy: str, **policy_kwargs) -> dict[str, Any]:
+        options = getattr(self, name).serve_options()
+        if "num_replicas" not in options and "autoscaling_config" not in options:
+            options.update(self.lanes.scaling(policy, **policy_kwargs))
+        return options
+
+    def generation_options(self) -> dict[str, Any]:
+        return self._lane_scaled("generation", LANE_POLICY, target_sequences=self.lanes.target_sequences,
+                                 target_kv_usage=self.lanes.target_kv_usage)
+
     def stage_options(self, k: int) -> dict[str, Any]:
-        options = self.stage.serve_options()
+        options = self._lane_scaled("stage", FOLLOW_LANES_POLICY)
+        options["request_router_config"] = {"request_router_class": LANE_ROUTER}
         if self.pin_stages:
             actor = dict(options.get("ray_actor_options", {}))
             actor["resources"] = {**actor.get("resources", {}), f"stage{k}": 1}

@@ -6,7 +6,7 @@ import os
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 
 from seedoss.tokenizer import SeedOssTokenizer
@@ -14,16 +14,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, Unauthenticated, Unavailable
 from services.classification import ClassificationRequest
-from services.generation import GenerateRequest, sse
+from services.generation import GenerateRequest
 from services.limits import Limits
 from services.qa import QARequest
 from services.tagging import TaggingRequest
 
 from .config import resolve_api_keys
+from .faults import RetryPolicy, Timeouts
 from .grpc_api import GrpcMethods
-from .ingress import Heads, body_schema, error_response, json_body, service_error
+from .ingress import body_schema, error_response, json_body, service_error, sse_response
 from .metrics import LATENCY, REQUESTS
 from .openai_api import router as openai_router
+from .routing import Heads
 
 api = FastAPI(title="SeedOss Serve", docs_url="/docs")
 api.include_router(openai_router)
@@ -57,8 +59,10 @@ async def guard(request: Request, call_next):
 @serve.ingress(api)
 class Gateway(GrpcMethods):
     def __init__(self, checkpoint: str, model_name: str, generation, classify=None, tag=None, qa=None, *,
-                 api_keys: list[str] | None = None, limits: Limits | None = None, require_api_keys: bool = False):
-        self.heads = Heads(generation, classify, tag, qa)
+                 api_keys: list[str] | None = None, limits: Limits | None = None, require_api_keys: bool = False,
+                 retry: dict | None = None, timeouts: dict | None = None):
+        self.heads = Heads({"generate": generation, "classify": classify, "tag": tag, "qa": qa},
+                           RetryPolicy.model_validate(retry or {}), Timeouts.model_validate(timeouts or {}))
         self.tokenizer = SeedOssTokenizer.from_pretrained(checkpoint)
         self.model_name = model_name
         keys = resolve_api_keys(api_keys, os.environ.get("SEEDOSS_API_KEYS", ""), require_api_keys)
@@ -85,28 +89,23 @@ class Gateway(GrpcMethods):
         try:
             body = await json_body(request)
             self.limits.check_generation(body)
-            handle = self.heads.get("generate")
             if not body.get("stream"):  # nothing is sent before the answer: retried if the replica dies
-                return await self._call_head("generate", body, "complete")
-            chunks = handle.options(stream=True).stream.remote(body)
+                return await self.heads.call("generate", body, "complete")
+            chunks = self.heads.stream(body)
             first = await chunks.__anext__()  # validation errors surface here, before any byte is sent
         except Exception as e:
             return error_response(service_error(e))
 
-        async def events():
-            yield sse(first)
-            try:
-                async for chunk in chunks:
-                    yield sse(chunk)
-            except Exception as e:  # mid-stream failure: report it in-band, then end the stream
-                yield sse(service_error(e).to_openai_body())
-            yield sse("[DONE]")
+        async def relayed():
+            yield first
+            async for chunk in chunks:
+                yield chunk
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return sse_response(relayed(), [chunks])
 
     async def _task(self, task: str, request: Request):
         try:
-            return await self._call_head(task, await json_body(request))
+            return await self.heads.call(task, await json_body(request))
         except Exception as e:
             return error_response(service_error(e))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from ray import serve
+
 from seedoss.config import SeedOssConfig
 from seedoss.engine import EngineConfig, LLMEngine, collect
 from seedoss.loader import load_head
@@ -12,28 +14,46 @@ from seedoss.tokenizer import SeedOssTokenizer
 from services.errors import from_exception
 from services.generation import GenerateRequest, choice_dict, response_dict
 
+from .autoscaling import LOAD_KV, LOAD_SEQUENCES
+from .faults import RetryPolicy, Timeouts
 from .metrics import GenerationMetrics
-from .stage import ServePipeline
+from .routing import ServePipeline, StageChain
 
 GAUGE_INTERVAL_S = 1.0
 
 
+def _rank(rank) -> int:
+    return rank if isinstance(rank, int) else rank.rank  # a ReplicaRank
+
+
 class Generation:
-    def __init__(self, checkpoint: str, dtype: str, engine_config: dict, *stages):
+    """One lane's engine (see `deployments/routing.py`). Reports its load for the lane autoscaling policy
+    (`deployments/autoscaling.py`) through `record_autoscaling_stats`."""
+
+    def __init__(self, checkpoint: str, dtype: str, engine_config: dict, retry: dict, timeouts: dict, *stages):
         self.tokenizer = SeedOssTokenizer.from_pretrained(checkpoint)
         self.model_config = SeedOssConfig.from_pretrained(checkpoint)
         self.lm_head = load_head(checkpoint, "generate", dtype=dtype)
-        self.engine_config = EngineConfig.model_validate(engine_config)
-        self.stages = stages
+        # Between replicas the pipeline retries under the app's policy; the engine must not retry on top of it.
+        self.engine_config = EngineConfig.model_validate({**engine_config, "max_step_retries": 0})
+        self.chain = StageChain(stages, RetryPolicy.model_validate(retry), Timeouts.model_validate(timeouts).stage_s)
+        self.lane = _rank(serve.get_replica_context().rank)
         self.engine: LLMEngine | None = None
         self.metrics = GenerationMetrics()
         self._connecting = asyncio.Lock()
         self._gauges: asyncio.Task | None = None
 
+    def reconfigure(self, user_config, rank) -> None:
+        """Serve tells a replica its rank (contiguous 0..N-1) here, also when ranks are reassigned after a
+        scale-in: the rank is this replica's lane."""
+        self.lane = _rank(rank)
+        if self.engine is not None:
+            self.engine.pipeline.set_lane(self.lane)
+
     async def _engine(self) -> LLMEngine:
         async with self._connecting:
             if self.engine is None:
-                pipeline = await ServePipeline.connect(list(self.stages))
+                pipeline = await ServePipeline.connect(self.chain, self.lane)
                 self.engine = LLMEngine(pipeline, self.lm_head, self.tokenizer, self.model_config, self.engine_config,
                                         observer=self.metrics)
                 self._gauges = asyncio.get_running_loop().create_task(self._update_gauges())
@@ -45,6 +65,13 @@ class Generation:
             self.metrics.update_gauges(s.num_running, s.num_waiting, s.kv_usage)
             await asyncio.sleep(GAUGE_INTERVAL_S)
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """This lane's load, for `lane_autoscaling_policy`: sequences running or waiting, and KV cache usage."""
+        if self.engine is None:
+            return {LOAD_SEQUENCES: 0.0, LOAD_KV: 0.0}
+        s = self.engine.stats()
+        return {LOAD_SEQUENCES: float(s.num_running + s.num_waiting), LOAD_KV: s.kv_usage}
+
     def _parse(self, body: dict) -> tuple[GenerateRequest, list[int]]:
         try:
             request = GenerateRequest.model_validate(body)
@@ -52,13 +79,19 @@ class Generation:
         except Exception as e:
             raise from_exception(e) from None
 
-    async def stream(self, body: dict) -> AsyncIterator[dict]:
-        """Chunks of new text/tokens per choice; the last carries `usage`. Errors surface before the first chunk."""
+    async def stream(self, body: dict, resume: dict | None = None) -> AsyncIterator[dict]:
+        """Chunks of new text/tokens per choice; the last carries `usage`. Errors surface before the first chunk.
+
+        `resume` (from `GenerationStream`, never from a client) continues a stream that a lost lane started:
+        `{"id": the stream's id, "choices": {index: {"token_ids": delivered, "finished": bool}}}`."""
         request, ids = self._parse(body)
         engine = await self._engine()
-        completion = 0
+        choices = (resume or {}).get("choices", {})
+        completion = sum(len(c["token_ids"]) for c in choices.values())
         try:
-            async for out in engine.generate(ids, request.sampling_params()):
+            async for out in engine.generate(ids, request.sampling_params(), request_id=(resume or {}).get("id"),
+                                             resume={int(i): None if c["finished"] else c["token_ids"]
+                                                     for i, c in choices.items()}):
                 completion += sum(len(o.token_ids) for o in out.outputs)
                 chunk = {"id": out.request_id, "choices": [choice_dict(o) for o in out.outputs]}
                 if out.finished:
@@ -80,7 +113,10 @@ class Generation:
         s = (await self._engine()).stats()
         return {"num_running": s.num_running, "num_waiting": s.num_waiting, "kv_usage": s.kv_usage,
                 "num_preemptions": s.num_preemptions, "generation_tokens": s.generation_tokens,
-                "prompt_tokens": s.prompt_tokens, "requests_finished": s.requests_finished}
+                "prompt_tokens": s.prompt_tokens, "requests_finished": s.requests_finished, "batches": s.batches,
+                "steps": s.steps,
+                "cache_misses": s.cache_misses, "lane": self.lane,
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
     async def max_model_len(self) -> int:
         return (await self._engine()).max_model_len

@@ -20,15 +20,12 @@ replica, whose engine then aborts the request and frees its KV cache.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import time
 from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import ReplicaUnavailableError
 
 from proto.seedoss.v1 import seedoss_pb2 as pb
 from services.errors import InvalidRequest, ServiceError, Unavailable, from_exception
@@ -38,15 +35,6 @@ from .ingress import service_error
 
 READY_TIMEOUT_S = 10
 READY_CACHE_S = 1.0  # probes reuse a readiness answer this young instead of running a forward per head each
-log = logging.getLogger(__name__)
-
-# Unary head calls (classify, tag, answer, non-streaming generate) are idempotent: when the replica serving one dies
-# before answering, the call is sent again (Serve routes it to a live or restarted replica), so the client never
-# sees the failure. Bounded by attempts and by time; the backoff doubles from HEAD_RETRY_BACKOFF_S.
-HEAD_RETRY_ATTEMPTS = 5
-HEAD_RETRY_S = 60.0
-HEAD_RETRY_BACKOFF_S = 0.2
-REPLICA_DIED_ERRORS = (RayActorError, ReplicaUnavailableError)  # RayActorError covers ActorDied/ActorUnavailable
 
 # GenerateRequest fields with presence that map one-to-one onto the native request's fields.
 _GENERATE_OPTIONAL = (
@@ -55,7 +43,7 @@ _GENERATE_OPTIONAL = (
     "include_stop_str_in_output",
 )
 _ANSWER_OPTIONAL = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "handle_impossible_answer",
-                    "align_to_words")
+                    "align_to_words", "strip_whitespace")
 _TASK_RESPONSES = {"classify": pb.ClassifyResponse, "tag": pb.TagResponse, "qa": pb.AnswerResponse}
 # Native field → proto field, for error details (the native chat fields live under `chat` in the proto).
 _PARAM_NAMES = {"messages": "chat.messages", "chat_template_kwargs": "chat.chat_template_kwargs",
@@ -280,23 +268,6 @@ class GrpcMethods:
         if error is not None:
             raise error
 
-    async def _call_head(self, task: str, body: dict, method: str | None = None):
-        """`await heads[task][.method].remote(body)`, sent again when the replica serving it died (see
-        REPLICA_DIED_ERRORS; only for idempotent unary calls: never for streams)."""
-        handle = self.heads.get(task)
-        target = getattr(handle, method) if method else handle
-        deadline = time.monotonic() + HEAD_RETRY_S
-        backoff = HEAD_RETRY_BACKOFF_S
-        for attempt in range(1, HEAD_RETRY_ATTEMPTS + 1):
-            try:
-                return await target.remote(body)
-            except REPLICA_DIED_ERRORS as e:
-                if attempt == HEAD_RETRY_ATTEMPTS or time.monotonic() + backoff > deadline:
-                    raise
-                log.warning("%s replica failed (%s), retrying the call (attempt %d)", task, type(e).__name__, attempt)
-            await asyncio.sleep(backoff)
-            backoff *= 2
-
     async def _grpc_unary(self, grpc_context, rpc: str, request, empty, call, *, auth: bool = True):
         """`call()`'s message, or on error `empty` with the error's status set on the context."""
         try:
@@ -313,7 +284,7 @@ class GrpcMethods:
     async def _grpc_task(self, task: str, rpc: str, body_of, request, grpc_context):
         async def call():
             body = body_of(request)
-            return task_response(task, await self._call_head(task, body))
+            return task_response(task, await self.heads.call(task, body))
 
         return await self._grpc_unary(grpc_context, rpc, request, _TASK_RESPONSES[task](), call)
 
@@ -324,7 +295,7 @@ class GrpcMethods:
             self._grpc_check_size(request)
             body = generate_body(request)
             self.limits.check_generation(body)
-            chunks = self.heads.get("generate").options(stream=True).stream.remote(body)
+            chunks = self.heads.stream(body)
             async for chunk in chunks:
                 yield generate_response(chunk)
             chunks = None  # finished: nothing to cancel

@@ -18,8 +18,9 @@ from services.limits import Limits
 from services.qa import QAService
 from services.tagging import TaggingService
 
+from .faults import RetryPolicy, Timeouts
 from .metrics import HEAD_LATENCY, HEAD_REQUESTS
-from .stage import ServePipeline
+from .routing import StageChain
 
 SERVICES = {
     "classify": (ClassificationService, "classify"),
@@ -29,11 +30,13 @@ SERVICES = {
 
 
 class TaskHead:
-    def __init__(self, task: str, head_checkpoint: str, dtype: str, *stages, limits: Limits | None = None):
+    def __init__(self, task: str, head_checkpoint: str, dtype: str, retry: dict, timeouts: dict, *stages,
+                 limits: Limits | None = None):
         config = SeedOssConfig.from_pretrained(head_checkpoint)
         self.task = task
         self.head = load_head(head_checkpoint, task, dtype=dtype)
-        self.pipeline = ServePipeline(list(stages), num_blocks=0, block_size=0)  # prefill only: no cache needed
+        # cache-less forwards: any stage replica serves them
+        self.stages = StageChain(stages, RetryPolicy.model_validate(retry), Timeouts.model_validate(timeouts).stage_s)
         service_cls, method = SERVICES[task]
         kwargs = {} if task == "qa" else {"labels": config.labels}
         service = service_cls(SeedOssTokenizer.from_pretrained(head_checkpoint), forward=self._forward,
@@ -41,7 +44,7 @@ class TaskHead:
         self._handle = getattr(service, method)
 
     async def _forward(self, sequences: list[list[int]]):
-        hidden = await self.pipeline.prefill(sequences)
+        hidden = await self.stages.prefill(sequences)
         args = (hidden, sequences) if isinstance(self.head, SequenceClassificationHead) else (hidden,)
         return await asyncio.to_thread(self._run_head, *args)
 

@@ -1,28 +1,37 @@
-"""What the gateway's HTTP routes (native, OpenAI) and gRPC methods share: errors from replicas to clients,
-JSON bodies, and access to the head handles of the running Gateway."""
+"""What the gateway's HTTP routes (native, OpenAI) and gRPC methods share: errors from replicas to clients and
+JSON bodies."""
 
 import json
 import re
 
+from collections.abc import AsyncIterator, Callable
+
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import RequestCancelledError
 
 from services.errors import (
-    Cancelled, InvalidRequest, NotFound, Overloaded, ServiceError, Unavailable, from_exception, server_error,
+    Cancelled, InvalidRequest, Overloaded, ServiceError, Unavailable, from_exception, server_error,
 )
+from services.generation import sse
+
+from .faults import CallTimeout, PoisonRequest, backpressure, replica_lost
 
 
 def service_error(exc: BaseException) -> ServiceError:
     """The client-facing error for anything a route (or a replica behind it) raised."""
     while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
         exc = exc.cause
-    if isinstance(exc, BackPressureError):  # a deployment's max_queued_requests is reached
+    if isinstance(exc, PoisonRequest):  # not "unavailable": retrying would crash another replica
+        return from_exception(exc)
+    if backpressure(exc):  # a deployment's max_queued_requests is reached
         return Overloaded("the server is at capacity; retry shortly", retry_after=1)
-    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):  # their text names actors, pids and nodes
+    if replica_lost(exc):  # Ray's text names actors, pids and nodes: the log gets it under the error id
         return server_error(Unavailable("a service replica is unavailable; retry shortly", retry_after=5), exc)
+    if isinstance(exc, CallTimeout):  # a hung replica: the call was cancelled
+        return server_error(Unavailable("the service did not answer in time; retry shortly", retry_after=5), exc)
     if isinstance(exc, RequestCancelledError):
         return Cancelled("request cancelled")
     return from_exception(exc)
@@ -74,22 +83,6 @@ def lone_surrogate(value) -> str | None:
     return None
 
 
-class Heads:
-    """Deployment handles of the head services, by task ("generate", "classify", "tag", "qa")."""
-
-    def __init__(self, generation, classify=None, tag=None, qa=None):
-        self.handles = {"generate": generation, "classify": classify, "tag": tag, "qa": qa}
-
-    def get(self, task: str):
-        handle = self.handles.get(task)
-        if handle is None:
-            raise NotFound(f"no {task} head is deployed in this application", param="task")
-        return handle
-
-    def deployed(self) -> dict:
-        return {task: h for task, h in self.handles.items() if h is not None}
-
-
 def body_schema(model: type[BaseModel]) -> dict:
     """`openapi_extra` declaring a route's JSON body as `model` (routes read the raw body themselves, to answer bad
     JSON with our own errors, so FastAPI cannot infer it): the OpenAPI document then describes every request, for
@@ -106,3 +99,26 @@ def body_schema(model: type[BaseModel]) -> dict:
         return node
 
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+def sse_response(chunks: AsyncIterator[dict], streams: list,
+                 client_error: Callable[[ServiceError], ServiceError] = lambda e: e) -> StreamingResponse:
+    """Server-sent events of `chunks`, ending with `data: [DONE]`; a failure mid-stream is sent in-band. When the
+    client goes away first, Serve cancels this generator: then the generation `streams` are cancelled too, so the
+    engine aborts the request and frees its KV cache (Serve itself only cancels calls not yet sent to a replica)."""
+    async def events():
+        finished = False
+        try:
+            try:
+                async for chunk in chunks:
+                    yield sse(chunk)
+            except Exception as e:
+                yield sse(client_error(service_error(e)).to_openai_body())
+            yield sse("[DONE]")
+            finished = True
+        finally:
+            if not finished:
+                for stream in streams:
+                    stream.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -30,7 +30,7 @@ from seedoss.config import SeedOssConfig
 from seedoss.engine import EngineConfig
 from seedoss.planner import GiB, plan
 
-from .config import TASK_DEPLOYMENTS, AppConfig, DeploymentOptions
+from .config import REQUEST_TIMEOUT_S, TASK_DEPLOYMENTS, AppConfig, DeploymentOptions, LaneConfig
 
 REPO = Path(__file__).resolve().parent.parent
 K8S_DIR = REPO / "k8s"
@@ -50,6 +50,8 @@ GPU_MODEL_CONFIG = OVERLAYS_DIR / "gpu-pipeline" / "model-config.json"
 GPU_NUM_STAGES = 4
 GPU_MEM_GIB = 80
 GPU_MEM_UTIL = 0.9
+GPU_LANES = LaneConfig(min=1, max=2, target_sequences=192, upscale_delay_s=30, downscale_delay_s=600,
+                       look_back_period_s=30)  # max: the stage groups' maxReplicas in workers.yaml
 LM_HEAD_RESOURCE = "lm_head"  # advertised by the last stage's worker group: Generation (LM head) sits beside it
 HEAD_SERVICES_RESOURCE = "head_services"  # advertised by the CPU worker group: classify/tag/qa heads + gateway
 
@@ -71,9 +73,8 @@ def cpu_demo_app(checkpoint: str = "/models/demo") -> AppConfig:
         require_api_keys=False,  # the demo's opt-out (k8s/overlays/cpu-demo/demo-without-keys.yaml)
         engine=EngineConfig(max_num_seqs=64, max_batched_tokens=512, kv_budget_bytes=256 << 20),
         # the head runs no replica (num-cpus 0): every deployment asks for some CPU so it lands on the worker
-        stage=DeploymentOptions(num_replicas=1, max_ongoing_requests=64, max_queued_requests=256,
-                                ray_actor_options={"num_cpus": 0.5}),
-        generation=DeploymentOptions(num_replicas=1, max_ongoing_requests=256, max_queued_requests=512,
+        stage=DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.5}),
+        generation=DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512,
                                      ray_actor_options={"num_cpus": 0.5}),
         classify=head(4, 4, 16, 64), tag=head(4, 4, 16, 64), qa=head(4, 4, 16, 64),
         gateway=head(2, 32, 256, 512),
@@ -98,10 +99,11 @@ def gpu_pipeline_app(checkpoint: str = "/models/seed-oss-36b") -> AppConfig:
         checkpoint=checkpoint, model_name="seed-oss-36b", dtype="bfloat16", num_stages=GPU_NUM_STAGES, pin_stages=True,
         require_api_keys=True,  # keys come from the required seedoss-api-keys secret (SEEDOSS_API_KEYS)
         engine=EngineConfig(max_num_seqs=256, max_batched_tokens=4096, max_model_len=32768, kv_budget_bytes=kv_budget),
-        # stages are fixed (one pipeline lane): a sequence's KV cache lives in one replica of each stage
-        stage=DeploymentOptions(num_replicas=1, max_ongoing_requests=64, max_queued_requests=256,
+        # one Generation replica and one replica of each stage per lane, the lane count autoscaling on engine load
+        lanes=GPU_LANES,
+        stage=DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256,
                                 ray_actor_options={"num_cpus": 4, "num_gpus": 1}),
-        generation=DeploymentOptions(num_replicas=1, max_ongoing_requests=512, max_queued_requests=1024,
+        generation=DeploymentOptions(max_ongoing_requests=512, max_queued_requests=1024,
                                      ray_actor_options={"num_cpus": 4, "resources": {LM_HEAD_RESOURCE: 1}}),
         classify=head(1, 8, 8, 32, 128, 2), tag=head(1, 8, 8, 32, 128, 2), qa=head(1, 8, 8, 32, 128, 2),
         gateway=head(2, 8, 64, 256, 512, 1),
@@ -131,7 +133,7 @@ def app_args(app: AppConfig) -> dict[str, Any]:
 def serve_config(app: AppConfig, *, proxy_location: str = "EveryNode") -> dict[str, Any]:
     return {
         "proxy_location": proxy_location,
-        "http_options": {"host": "0.0.0.0", "port": HTTP_PORT},
+        "http_options": {"host": "0.0.0.0", "port": HTTP_PORT, "request_timeout_s": REQUEST_TIMEOUT_S},
         "grpc_options": {"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]},
         "applications": [
             {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": app_args(app)},
@@ -201,7 +203,7 @@ def deployment_options(app: AppConfig) -> dict[str, dict[str, Any]]:
     """Deployment name → the Serve options build_app gives it (every head the config names, present or not)."""
     num_stages = len(app.layers_per_stage) if app.layers_per_stage else app.num_stages
     options = {f"SeedOssStage{k}": app.stage_options(k) for k in range(num_stages)}
-    options["Generation"] = app.generation.serve_options()
+    options["Generation"] = app.generation_options()
     options.update({name: getattr(app, task).serve_options() for task, name in TASK_DEPLOYMENTS.items()})
     options["Gateway"] = app.gateway.serve_options()
     return options

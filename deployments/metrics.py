@@ -30,6 +30,9 @@ class GenerationMetrics(EngineObserver):
         self.running = Gauge("seedoss_running_sequences", description="sequences in the running batch")
         self.waiting = Gauge("seedoss_waiting_sequences", description="sequences waiting for admission")
         self.kv_usage = Gauge("seedoss_kv_cache_usage", description="fraction of KV cache blocks in use")
+        self.steps = Counter("seedoss_sequence_steps", description="sequence-steps run through the stages")
+        self.cache_misses = Counter("seedoss_kv_cache_misses", description="sequence-steps a stage replica "
+                                    "answered without the sequence's KV cache (recomputed; lane moved or replica lost)")
 
     def on_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -41,6 +44,11 @@ class GenerationMetrics(EngineObserver):
 
     def on_prompt(self, tokens: int) -> None:
         self.prompt_tokens.inc(tokens)
+
+    def on_step(self, sequences: int, cache_misses: int) -> None:
+        self.steps.inc(sequences)
+        if cache_misses:
+            self.cache_misses.inc(cache_misses)
 
     def update_gauges(self, running: int, waiting: int, kv_usage: float) -> None:
         self.running.set(running)

@@ -14,15 +14,13 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
-from services.generation import sse
 from services.openai import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_mapper, check_model,
     completion_mapper, model_list, rename_param, tokenize_response,
 )
 
-from .ingress import body_schema, error_response, json_body, service_error
+from .ingress import body_schema, error_response, json_body, service_error, sse_response
 
 router = APIRouter()
 _CREATED = int(time.time())
@@ -92,22 +90,9 @@ async def _merged(streams: list, firsts: list[dict]) -> AsyncIterator[tuple[int,
         _cancel(streams)
 
 
-def _events(chunks: AsyncIterator[dict], params: dict[str, str]) -> StreamingResponse:
-    async def events():
-        try:
-            async for chunk in chunks:
-                yield sse(chunk)
-        except Exception as e:  # mid-stream failure: report it in-band, then end the stream
-            error = service_error(e)
-            yield sse(rename_param(error, params or {}).to_openai_body())
-        yield sse("[DONE]")
-
-    return StreamingResponse(events(), media_type="text/event-stream")
-
-
-async def _start_streams(handle, prompts) -> tuple[list, list[dict]]:
+async def _start_streams(heads, prompts) -> tuple[list, list[dict]]:
     """Start one native stream per prompt and fetch each first chunk (errors surface here, before any byte)."""
-    streams = [handle.options(stream=True).stream.remote(p.body) for p in prompts]
+    streams = [heads.stream(p.body) for p in prompts]
     try:
         firsts = [await s.__anext__() for s in streams]
     except BaseException:
@@ -133,17 +118,16 @@ async def completions(request: Request):
         params = req.error_params()
         check_model(req.model, gateway.model_name)
         prompts = req.native_bodies(gateway.tokenizer)
-        handle = gateway.heads.get("generate")
         mapper = completion_mapper(req, gateway.model_name, gateway.tokenizer, prompts)
         if not req.stream:
-            calls = [handle.complete.remote(p.body) for p in prompts]
+            calls = [asyncio.ensure_future(gateway.heads.call("generate", p.body, "complete")) for p in prompts]
             try:
                 results = await asyncio.gather(*calls)
             except BaseException:
                 _cancel(calls)
                 raise
             return mapper.response(results)
-        streams, firsts = await _start_streams(handle, prompts)
+        streams, firsts = await _start_streams(gateway.heads, prompts)
     except Exception as e:
         return _error(e, params)
 
@@ -154,7 +138,7 @@ async def completions(request: Request):
         if mapper.include_usage:
             yield mapper.usage_chunk()
 
-    return _events(chunks(), params)
+    return sse_response(chunks(), streams, lambda e: rename_param(e, params or {}))
 
 
 @router.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
@@ -168,11 +152,10 @@ async def chat_completions(request: Request):
         params = req.error_params()
         check_model(req.model, gateway.model_name)
         prompts = req.native_bodies(gateway.tokenizer)
-        handle = gateway.heads.get("generate")
         mapper = chat_mapper(req, gateway.model_name, gateway.tokenizer, prompts)
         if not req.stream:
-            return mapper.response(await handle.complete.remote(prompts[0].body))
-        streams, firsts = await _start_streams(handle, prompts)
+            return mapper.response(await gateway.heads.call("generate", prompts[0].body, "complete"))
+        streams, firsts = await _start_streams(gateway.heads, prompts)
     except Exception as e:
         return _error(e, params)
 
@@ -185,7 +168,7 @@ async def chat_completions(request: Request):
         if mapper.include_usage:
             yield mapper.usage_chunk()
 
-    return _events(chunks(), params)
+    return sse_response(chunks(), streams, lambda e: rename_param(e, params or {}))
 
 
 @router.post("/tokenize", openapi_extra=body_schema(TokenizeRequest))

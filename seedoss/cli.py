@@ -69,15 +69,20 @@ def _serve(args) -> None:
     from ray import serve
 
     from deployments.app import build_app
+    from deployments.config import REQUEST_TIMEOUT_S
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_demo_checkpoint()
     ray.init(address=args.ray_address, include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly",
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": REQUEST_TIMEOUT_S},
+                proxy_location="HeadOnly",
                 grpc_options={"port": args.grpc_port,
                               "grpc_servicer_functions": ["proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
-    print(f"deploying {args.num_stages} stages + heads from {checkpoint} (first start takes a minute) …", file=sys.stderr)
-    serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": args.num_stages, "dtype": args.dtype}),
-              name="seedoss", route_prefix="/")
+    low, _, high = args.lanes.partition(":")
+    lanes = {"min": int(low), "max": int(high or low)}
+    print(f"deploying {args.num_stages} stages x {args.lanes} lane(s) + heads from {checkpoint} (first start takes a "
+          "minute) …", file=sys.stderr)
+    serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": args.num_stages, "dtype": args.dtype,
+                         "lanes": lanes}), name="seedoss", route_prefix="/")
     base = f"http://{'localhost' if args.host in ('0.0.0.0', '127.0.0.1') else args.host}:{args.port}"
     print(f"\nSeedOss Serve is up at {base}  (health: {base}/health, API docs: {base}/docs)\n")
     print(f"gRPC: {base.split('//')[1].rsplit(':', 1)[0]}:{args.grpc_port}  (service seedoss.v1.SeedOss, "
@@ -94,6 +99,13 @@ def _serve(args) -> None:
     ray.shutdown()
 
 
+def _lanes_arg(text: str) -> str:
+    low, sep, high = text.partition(":")
+    if not low.isdigit() or int(low) < 1 or (sep and (not high.isdigit() or int(high) < int(low))):
+        raise argparse.ArgumentTypeError(f"expected N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return text
+
+
 def _plan(args) -> None:
     from .config import SeedOssConfig
     from .planner import plan
@@ -101,7 +113,7 @@ def _plan(args) -> None:
     layers = [int(n) for n in args.layers_per_stage.split(",")] if args.layers_per_stage else None
     print(plan(SeedOssConfig.from_pretrained(args.config), args.dtype, num_stages=args.num_stages,
                layers_per_stage=layers, gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem,
-               mem_util=args.mem_util, min_kv_tokens=args.min_kv_tokens).table())
+               mem_util=args.mem_util, min_kv_tokens=args.min_kv_tokens, nodes=args.nodes).table())
 
 
 def _k8s_render(args) -> None:
@@ -138,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("serve", help="run the Ray Serve app (2 stages + 4 heads) on a local or given Ray cluster")
     p.add_argument("--checkpoint", help="HF checkpoint directory (default: the demo one, created if absent)")
     p.add_argument("--num-stages", type=int, default=2)
+    p.add_argument("--lanes", default="1", type=_lanes_arg,
+                   help="generation lanes (engine + one replica per stage): N, or MIN:MAX to autoscale on load")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -155,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mem-util", type=float, default=0.9, help="fraction of GPU memory for weights + KV cache")
     p.add_argument("--min-kv-tokens", type=int, default=0,
                    help="a stage fits only with room for this many tokens of KV cache besides its weights")
+    p.add_argument("--nodes", type=int, help="GPU nodes available: report how many generation lanes they hold")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("k8s", help="KubeRay manifests (k8s/): render the overlays' generated serveConfigV2")

@@ -92,6 +92,14 @@ class Plan:
     min_kv_tokens: int
     stages: tuple[StagePlan, ...]
     suggested_layers: tuple[int, ...] | None  # the smallest balanced split that fits; None if none does
+    nodes: int | None = None  # GPU nodes available for generation lanes, if known
+
+    @property
+    def lanes(self) -> int | None:
+        """Whole lanes (one engine + one replica of every stage, each stage on its own GPU) that `nodes` hold."""
+        if self.nodes is None:
+            return None
+        return self.nodes * self.gpus_per_node // len(self.stages)
 
     @property
     def total_params(self) -> int:
@@ -165,8 +173,12 @@ class Plan:
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         lines.append("")
-        lines.append(f"pipeline: {self.max_tokens:,} concurrent tokens; per-stage KV budget "
-                     f"(engine.kv_budget_bytes) {self.kv_budget_bytes:,} B ({_gib(self.kv_budget_bytes)})")
+        lines.append(f"per lane ({len(self.stages)} GPU(s) on {self.num_nodes} node(s)): {self.max_tokens:,} concurrent "
+                     f"tokens; per-stage KV budget (engine.kv_budget_bytes) {self.kv_budget_bytes:,} B "
+                     f"({_gib(self.kv_budget_bytes)})")
+        if self.nodes is not None:
+            lines.append(f"lanes: {self.nodes} node(s) x {self.gpus_per_node} GPU(s) hold {self.lanes} lane(s) "
+                         f"(lanes.max), {self.lanes * self.max_tokens:,} concurrent tokens in all")
         need = f" and KV for {self.min_kv_tokens:,} tokens" if self.min_kv_tokens else ""
         if self.suggested_layers is None:
             lines.append(f"suggested: none - even one layer per stage does not fit {_gib(self.usable_bytes)}{need}")
@@ -203,7 +215,7 @@ def suggest_split(config: SeedOssConfig, nbytes: int, usable: int, min_kv_tokens
 
 def plan(config: SeedOssConfig, dtype: str = "bfloat16", *, num_stages: int | None = None,
          layers_per_stage: Sequence[int] | None = None, gpus_per_node: int = 1, gpu_mem_gib: float = 80.0,
-         mem_util: float = 0.9, min_kv_tokens: int = 0) -> Plan:
+         mem_util: float = 0.9, min_kv_tokens: int = 0, nodes: int | None = None) -> Plan:
     """Plan `num_stages` balanced stages (or exactly `layers_per_stage`); with neither, the suggested split."""
     if gpus_per_node < 1:
         raise ValueError(f"gpus_per_node must be at least 1, got {gpus_per_node}")
@@ -213,6 +225,8 @@ def plan(config: SeedOssConfig, dtype: str = "bfloat16", *, num_stages: int | No
         raise ValueError(f"mem_util must be in (0, 1], got {mem_util}")
     if min_kv_tokens < 0:
         raise ValueError(f"min_kv_tokens must be >= 0, got {min_kv_tokens}")
+    if nodes is not None and nodes < 1:
+        raise ValueError(f"nodes must be at least 1, got {nodes}")
     nbytes = dtype_bytes(dtype)
     usable = usable_bytes(gpu_mem_gib, mem_util)
     suggested = suggest_split(config, nbytes, usable, min_kv_tokens)
@@ -221,7 +235,7 @@ def plan(config: SeedOssConfig, dtype: str = "bfloat16", *, num_stages: int | No
     ranges = partition_layers(config, num_stages, layers_per_stage)
     return Plan(config=config, dtype=dtype, dtype_bytes=nbytes, gpus_per_node=gpus_per_node, gpu_mem_gib=gpu_mem_gib,
                 mem_util=mem_util, min_kv_tokens=min_kv_tokens, stages=stage_plans(config, ranges, nbytes, usable),
-                suggested_layers=tuple(suggested) if suggested else None)
+                suggested_layers=tuple(suggested) if suggested else None, nodes=nodes)
 
 
 def _gib(n: int) -> str:

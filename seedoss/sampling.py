@@ -135,6 +135,7 @@ class SamplingState:
         self.min_tokens_masked_ids = sorted(t for t in masked if 0 <= t < vocab_size)
         self.seed = None if params.seed is None else (params.seed + fork_index * _FORK_MIX) & _SEED_MASK
         self._generator: torch.Generator | None = None
+        self._skipped_draws = 0  # seeded draws already made by another engine (a resumed sequence)
         # Penalty inputs, only kept when a penalty is active: the distinct prompt ids, and the
         # output ids in a growable buffer (so a step slices it instead of copying a list).
         self._prompt_ids = None
@@ -154,6 +155,11 @@ class SamplingState:
                 self._out_buf = torch.cat([self._out_buf, torch.empty_like(self._out_buf)])
             self._out_buf[n] = token_id
 
+    def skip_draws(self, steps: int) -> None:
+        """Continue a seeded sequence after `steps` tokens sampled elsewhere: its generator starts past the draws
+        those steps made (one vector of vocabulary size each, see `Sampler._race`)."""
+        self._skipped_draws = steps
+
     def generator(self, device: torch.device) -> torch.Generator | None:
         """This sequence's own generator (None when unseeded), created on first use on `device`."""
         if self.seed is None:
@@ -161,6 +167,8 @@ class SamplingState:
         if self._generator is None:
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self.seed)
+            for _ in range(self._skipped_draws):
+                torch.empty(self.vocab_size, device=device).exponential_(generator=self._generator)
         elif self._generator.device != torch.device(device):
             raise ValueError(f"seeded sequence moved from {self._generator.device} to {device}")
         return self._generator

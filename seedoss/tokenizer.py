@@ -10,6 +10,7 @@ transformers does, so ids, offsets, decoded text and prompts match ``AutoTokeniz
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from datetime import datetime
@@ -21,7 +22,7 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 import jinja2.utils
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Encoding, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = [
     "<seed:bos>",
@@ -183,7 +184,8 @@ def train_demo_tokenizer(out_dir: str | Path, vocab_size: int = 4096) -> None:
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
         "eos_token": EOS_TOKEN,
-        "extra_special_tokens": SPECIAL_TOKENS[3:],
+        # The list form both transformers 4.x and 5.x read (4.x takes `extra_special_tokens` as {name: token} only).
+        "additional_special_tokens": SPECIAL_TOKENS[3:],
         "model_max_length": MODEL_MAX_LENGTH,
         "pad_token": PAD_TOKEN,
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -218,6 +220,7 @@ class SeedOssTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, config: Mapping[str, Any], chat_template: str | None):
         self._tokenizer = tokenizer
+        self._windowing: Tokenizer | None = None  # a copy with truncation set, for `encode_pair_windows`
         self.model_max_length: int | None = config.get("model_max_length")
         self.special_tokens_map: dict[str, str] = {}
         for name in _NAMED_SPECIAL_TOKENS:
@@ -231,6 +234,7 @@ class SeedOssTokenizer:
         special_ids.update(i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special)
         self.all_special_ids: set[int] = special_ids
         self.bos_token_id = self._named_token_id("bos_token")
+        self.cls_token_id = self._named_token_id("cls_token")
         self.eos_token_id = self._named_token_id("eos_token")
         self.pad_token_id = self._named_token_id("pad_token")
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -275,6 +279,21 @@ class SeedOssTokenizer:
         whole character."""
         encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return encoding.ids, [tuple(offset) for offset in encoding.offsets]
+
+    def encode_pair_windows(self, text: str, pair: str, max_length: int, stride: int) -> list[Encoding]:
+        """The encodings of HF's ``tokenizer(text, pair, truncation="only_second", max_length=max_length,
+        stride=stride, return_overflowing_tokens=True)``: the pair with special tokens, `pair` cut into windows
+        that repeat the last `stride` tokens of the previous one. Truncation is tokenizer state, so this uses a
+        private copy of the tokenizer; the caller checks that the windows can be made (`tokenizers` panics when
+        `stride` is not below the room left for `pair`)."""
+        if self._windowing is None:
+            self._windowing = copy.deepcopy(self._tokenizer)
+        self._windowing.enable_truncation(max_length, stride=stride, strategy="only_second")
+        encoding = self._windowing.encode(text, pair)
+        return [encoding, *encoding.overflowing]
+
+    def num_special_tokens_to_add(self, pair: bool) -> int:
+        return self._tokenizer.post_processor.num_special_tokens_to_add(pair) if self._tokenizer.post_processor else 0
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

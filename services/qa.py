@@ -1,25 +1,34 @@
 """Extractive question answering with the contract of HF's ``QuestionAnsweringPipeline`` (transformers removed it
 in 5.3; this is the reference now): ``[{score, start, end, answer}]`` with character offsets into the context,
-``answer == context[start:end]``.
+``answer == context[start:end]``. By default the answers are those of transformers 4.56.2's pipeline, spans and
+scores (``tests/test_qa_reference.py`` checks it on cases the pipeline itself answered).
 
-Input layout: ``<seed:bos> question <seed:bos> context`` — the SeedOss tokenizer's pair encoding, i.e. what HF's
-``tokenizer(question, context)`` gives and so what a QA head fine-tuned with HF's tooling has seen. Position 0
-plays the part of BERT's [CLS]: its start and end probabilities make the "no answer" score. Only context tokens
-can start or end an answer.
+Input: the tokenizer's pair encoding of question and context, ``<seed:bos> question <seed:bos> context`` for
+SeedOss, cut like the pipeline's ``tokenizer(question, context, truncation="only_second", max_length=max_seq_len,
+stride=doc_stride, return_overflowing_tokens=True)``: a context that does not fit ``max_seq_len`` (default
+``min(384, model context)``) is split into windows repeating ``doc_stride`` tokens (default
+``min(128, max_seq_len // 2)``) of the previous one.
 
-Decoding, as the pipeline does:
-- a context longer than ``max_seq_len`` (default ``min(384, model context)``) minus the question is split into
-  windows sharing ``doc_stride`` tokens (default ``min(128, max_seq_len // 2)``, lowered to fit a long question);
-- per window, start and end logits are softmaxed over position 0 and the context tokens (question and separator
-  excluded); a span scores ``p_start * p_end``, ends at or after its start and is at most ``max_answer_len``
-  tokens; each window contributes its ``top_k`` best spans;
-- spans with the same text (case-insensitive) are one answer whose scores add up, then the ``top_k`` best answers
-  are returned; with ``handle_impossible_answer`` the no-answer candidate ``{score, start: 0, end: 0, answer: ""}``
-  competes with them, scored by the smallest ``p_start[0] * p_end[0]`` over the windows.
+Decoding, per window, as the pipeline's ``select_starts_ends`` and ``decode_spans`` do:
+- only context tokens can start or end an answer, plus the CLS token where the tokenizer has one (SeedOss has
+  none: its ``<seed:bos>`` is masked like every special token); the other logits become -10000 before the start
+  and end softmaxes;
+- with ``handle_impossible_answer`` the no-answer score is the smallest ``p_start[0] * p_end[0]`` over the
+  windows, taken before position 0 is zeroed. Without a CLS token that is 0.0: the "" answer only fills up a list
+  with fewer than ``top_k`` answers;
+- a span scores ``p_start * p_end``, ends at or after its start and is at most ``max_answer_len`` tokens; a window
+  offers its best ``top_k`` spans, or ``2 * top_k + 10`` with ``align_to_words`` (several grow into the same words);
+- with ``align_to_words`` a span grows to whole words as the tokenizer's word ids (its pre-tokenizer's pieces) see
+  them within the window, so a byte-level answer usually starts with the space before its word (``" Paris"``);
+- answers with the same text, compared case-insensitively, are one answer whose scores add up (the first one's
+  offsets stay); the ``top_k`` best are returned.
 
-Answer boundaries: with ``align_to_words`` a span grows to whole words of its window, a word being tokens not
-separated by whitespace (tokens sharing a character always belong together). Byte-level tokens carry the space
-before a word, so answers are stripped of surrounding whitespace — HF's pipeline would return ``" Paris"``.
+One difference: when a window has fewer allowed spans than it offers (a context of a few tokens with a large
+``top_k``), the pipeline fills up with zero-score pseudo-spans (reversed, or ending in the question) picked by
+``np.argpartition``'s tie order; we offer the real spans only.
+
+Opt-in, off by default: ``strip_whitespace`` trims the whitespace around each span before answers are merged, so
+``" Paris"`` and ``"Paris"`` become one answer ``"Paris"``.
 """
 
 from __future__ import annotations
@@ -27,14 +36,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field
 
 from .errors import InvalidRequest
 from .limits import Limits
-from .schemas import Forward, ServiceModel, Text, Usage, as_numpy, parse, run_forward, softmax, window_ranges
+from .schemas import Forward, ServiceModel, Text, Usage, as_numpy, parse, run_forward
 
 DEFAULT_MAX_SEQ_LEN = 384
 DEFAULT_DOC_STRIDE = 128
+MASKED_LOGIT = -10000.0  # what the pipeline puts in place of the logits of tokens that cannot be in an answer
 
 
 class QARequest(ServiceModel):
@@ -46,14 +56,7 @@ class QARequest(ServiceModel):
     doc_stride: int | None = Field(None, ge=0, description="context tokens shared by consecutive windows")
     handle_impossible_answer: bool = False
     align_to_words: bool = True
-
-    @field_validator("doc_stride")
-    @classmethod
-    def _stride_below_window(cls, doc_stride: int | None, info: ValidationInfo) -> int | None:
-        max_seq_len = info.data.get("max_seq_len")
-        if doc_stride is not None and max_seq_len is not None and doc_stride >= max_seq_len:
-            raise ValueError(f"doc_stride must be below max_seq_len ({max_seq_len})")
-        return doc_stride
+    strip_whitespace: bool = Field(False, description="trim whitespace around answers (the pipeline does not)")
 
 
 class Answer(BaseModel):
@@ -70,61 +73,86 @@ class QAResponse(BaseModel):
 
 @dataclass
 class QAWindow:
-    ids: list[int]  # bos, question, bos, the window's context tokens
-    context_start: int  # position of the first context token in `ids`
-    offsets: list[tuple[int, int]]  # character offsets of the window's context tokens
-    word_starts: list[bool]  # per context token: does it begin a word
+    ids: list[int]  # the window's pair encoding
+    allowed: np.ndarray  # bool per token: may start or end an answer (context tokens, and a CLS token)
+    token_chars: list[tuple[int, int]]  # per token: its character span in the context ((0, 0) outside it)
+    word_chars: list[tuple[int, int]]  # per token: the character span of its word within this window
 
 
 def preprocess(request: QARequest, tokenizer, max_length: int, limits: Limits | None = None) -> list[QAWindow]:
-    """The windows of the context; `limits` bounds their total tokens before any window is built."""
-    max_seq_len = request.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, max_length)
+    """The windows of the pair (question, context); `limits` bounds their total tokens before any is built."""
+    max_seq_len = request.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, max_length, tokenizer.model_max_length or max_length)
     if max_seq_len > max_length:
         raise InvalidRequest(f"max_seq_len must not exceed the model's context ({max_length})", param="max_seq_len")
-    bos = tokenizer.bos_token_id
-    question = tokenizer.encode(request.question, add_special_tokens=False)
-    head = [bos, *question, bos]
-    budget = max_seq_len - len(head)  # context tokens per window
-    if budget < 1:
-        raise InvalidRequest(f"the question takes {len(question)} tokens, leaving no room for context within "
-                             f"max_seq_len {max_seq_len}", param="question")
+    # `tokenizers` refuses a stride above max_seq_len less the special tokens of a single text, windows or not.
+    stride_limit = max_seq_len - tokenizer.num_special_tokens_to_add(pair=False)
+    if request.doc_stride is not None and request.doc_stride > stride_limit:
+        raise InvalidRequest(f"doc_stride must not exceed {stride_limit} with max_seq_len {max_seq_len}",
+                             param="doc_stride")
+    question = len(tokenizer.encode(request.question, add_special_tokens=False))
+    context = len(tokenizer.encode(request.context, add_special_tokens=False))
+    room = max_seq_len - question - tokenizer.num_special_tokens_to_add(pair=True)  # context tokens per window
     stride = request.doc_stride
     if stride is None:
-        stride = min(DEFAULT_DOC_STRIDE, max_seq_len // 2, budget - 1)
-    elif stride >= budget:
-        raise InvalidRequest(f"doc_stride must be below the {budget} context tokens a window holds with this "
-                             "question", param="doc_stride")
-    ids, offsets = tokenizer.encode_with_offsets(request.context, add_special_tokens=False)
-    ranges = window_ranges(len(ids), budget, stride)
+        # The pipeline's default, lowered for a long question where the pipeline's tokenizer would fail.
+        stride = max(0, min(DEFAULT_DOC_STRIDE, max_seq_len // 2, room - 1))
+    if context > room:  # windows needed: check what `tokenizers` would refuse
+        if room < 1:
+            raise InvalidRequest(f"the question takes {question} tokens, leaving no room for context within "
+                                 f"max_seq_len {max_seq_len}", param="question")
+        if stride >= room:
+            raise InvalidRequest(f"doc_stride must be below the {room} context tokens a window holds with this "
+                                 "question", param="doc_stride")
     if limits is not None:
         limits.check_task_tokens("context" if request.doc_stride is None else "doc_stride",
-                                 sum(len(head) + b - a for a, b in ranges))
-    word_starts = _word_starts(request.context, offsets)
-    return [QAWindow(head + ids[a:b], len(head), offsets[a:b], word_starts[a:b]) for a, b in ranges]
+                                 window_tokens(context, room, stride, max_seq_len))
+    return [_window(encoding, tokenizer.cls_token_id)
+            for encoding in tokenizer.encode_pair_windows(request.question, request.context, max_seq_len, stride)]
 
 
-def _word_starts(text: str, offsets: list[tuple[int, int]]) -> list[bool]:
-    starts = []
-    for i, (start, _) in enumerate(offsets):
-        previous_end = offsets[i - 1][1] if i else 0
-        starts.append(i == 0 or (start >= previous_end and (
-            text[start: start + 1].isspace() or text[previous_end - 1: previous_end].isspace())))
-    return starts
+def window_tokens(context: int, room: int, stride: int, max_seq_len: int) -> int:
+    """Tokens of all the windows `tokenizers` makes of a pair whose context has `context` tokens, `room` of them per
+    window (each window also holds the question and the special tokens: ``max_seq_len - room``), consecutive windows
+    sharing `stride` (the last one shorter): computed without making them."""
+    count = 1 if context <= room else 1 + -(-(context - room) // (room - stride))
+    return count * (max_seq_len - room) + context + (count - 1) * stride
+
+
+def _window(encoding, cls_token_id: int | None) -> QAWindow:
+    """A `tokenizers` encoding of (question, context) → what decoding needs, computed the way the pipeline reads it
+    (``sequence_ids`` for its p_mask, ``offsets``, ``token_to_word`` + ``word_to_chars(word, sequence_index=1)``)."""
+    in_context = [sequence == 1 for sequence in encoding.sequence_ids]
+    allowed = np.array(in_context) | (np.array(encoding.ids) == cls_token_id)
+    offsets = [tuple(o) if inside else (0, 0) for o, inside in zip(encoding.offsets, in_context)]
+    first, last = {}, {}  # word id → first and last context token of that word in this window
+    for i, (word, inside) in enumerate(zip(encoding.word_ids, in_context)):
+        if inside and word is not None:
+            first.setdefault(word, i)
+            last[word] = i
+    words = [(offsets[first[w]][0], offsets[last[w]][1]) if inside and w is not None else offsets[i]
+             for i, (w, inside) in enumerate(zip(encoding.word_ids, in_context))]
+    return QAWindow(list(encoding.ids), allowed, offsets, words)
 
 
 def postprocess(start_logits, end_logits, windows: list[QAWindow], request: QARequest) -> list[Answer]:
     """Start and end logits [tokens of all windows packed] → the best answers."""
     start_logits, end_logits = as_numpy(start_logits), as_numpy(end_logits)
-    answers: dict[str, Answer] = {}
-    null_score = 1.0
+    offered = request.top_k * 2 + 10 if request.align_to_words else request.top_k
+    answers: dict[str, Answer] = {}  # by lowercased text, in the order first seen
+    null_score = 1_000_000.0  # the pipeline's "large and positive" start
     at = 0
     for window in windows:
-        keep = np.r_[at, at + window.context_start: at + len(window.ids)]  # position 0 and the context
-        at += len(window.ids)
-        p_start, p_end = softmax(start_logits[keep]), softmax(end_logits[keep])
+        n = len(window.ids)
+        p_start = _masked_softmax(start_logits[at: at + n], window.allowed)
+        p_end = _masked_softmax(end_logits[at: at + n], window.allowed)
+        at += n
         null_score = min(null_score, float(p_start[0] * p_end[0]))
-        for s, e, score in _best_spans(p_start[1:], p_end[1:], request.top_k, request.max_answer_len):
-            start, end = _char_span(request.context, window, s, e, request.align_to_words)
+        p_start[0] = p_end[0] = 0.0  # position 0 (CLS) is the no-answer, never a span
+        for s, e, score in _best_spans(p_start, p_end, window.allowed, offered, request.max_answer_len):
+            chars = window.word_chars if request.align_to_words else window.token_chars
+            start, end = chars[s][0], chars[e][1]
+            if request.strip_whitespace:
+                start, end = _strip(request.context, start, end)
             text = request.context[start:end]
             if text.lower() in answers:
                 answers[text.lower()].score += score
@@ -133,38 +161,41 @@ def postprocess(start_logits, end_logits, windows: list[QAWindow], request: QARe
     candidates = list(answers.values())
     if request.handle_impossible_answer:
         candidates.append(Answer(score=null_score, start=0, end=0, answer=""))
-    return sorted(candidates, key=lambda a: -a.score)[: request.top_k]
+    return sorted(candidates, key=lambda a: a.score, reverse=True)[: request.top_k]  # stable, as the pipeline's
 
 
-def _best_spans(p_start: np.ndarray, p_end: np.ndarray, k: int, max_answer_len: int
+def _masked_softmax(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """The pipeline's float32 softmax over the window with disallowed logits set to -10000."""
+    x = np.where(allowed, logits, np.float32(MASKED_LOGIT))
+    x = np.exp(x - x.max())
+    return x / x.sum()
+
+
+def _best_spans(p_start: np.ndarray, p_end: np.ndarray, allowed: np.ndarray, k: int, max_answer_len: int
                 ) -> list[tuple[int, int, float]]:
-    """The `k` best (start, end, score) token spans with ``start <= end < start + max_answer_len``; ties go to the
-    earlier start, then the earlier end. Scores only the band of allowed spans, not all n² pairs."""
+    """The `k` best (start, end, score) token spans with ``start <= end < start + max_answer_len``, both ends
+    allowed, score > 0; ties go to the earlier start, then the earlier end (as the pipeline's ``np.argmax`` for
+    ``top_k`` 1; for more, its order of exact ties is ``np.argpartition``'s).
+    Scores the band of allowed spans rather than the pipeline's full n × n outer product."""
     n, width = len(p_start), min(max_answer_len, len(p_start))
     ends = np.arange(n)[:, None] + np.arange(width)[None, :]  # [start, length - 1] → end
-    valid = ends < n
-    scores = np.where(valid, p_start[:, None] * p_end[np.minimum(ends, n - 1)], -1.0).ravel()
-    best = np.argsort(-scores, kind="stable")[: min(k, int(valid.sum()))]
-    return [(int(i) // width, int(i) // width + int(i) % width, float(scores[i])) for i in best]
+    valid = (ends < n) & allowed[:, None] & allowed[np.minimum(ends, n - 1)]
+    scores = np.where(valid, p_start[:, None] * p_end[np.minimum(ends, n - 1)], np.float32(0)).ravel()
+    best = np.argsort(-scores, kind="stable")[: k]
+    return [(int(i) // width, int(i) // width + int(i) % width, float(scores[i])) for i in best if scores[i] > 0]
 
 
-def _char_span(context: str, window: QAWindow, s: int, e: int, align_to_words: bool) -> tuple[int, int]:
-    if align_to_words:
-        while s > 0 and not window.word_starts[s]:
-            s -= 1
-        while e + 1 < len(window.word_starts) and not window.word_starts[e + 1]:
-            e += 1
-    start, end = window.offsets[s][0], window.offsets[e][1]
+def _strip(context: str, start: int, end: int) -> tuple[int, int]:
+    """`start`, `end` moved inwards past whitespace; a whitespace-only span stays as it is rather than becoming
+    the empty "no answer"."""
     text = context[start:end]
-    if not text.strip():  # a whitespace-only span stays as it is rather than becoming the empty "no answer"
+    if not text.strip():
         return start, end
     return start + len(text) - len(text.lstrip()), end - (len(text) - len(text.rstrip()))
 
 
 class QAService:
     def __init__(self, tokenizer, forward: Forward, *, max_length: int, limits: Limits | None = None):
-        if tokenizer.bos_token_id is None:
-            raise ValueError("the QA layout needs the tokenizer's bos token")
         self.tokenizer = tokenizer
         self.forward = forward
         self.max_length = max_length  # the model's context

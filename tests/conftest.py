@@ -11,6 +11,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ray_default_temp_dir():
+    """`ray.cluster_utils.Cluster.add_node` records the cluster's address in Ray's default temp dir even when the
+    head node was given its own: on a fresh machine that directory does not exist yet."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir
+    except ImportError:  # Ray is not installed (library-only checkout)
+        return
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
+
+
 def hf_config(**overrides):
     """A tiny transformers SeedOssConfig (head_dim 32 ≠ hidden/heads by default)."""
     from transformers import SeedOssConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from seedoss.demo import CLASSIFY_LABELS, PRESETS, TAG_LABELS, demo_config, head
 from seedoss.loader import load_head, load_stage
 from seedoss.model import StepBatch
 from seedoss.partition import stage_param_counts
+from seedoss.tokenizer import SPECIAL_TOKENS
 
 HF_CLASSES = {
     "generate": AutoModelForCausalLM,
@@ -43,6 +45,16 @@ def test_demo_checkpoint_is_deterministic(demo_checkpoint, tmp_path):
         assert (again / rel).read_bytes() == (demo_checkpoint / rel).read_bytes(), rel
     with pytest.raises(FileExistsError, match="overwrite"):
         write_demo_checkpoint(again)
+
+
+@pytest.mark.parametrize("task", ["generate", "classify", "tag", "qa"])
+def test_tokenizer_config_loads_in_transformers_4(demo_checkpoint, task):
+    """transformers 4.x (4.56.2 still has the QA pipeline) fails on a list under `extra_special_tokens`: the extra
+    special tokens go under `additional_special_tokens`, which 4.x and 5.x both read (5.x: the test below;
+    4.56.2: bench/qa_reference.py loads the QA head's tokenizer)."""
+    config = json.loads((head_dir(demo_checkpoint, task) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "extra_special_tokens" not in config
+    assert config["additional_special_tokens"] == SPECIAL_TOKENS[3:]
 
 
 @pytest.mark.parametrize("task", ["generate", "classify", "tag", "qa"])

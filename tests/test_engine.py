@@ -340,3 +340,60 @@ def test_engine_serves_callers_on_successive_event_loops(demo_checkpoint, prompt
         return engine._loop_task.get_loop() is asyncio.get_running_loop()
 
     assert asyncio.run(loop_is_current())
+
+
+async def _deltas(engine, ids, params, **kwargs) -> dict[int, list[tuple[list[int], str]]]:
+    """Per choice, the (token ids, text) of every streamed output, in order."""
+    deltas: dict[int, list] = {}
+    try:
+        async for out in engine.generate(ids, params, **kwargs):
+            for o in out.outputs:
+                deltas.setdefault(o.index, []).append((o.token_ids, o.text, o.finish_reason, o.stop_reason))
+    finally:
+        await engine.shutdown()
+    return deltas
+
+
+@pytest.mark.parametrize("cut", [1, 7, 15])
+def test_resumed_request_continues_exactly_where_the_lost_engine_stopped(demo_checkpoint, prompt_ids, tokenizer, cut):
+    """A lane that dies mid-stream hands its request to another engine with the tokens the client already has:
+    the continuation (seeded sampling with penalties and n=2; greedy with a stop string that may be held back across
+    the cut) streams exactly what the uninterrupted run streamed after that point, and a finished choice is not
+    generated again."""
+    sampled = SamplingParams(temperature=0.9, top_p=0.9, seed=11, n=2, max_tokens=24, frequency_penalty=0.5,
+                             ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = run(_deltas(LLMEngine.from_checkpoint(demo_checkpoint), prompt_ids[1], greedy))[0]
+    stop_text = tokenizer.decode([t for d in plain[cut + 2: cut + 4] for t in d[0]])
+    stopped = greedy.model_copy(update={"stop": [stop_text]})
+
+    for params, resume_of in [(sampled, lambda ids: {0: ids, 1: None}), (stopped, lambda ids: {0: ids})]:
+        full = run(_deltas(LLMEngine.from_checkpoint(demo_checkpoint), prompt_ids[1], params))
+        delivered = [t for d in full[0][:cut] for t in d[0]]  # decode steps: one token per delta
+        assert len(delivered) == cut
+        rest = run(_deltas(LLMEngine.from_checkpoint(demo_checkpoint, num_stages=2), prompt_ids[1], params,
+                           request_id="cmpl-x", resume=resume_of(delivered)))
+        assert list(rest) == [0]
+        expected = full[0][cut:]
+        assert [t for d in rest[0] for t in d[0]] == [t for d in expected for t in d[0]]
+        assert "".join(d[1] for d in rest[0]) == "".join(d[1] for d in expected)
+        assert rest[0][-1][2:] == expected[-1][2:]  # finish and stop reason
+
+
+def test_cache_misses_are_counted_per_sequence_step(demo_checkpoint, prompt_ids):
+    engine = LLMEngine.from_checkpoint(demo_checkpoint, num_stages=2)
+
+    async def scenario():
+        tasks = [asyncio.create_task(collect(engine.generate(p, SamplingParams(temperature=0, max_tokens=30))))
+                 for p in prompt_ids[:3]]
+        while engine.stats().generation_tokens < 15:
+            await asyncio.sleep(0.005)
+        assert engine.stats().cache_misses == 0
+        stage1 = engine.pipeline.executors[1]
+        stage1.worker.submit(stage1.cache.clear)
+        await asyncio.gather(*tasks)
+        await engine.shutdown()
+
+    run(scenario())
+    s = engine.stats()
+    assert 1 <= s.cache_misses <= 3 and s.steps >= s.generation_tokens

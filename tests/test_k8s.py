@@ -566,7 +566,7 @@ def test_gpu_pipeline_is_sized_by_the_planner():
         assert group["groupName"] == f"stage{k}"
         assert group["resources"][f"stage{k}"] == "1"  # stage k's node offers stage{k} ...
         assert app.stage_options(k)["ray_actor_options"]["resources"] == {f"stage{k}": 1}  # ... and SeedOssStage k asks
-        assert group["minReplicas"] == group["maxReplicas"] == group["replicas"] == 1
+        assert (group["minReplicas"], group["maxReplicas"]) == (app.lanes.min, app.lanes.max) == (1, 2)  # a pod a lane
         container = group["template"]["spec"]["containers"][0]
         memory = f"{pod_memory_gib(stage.weight_bytes)}Gi"
         for kind in ("requests", "limits"):

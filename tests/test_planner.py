@@ -132,6 +132,7 @@ def test_pod_memory():
     ({"min_kv_tokens": -1}, "min_kv_tokens"),
     ({"num_stages": 5}, "num_stages"),
     ({"layers_per_stage": [2, 1]}, "layers_per_stage"),
+    ({"nodes": 0}, "nodes"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -153,3 +154,12 @@ def test_cli_bad_input(capsys):
     with pytest.raises(SystemExit) as e:
         main(["plan", "--config", "/nonexistent/config.json", "--gpus-per-node", "1", "--gpu-mem", "80"])
     assert e.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("nodes, gpus_per_node, lanes", [(4, 1, 1), (7, 1, 1), (8, 1, 2), (3, 4, 3), (1, 2, 0)])
+def test_lanes_that_fit_on_n_nodes(c36, nodes, gpus_per_node, lanes):
+    """A lane is one replica of every stage, each on a GPU of its own: 4 stages need 4 GPUs per lane."""
+    p = plan(c36, "bfloat16", num_stages=4, gpus_per_node=gpus_per_node, gpu_mem_gib=80, nodes=nodes)
+    assert p.lanes == lanes
+    assert f"hold {lanes} lane(s) (lanes.max), {lanes * p.max_tokens:,} concurrent tokens" in p.table()
+    assert plan(c36, "bfloat16", num_stages=4, gpu_mem_gib=80).lanes is None

@@ -51,7 +51,7 @@ def server(demo_checkpoint, tmp_path_factory):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 2, "pin_stages": True,
-                         "engine": {"max_step_retries": 120, "retry_backoff_s": 0.5}}),
+                         "retry": {"attempts": 240, "total_s": 120, "backoff_s": 0.5, "max_backoff_s": 0.5}}),
               name=APP, route_prefix="/")
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", nodes=nodes, checkpoint=demo_checkpoint)
     serve.shutdown()
@@ -248,3 +248,51 @@ def test_killing_a_stage_replica_mid_stream_recovers(server):
         time.sleep(2)
     assert r.status_code == 200
     assert _stage_info(1)["actor_name"] != old_name  # a new replica serves stage 1
+
+
+def _generation_load() -> tuple[int, float]:
+    from ray import serve
+
+    s = serve.get_deployment_handle("Generation", APP).stats.remote().result()
+    return s["num_running"] + s["num_waiting"], s["kv_usage"]
+
+
+def _idle_within(seconds: float) -> float:
+    """Seconds until the engine runs nothing and holds no KV (fails after `seconds`)."""
+    start = time.monotonic()
+    while _generation_load() != (0, 0.0):
+        assert time.monotonic() - start < seconds, f"still running after {seconds}s: {_generation_load()}"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("route, stream", [("/v1/generate", True), ("/v1/generate", False),
+                                           ("/v1/completions", True), ("/v1/completions", False)])
+def test_client_disconnect_aborts_the_generation_and_frees_its_kv(server, route, stream):
+    """A client that hangs up (streaming or waiting for a unary answer) stops its generation: the engine runs
+    nothing and holds no KV cache within 1 s."""
+    body = {"prompt": "A long story begins", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": stream}
+    if route == "/v1/completions":
+        body["model"] = "seedoss"
+    assert _idle_within(30) >= 0
+
+    async def hang_up():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            if stream:
+                async with client.stream("POST", route, json=body) as s:
+                    assert s.status_code == 200
+                    lines = 0
+                    async for _ in s.aiter_lines():
+                        lines += 1
+                        if lines >= 6:
+                            break  # leaving the block closes the connection
+            else:
+                task = asyncio.create_task(client.post(route, json=body))
+                while (await asyncio.to_thread(_generation_load))[0] == 0:
+                    await asyncio.sleep(0.05)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(hang_up())
+    assert _idle_within(1.0) <= 1.0

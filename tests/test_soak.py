@@ -4,15 +4,14 @@ lost requests, idle KV caches and bounded replica memory.
 
 The scenario is `bench/soak.py`'s (the long run, with figures in bench/RESULTS.md), shortened: CLIENTS async clients
 (httpx.AsyncClient + grpc.aio) for DURATION seconds on one local Ray node with Serve's HTTP and gRPC proxies; the app
-has 2 stages, 2 Classification replicas and an engine that retries a step for up to 120 s.
+has 2 stages, 2 Classification replicas and a retry policy (`AppConfig.retry`) that rides out replica restarts for up
+to 120 s.
 
 What is killed, and why not Generation: the replica of `SeedOssStage1` (`ray.kill(no_restart=True)`; Serve starts
-a new one) — generation steps are retried by the engine and their lost KV cache recomputed, the task heads' cache-less
-prefill retries with backoff (`ServePipeline.prefill`); then one of the two `Classification` replicas — the Gateway
-re-sends the idempotent call that replica was serving (`GrpcMethods._call_head`), so no client sees it. The
-Generation replica is not killed: a stream that already sent tokens cannot be replayed transparently, so its death
-ends open streams with an in-band `service_unavailable_error` (the documented behaviour, checked nowhere as "zero
-errors").
+a new one) — generation steps are re-sent (`ServePipeline.run`) and their lost KV cache recomputed, the task heads'
+cache-less forwards are re-sent (`StageChain.prefill`); then one of the two `Classification` replicas — the Gateway
+re-sends the idempotent call that replica was serving (`Heads.call`), so no client sees it. Killing a Generation
+replica (a whole lane) mid-stream is tested in tests/test_lanes.py.
 
 Outcomes that pass: a full answer, a stream the client itself hung up on, or an explicit retryable rejection (HTTP
 429, gRPC RESOURCE_EXHAUSTED / UNAVAILABLE) — and we assert there are none of those either. Anything else fails:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
-import itertools
 import logging
 import random
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +84,9 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     requests_finished: int
+    batches: int  # micro-batches the pipeline ran
+    steps: int  # sequence-steps the pipeline ran (one per sequence per micro-batch)
+    cache_misses: int  # of those, steps a stage answered without the sequence's cache (recomputed)
     ttft_s: list[float]
     inter_token_s: list[float]
 
@@ -94,10 +97,12 @@ class EngineObserver:
     def on_first_token(self, seconds: float) -> None: ...
     def on_next_token(self, seconds: float) -> None: ...
     def on_prompt(self, tokens: int) -> None: ...
+    def on_step(self, sequences: int, cache_misses: int) -> None: ...
 
 
 @dataclass
 class _Request:
+    key: str  # engine-internal and globally unique: sequences' cache keys derive from it, never from request_id
     request_id: str
     prompt_ids: list[int]
     seqs: list[Sequence]
@@ -118,11 +123,11 @@ class LLMEngine:
                                  model_config.max_position_embeddings, num_blocks * block_size)
         self.sampler = Sampler(torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**63)))
         self._head_worker = pipeline.head_executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-head")
-        self._requests: dict[str, _Request] = {}
-        self._ids = itertools.count()
+        self._requests: dict[str, _Request] = {}  # by key
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._totals = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
+        self._totals = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "batches": 0,
+                        "steps": 0, "cache_misses": 0}
         self._ttft: deque[float] = deque(maxlen=2048)
         self._itl: deque[float] = deque(maxlen=8192)
         # What exists now (weights, tokenizer, configs) lives as long as the engine: move it out of the cyclic
@@ -149,11 +154,16 @@ class LLMEngine:
         return self.pipeline.num_stages
 
     # --- public API --------------------------------------------------------------------------------------
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       resume: dict[int, list[int] | None] | None = None) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs (deltas); the last one has `finished=True`. Closing the iterator early
-        (client gone) aborts the request."""
-        request = self._add(prompt_ids, params, request_id)
+        (client gone) aborts the request.
+
+        `request_id` is only the id outputs carry (any string; the engine keys its state by an id of its own).
+        `resume` continues a request another engine started and lost (a lane that died or drained): per choice
+        index, the token ids already delivered (generation goes on after them, and the outputs carry only new
+        tokens and text), or None for a choice that already finished (it is not generated again)."""
+        request = self._add(prompt_ids, params, request_id, resume or {})
         try:
             while True:
                 item = await request.queue.get()
@@ -163,14 +173,11 @@ class LLMEngine:
                 if item.finished:
                     return
         finally:
-            if request.request_id in self._requests:
-                self.abort(request.request_id)
+            if request.key in self._requests:
+                self._abort(request)
 
-    def abort(self, request_id: str) -> None:
+    def _abort(self, request: _Request) -> None:
         """Stop a request now; its sequences' KV cache is dropped in every stage."""
-        request = self._requests.get(request_id)
-        if request is None:
-            return
         for seq in request.seqs:
             if not seq.finished:
                 seq.finish("abort")
@@ -190,14 +197,14 @@ class LLMEngine:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
-        for request_id in list(self._requests):
-            self.abort(request_id)
+        for request in list(self._requests.values()):
+            self._abort(request)
 
     # --- admission ---------------------------------------------------------------------------------------
-    def _add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None) -> _Request:
-        request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._requests:
-            raise RequestError(f"request id {request_id!r} is already running", "request_id")
+    def _add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None,
+             resume: dict[int, list[int] | None]) -> _Request:
+        key = uuid.uuid4().hex
+        request_id = request_id or f"req-{key}"
         if not prompt_ids:
             raise RequestError("the prompt is empty", "prompt")
         vocab = self.model_config.vocab_size
@@ -213,17 +220,13 @@ class LLMEngine:
         elif params.max_tokens > room:
             raise RequestError(f"max_tokens={params.max_tokens} exceeds the {room} tokens left after the "
                                f"{len(prompt_ids)}-token prompt (context {self.max_model_len})", "max_tokens")
-        seqs = [
-            Sequence(
-                seq_id=f"{request_id}:{i}", request_id=request_id, index=i, prompt_ids=list(prompt_ids), params=params,
-                sampling=SamplingState(params, prompt_ids, self.model_config.eos_token_ids, vocab, fork_index=i),
-                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
-                stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
-            )
-            for i in range(params.n)
-        ]
-        request = _Request(request_id, list(prompt_ids), seqs)
-        self._requests[request_id] = request
+        seqs = [self._new_sequence(key, i, prompt_ids, params, resume.get(i, []))
+                for i in range(params.n) if resume.get(i, []) is not None]
+        request = _Request(key, request_id, list(prompt_ids), seqs)
+        self._requests[key] = request
+        if not seqs:  # a resumed request whose choices all finished: only its end is left to report
+            self._publish(request)
+            return request
         for seq in seqs:
             self.scheduler.add(seq)
         self._totals["prompt_tokens"] += len(prompt_ids)
@@ -236,6 +239,28 @@ class LLMEngine:
             self._loop_task = loop.create_task(self._loop(), context=contextvars.Context())
         self._wakeup.set()
         return request
+
+    def _new_sequence(self, key: str, index: int, prompt_ids: list[int], params: SamplingParams,
+                      delivered: list[int]) -> Sequence:
+        vocab = self.model_config.vocab_size
+        seq = Sequence(
+            seq_id=f"{key}:{index}", request_key=key, index=index, prompt_ids=list(prompt_ids), params=params,
+            sampling=SamplingState(params, prompt_ids, self.model_config.eos_token_ids, vocab, fork_index=index),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
+            stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
+        )
+        if delivered:
+            if len(delivered) >= params.max_tokens or any(not 0 <= t < vocab for t in delivered):
+                raise RequestError(f"cannot resume choice {index} after {len(delivered)} tokens", "resume")
+            # Replay what the client already has: the same penalties, seeded draws, detokenizer and stop-string
+            # state as the engine that produced it; the text it yields was delivered, so it is dropped.
+            for token in delivered:
+                seq.output_ids.append(token)
+                seq.sampling.append(token)
+                seq.stop_matcher.feed(seq.detokenizer.add(token))
+            seq.sampling.skip_draws(len(delivered))
+            seq.last_token_time = time.monotonic()  # not a first token: no TTFT sample for the new lane
+        return seq
 
     # --- the loop ----------------------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -283,6 +308,11 @@ class LLMEngine:
     def _process(self, batch: MicroBatch, task: asyncio.Task) -> None:
         error = StageUnavailable("the step was cancelled") if task.cancelled() else task.exception()
         self.scheduler.complete(batch, succeeded=error is None)
+        misses = len(error.seq_ids) if isinstance(error, MissingSequenceCache) else 0
+        self._totals["batches"] += 1
+        self._totals["steps"] += len(batch.items)
+        self._totals["cache_misses"] += misses
+        self.observer.on_step(len(batch.items), misses)
         if isinstance(error, MissingSequenceCache):
             log.info("stage lost the cache of %s; recomputing", error.seq_ids)
             for item in batch.items:
@@ -298,8 +328,8 @@ class LLMEngine:
             if not isinstance(error, StageUnavailable):
                 log.error("micro-batch failed", exc_info=error)
             failure = error if isinstance(error, StageUnavailable) else RuntimeError(f"generation failed: {error}")
-            for request_id in {i.seq.request_id for i in batch.items}:
-                request = self._requests.pop(request_id, None)
+            for key in {i.seq.request_key for i in batch.items}:
+                request = self._requests.pop(key, None)
                 if request:
                     for seq in request.seqs:
                         if not seq.finished:
@@ -317,8 +347,8 @@ class LLMEngine:
                     self._accept(seq, sampled.token_ids[row], sampled.logprobs[row], sampled.top_logprobs[row])
             if seq.finished:
                 self._release(seq)
-            if seq.request_id in self._requests:
-                touched[seq.request_id] = self._requests[seq.request_id]
+            if seq.request_key in self._requests:
+                touched[seq.request_key] = self._requests[seq.request_key]
         for request in touched.values():
             self._publish(request)
 
@@ -374,7 +404,7 @@ class LLMEngine:
                                                 seq.finish_reason, seq.stop_reason))
         finished = all(s.finished for s in request.seqs)
         if finished:
-            self._requests.pop(request.request_id, None)
+            self._requests.pop(request.key, None)
             self._totals["requests_finished"] += 1
         if outputs or finished:
             request.queue.put_nowait(RequestOutput(request.request_id, request.prompt_ids, outputs, finished))

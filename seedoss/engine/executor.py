@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Protocol
 
@@ -51,8 +52,21 @@ class LocalStageExecutor:
         self.cache = stage.new_kv_cache(kv_budget_bytes, block_size)
         self.num_blocks, self.block_size = self.cache.num_blocks, block_size
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{stage.start}-{stage.end}")
+        self._forward_started: float | None = None  # when the forward now running began (None: idle)
+
+    def busy_for(self) -> float:
+        """Seconds the forward now running has taken so far (0 when idle); read without queueing on the worker."""
+        started = self._forward_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def _forward(self, inputs, seq_ids, query_lens, context_lens, use_cache):
+        self._forward_started = time.monotonic()
+        try:
+            return self._run(inputs, seq_ids, query_lens, context_lens, use_cache)
+        finally:
+            self._forward_started = None
+
+    def _run(self, inputs, seq_ids, query_lens, context_lens, use_cache):
         batch = StepBatch(seq_ids, query_lens, context_lens)
         if not use_cache:
             return self.stage(inputs, batch)

@@ -25,8 +25,8 @@ class TokenLogprob:
 
 @dataclass(eq=False)  # identity: a sequence is only ever equal to itself
 class Sequence:
-    seq_id: str
-    request_id: str
+    seq_id: str  # the stages' cache key: unique across engines, replicas and restarts
+    request_key: str  # the engine's key of the request this sequence belongs to
     index: int  # which of the request's `n` choices
     prompt_ids: list[int]
     params: SamplingParams

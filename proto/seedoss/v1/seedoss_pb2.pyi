@@ -261,7 +261,7 @@ class TagResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[TagResult, _Mapping]]] = ..., usage: _Optional[_Union[TaskUsage, _Mapping]] = ...) -> None: ...
 
 class AnswerRequest(_message.Message):
-    __slots__ = ("question", "context", "top_k", "max_answer_len", "max_seq_len", "doc_stride", "handle_impossible_answer", "align_to_words")
+    __slots__ = ("question", "context", "top_k", "max_answer_len", "max_seq_len", "doc_stride", "handle_impossible_answer", "align_to_words", "strip_whitespace")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +270,7 @@ class AnswerRequest(_message.Message):
     DOC_STRIDE_FIELD_NUMBER: _ClassVar[int]
     HANDLE_IMPOSSIBLE_ANSWER_FIELD_NUMBER: _ClassVar[int]
     ALIGN_TO_WORDS_FIELD_NUMBER: _ClassVar[int]
+    STRIP_WHITESPACE_FIELD_NUMBER: _ClassVar[int]
     question: str
     context: str
     top_k: int
@@ -278,7 +279,8 @@ class AnswerRequest(_message.Message):
     doc_stride: int
     handle_impossible_answer: bool
     align_to_words: bool
-    def __init__(self, question: _Optional[str] = ..., context: _Optional[str] = ..., top_k: _Optional[int] = ..., max_answer_len: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., doc_stride: _Optional[int] = ..., handle_impossible_answer: _Optional[bool] = ..., align_to_words: _Optional[bool] = ...) -> None: ...
+    strip_whitespace: bool
+    def __init__(self, question: _Optional[str] = ..., context: _Optional[str] = ..., top_k: _Optional[int] = ..., max_answer_len: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., doc_stride: _Optional[int] = ..., handle_impossible_answer: _Optional[bool] = ..., align_to_words: _Optional[bool] = ..., strip_whitespace: _Optional[bool] = ...) -> None: ...
 
 class Answer(_message.Message):
     __slots__ = ("score", "start", "end", "answer")

@@ -1,0 +1,252 @@
+"""How calls reach stage replicas: lanes and KV affinity.
+
+A *lane* is one Generation replica (one engine) plus the stage replicas its sequences' KV caches live on. Lane k is
+the Generation replica of rank k (Serve keeps ranks contiguous, 0..N-1, and tells a replica its rank through
+`reconfigure`). Every stage call of lane k carries the session id ``lane-k``; the stage deployments route with
+`LaneRouter`, which sends lane k to the k-th (mod n) of the stage's replicas ordered by replica id — a pure
+function of the replica set that every caller computes alike, so all steps of a lane, from any process, reach the
+same replica of each stage, and with as many stage replicas as lanes each lane has its own. When the replica set
+changes (scale out or in, a crash), some lanes move: their next step misses the cache there and the engine
+recomputes those sequences (`MissingSequenceCache`), so correctness never depends on routing.
+
+Calls without a lane (the heads' cache-less forwards) go to the least loaded replica: any replica can serve them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+
+import torch
+from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
+
+from seedoss.engine import StageUnavailable
+from seedoss.kv_cache import MissingSequenceCache
+from services.errors import NotFound
+
+from .faults import CallTimeout, RetryPolicy, Timeouts, backpressure, replica_lost
+from .wire import pack, unpack
+
+log = logging.getLogger(__name__)
+LANE_PREFIX = "lane-"
+
+
+def lane_session(lane: int) -> str:
+    return f"{LANE_PREFIX}{lane}"
+
+
+class LaneRouter(ConsistentHashRouter):
+    """Strict lane → replica affinity for calls with a lane session id; least-loaded for the rest. Subclasses
+    Serve's consistent-hash router for its session-sticky request loop (a request keeps its chosen replica and
+    waits out backpressure there instead of spilling to another replica, where it would miss the cache)."""
+
+    def _lookup_ranked_replicas(self, routing_key: str):
+        if not routing_key.startswith(LANE_PREFIX) or not self._replica_set_snapshot:
+            return super()._lookup_ranked_replicas(routing_key)
+        replicas = sorted(self._replica_set_snapshot, key=lambda r: r.unique_id)
+        return [replicas[int(routing_key[len(LANE_PREFIX):]) % len(replicas)]]
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        session = pending_request.metadata.session_id if pending_request is not None else None
+        if not (session and session.startswith(LANE_PREFIX)):
+            return [candidate_replicas] if candidate_replicas else []  # the framework picks the shortest queue
+        return await super().choose_replicas(candidate_replicas, pending_request)
+
+
+def detached(fn, *args):
+    """`fn(*args)` outside the current Serve request: handle calls made in it are not children of the request that
+    happens to be current, so Serve does not cancel them when that client goes away. The engine's steps and frees
+    serve every running sequence; its loop task was started inside the first request and inherits its context."""
+    return contextvars.Context().run(fn, *args)
+
+
+class StageChain:
+    """The stage deployments in pipeline order. Hidden states go stage to stage without the caller: each stage's
+    DeploymentResponse is passed straight into the next stage's call."""
+
+    def __init__(self, handles: list, retry: RetryPolicy, stage_timeout_s: float):
+        self.handles, self.retry = list(handles), retry
+        self.num_stages = len(self.handles)
+        self.timeout_s = stage_timeout_s * self.num_stages  # a forward through every stage
+
+    def for_lane(self, lane: int) -> list:
+        return [h.options(session_id=lane_session(lane)) for h in self.handles]
+
+    async def prefill(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Cache-less forward of whole sequences → final hidden states [sum(len), hidden]; any replica serves it,
+        and it is sent again while a stage replica is lost (see `RetryPolicy`)."""
+        lengths = [len(s) for s in sequences]
+        tokens = pack(torch.tensor([t for s in sequences for t in s]))
+
+        def chain():
+            x = tokens
+            for handle in self.handles:
+                x = handle.prefill.remote(x, lengths)
+            return x
+
+        async def attempt():
+            response = detached(chain)
+            try:
+                return unpack(await response)
+            except asyncio.CancelledError:  # timed out, or the caller went away
+                response.cancel()
+                raise
+
+        try:
+            return await self.retry.call(attempt, "cache-less stage forward", self.timeout_s)
+        except CallTimeout:
+            raise StageUnavailable(f"a stage forward took longer than {self.timeout_s:g}s") from None
+        except Exception as e:
+            if replica_lost(e):
+                raise StageUnavailable("a stage replica is unavailable") from None
+            raise
+
+
+class ServePipeline:
+    """The engine's `Pipeline` over the stage deployments, for one lane. A step whose stage replica was lost is
+    sent again under the app's retry policy (a retried step is safe: a stage truncates a sequence to the step's
+    context); when the policy gives up, `StageUnavailable` fails the step's requests."""
+
+    head_executor = None
+
+    def __init__(self, chain: StageChain, lane: int, num_blocks: int, block_size: int):
+        self.chain, self.num_blocks, self.block_size = chain, num_blocks, block_size
+        self.num_stages = chain.num_stages
+        self.set_lane(lane)
+
+    @classmethod
+    async def connect(cls, chain: StageChain, lane: int) -> "ServePipeline":
+        infos = [await h.info.remote() for h in chain.for_lane(lane)]
+        return cls(chain, lane, min(i["num_blocks"] for i in infos), infos[0]["block_size"])
+
+    def set_lane(self, lane: int) -> None:
+        self.lane = lane
+        self._handles = self.chain.for_lane(lane)
+
+    def _forward(self, tokens, seq_ids, query_lens, context_lens):
+        x = pack(tokens)
+        for handle in self._handles:
+            x = handle.forward.remote(x, seq_ids, query_lens, context_lens)
+        return x
+
+    async def run(self, tokens, seq_ids, query_lens, context_lens):
+        retries = self.chain.retry.retries(f"lane {self.lane} step")
+        while True:
+            step = detached(self._forward, tokens, seq_ids, query_lens, context_lens)
+            try:
+                return unpack(await asyncio.wait_for(step, self.chain.timeout_s))
+            except MissingSequenceCache as e:  # Ray re-raises the replica's exception as a subclass of it
+                raise MissingSequenceCache(getattr(e, "cause", e).seq_ids) from None
+            except TimeoutError:
+                step.cancel()
+                raise StageUnavailable(f"a stage step took longer than {self.chain.timeout_s:g}s") from None
+            except Exception as e:
+                if backpressure(e):
+                    raise StageUnavailable("a stage is at capacity") from None
+                delay = retries.delay_after(e)
+                if delay is None:
+                    if replica_lost(e):
+                        raise StageUnavailable("a stage replica is unavailable") from None
+                    raise
+            await asyncio.sleep(delay)
+
+    def _free(self, seq_ids):
+        for handle in self._handles:
+            handle.free.remote(list(seq_ids))
+
+    def free(self, seq_ids):
+        detached(self._free, seq_ids)  # also when called while a cancelled request unwinds (abort)
+
+
+class Heads:
+    """The gateway's handles of the head services, by task ("generate", "classify", "tag", "qa"), and the one way
+    it calls them: unary calls (idempotent) are sent again while their replica was lost, and generation streams
+    continue on another lane when theirs is lost (`GenerationStream`). Lane choice for a request is Serve's default
+    power-of-two-choices on ongoing requests per Generation replica: a request is a sequence (or `n`), so a lane's
+    ongoing requests track its running + waiting sequences, the same load the lane autoscaler reads."""
+
+    def __init__(self, handles: dict, retry: RetryPolicy, timeouts: Timeouts):
+        self.handles, self.retry, self.timeouts = handles, retry, timeouts
+
+    def get(self, task: str):
+        handle = self.handles.get(task)
+        if handle is None:
+            raise NotFound(f"no {task} head is deployed in this application", param="task")
+        return handle
+
+    def deployed(self) -> dict:
+        return {task: h for task, h in self.handles.items() if h is not None}
+
+    async def call(self, task: str, body: dict, method: str | None = None):
+        handle = self.get(task)
+        target = getattr(handle, method) if method else handle
+
+        async def once():
+            response = target.remote(body)
+            try:
+                return await response
+            except asyncio.CancelledError:  # the client went away: stop the work (Serve would not, once sent)
+                response.cancel()
+                raise
+
+        return await self.retry.call(once, f"{task} call", self.timeouts.head_s)
+
+    def stream(self, body: dict) -> "GenerationStream":
+        return GenerationStream(self.get("generate"), body, self.retry, self.timeouts.head_s)
+
+
+class GenerationStream:
+    """`Generation.stream(body)` that outlives its lane. It remembers what it relayed (the stream's id, each
+    choice's token ids, which choices finished); when the lane's replica is lost — killed, crashed, or removed by a
+    scale-in before the stream finished — it asks another lane to resume after exactly those tokens, so the client
+    sees one stream with no token repeated or missing. Greedy and seeded requests continue as if nothing happened
+    (the engine replays penalties, seeded draws, detokenizer and stop-string state)."""
+
+    def __init__(self, handle, body: dict, retry: RetryPolicy, chunk_timeout_s: float):
+        self.handle, self.body, self.chunk_timeout_s = handle, body, chunk_timeout_s
+        self.id: str | None = None
+        self.delivered: dict[int, list[int]] = {}
+        self.finished: set[int] = set()
+        self._retries = retry.retries("generation stream")
+        self._stream = self._start(None)
+
+    def _start(self, resume: dict | None):
+        stream = self.handle.options(stream=True).stream
+        return stream.remote(self.body) if resume is None else stream.remote(self.body, resume)
+
+    def _resume(self) -> dict | None:
+        if self.id is None:
+            return None  # nothing relayed yet: start afresh
+        return {"id": self.id, "choices": {i: {"token_ids": ids, "finished": i in self.finished}
+                                           for i, ids in self.delivered.items()}}
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(self._stream.__anext__(), self.chunk_timeout_s)
+            except StopAsyncIteration:
+                raise
+            except TimeoutError:
+                self._stream.cancel()
+                raise CallTimeout(f"no generation output for {self.chunk_timeout_s:g}s") from None
+            except Exception as e:
+                delay = self._retries.delay_after(e)
+                if delay is None:
+                    raise
+                log.warning("generation stream %s lost its lane (%s); resuming on another", self.id, type(e).__name__)
+                await asyncio.sleep(delay)
+                self._stream = self._start(self._resume())
+                continue
+            self.id = chunk["id"]
+            for c in chunk["choices"]:
+                self.delivered.setdefault(c["index"], []).extend(c["token_ids"])
+                if c.get("finish_reason") is not None:
+                    self.finished.add(c["index"])
+            return chunk
+
+    def cancel(self) -> None:
+        self._stream.cancel()
