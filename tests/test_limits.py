@@ -139,3 +139,25 @@ def test_task_services_refuse_before_any_forward(demo_checkpoint):
     within = asyncio.run(ClassificationService(tokenizer, ["a", "b"], lambda s: [[0.0, 1.0]] * len(s), max_length=4096,
                                                limits=limits).classify({"inputs": ["word " * 400] * 4}))
     assert within.usage.prompt_tokens <= 2_000
+
+
+@pytest.mark.parametrize("words, max_seq_len, doc_stride", [
+    (5, 64, None), (100, 64, None), (100, 64, 0), (300, 64, 40), (1000, 128, 100), (999, 200, 3),
+])
+def test_qa_window_tokens_are_computed_exactly_before_the_windows_exist(demo_checkpoint, words, max_seq_len,
+                                                                         doc_stride):
+    """The QA token check (services/qa.py:window_tokens) counts what `tokenizers` will make, without making it."""
+    from seedoss.tokenizer import SeedOssTokenizer
+    from services.qa import QARequest, preprocess
+
+    tokenizer = SeedOssTokenizer.from_pretrained(demo_checkpoint)
+    request = QARequest(question="where is it", context=" ".join(f"w{i}" for i in range(words)),
+                        max_seq_len=max_seq_len, doc_stride=doc_stride)
+    seen = {}
+
+    class Recording(Limits):
+        def check_task_tokens(self, field, total):
+            seen["total"] = total
+
+    windows = preprocess(request, tokenizer, 4096, Recording())
+    assert seen["total"] == sum(len(w.ids) for w in windows), (len(windows), seen)
