@@ -11,6 +11,7 @@ from seedoss.engine import EngineConfig
 from services.limits import Limits
 
 from .faults import RetryPolicy, Timeouts
+from .logs import LogOptions
 
 # Serve's end-to-end bound on one HTTP request (proxy `http_options.request_timeout_s`): above the longest stream a
 # deployment should serve (a 32k-token answer at 40 tokens/s is ~800 s); per-call bounds are `AppConfig.timeouts`.
@@ -152,6 +153,8 @@ class AppConfig(BaseModel):
     tag: DeploymentOptions = Field(default_factory=DeploymentOptions)
     qa: DeploymentOptions = Field(default_factory=DeploymentOptions)
     gateway: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512))
+    logs: LogOptions = Field(default_factory=LogOptions, description="log encoding (TEXT/JSON), level, stage access "
+                             "logs (see deployments/logs.py)")
 
     @field_validator("api_keys")
     @classmethod
@@ -182,8 +185,15 @@ class AppConfig(BaseModel):
         root = Path(self.checkpoint) / "heads"
         return {task: str(root / task) for task in TASK_DEPLOYMENTS if (root / task / "config.json").exists()}
 
+    def head_options(self, task: str) -> dict[str, Any]:
+        return {**getattr(self, task).serve_options(), "logging_config": self.logs.serve_logging()}
+
+    def gateway_options(self) -> dict[str, Any]:
+        return {**self.gateway.serve_options(), "logging_config": self.logs.serve_logging()}
+
     def _lane_scaled(self, name: str, policy: str, **policy_kwargs) -> dict[str, Any]:
         options = getattr(self, name).serve_options()
+        options["logging_config"] = self.logs.serve_logging(access_log=name != "stage" or self.logs.stage_access_log)
         if "num_replicas" not in options and "autoscaling_config" not in options:
             options.update(self.lanes.scaling(policy, **policy_kwargs))
         return options

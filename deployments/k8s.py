@@ -204,8 +204,8 @@ def deployment_options(app: AppConfig) -> dict[str, dict[str, Any]]:
     num_stages = len(app.layers_per_stage) if app.layers_per_stage else app.num_stages
     options = {f"SeedOssStage{k}": app.stage_options(k) for k in range(num_stages)}
     options["Generation"] = app.generation_options()
-    options.update({name: getattr(app, task).serve_options() for task, name in TASK_DEPLOYMENTS.items()})
-    options["Gateway"] = app.gateway.serve_options()
+    options.update({name: app.head_options(task) for task, name in TASK_DEPLOYMENTS.items()})
+    options["Gateway"] = app.gateway_options()
     return options
 
 

@@ -61,9 +61,20 @@ def detached(fn, *args):
     return contextvars.Context().run(fn, *args)
 
 
+def chained(handles: list, method: str, x, *args):
+    """`method` on each stage in turn, each stage's DeploymentResponse passed straight into the next stage's call:
+    hidden states go stage to stage without the caller. Returns the last stage's response (made detached)."""
+    def chain():
+        y = x
+        for handle in handles:
+            y = getattr(handle, method).remote(y, *args)
+        return y
+
+    return detached(chain)
+
+
 class StageChain:
-    """The stage deployments in pipeline order. Hidden states go stage to stage without the caller: each stage's
-    DeploymentResponse is passed straight into the next stage's call."""
+    """The stage deployments in pipeline order."""
 
     def __init__(self, handles: list, retry: RetryPolicy, stage_timeout_s: float):
         self.handles, self.retry = list(handles), retry
@@ -79,14 +90,8 @@ class StageChain:
         lengths = [len(s) for s in sequences]
         tokens = pack(torch.tensor([t for s in sequences for t in s]))
 
-        def chain():
-            x = tokens
-            for handle in self.handles:
-                x = handle.prefill.remote(x, lengths)
-            return x
-
         async def attempt():
-            response = detached(chain)
+            response = chained(self.handles, "prefill", tokens, lengths)
             try:
                 return unpack(await response)
             except asyncio.CancelledError:  # timed out, or the caller went away
@@ -124,16 +129,10 @@ class ServePipeline:
         self.lane = lane
         self._handles = self.chain.for_lane(lane)
 
-    def _forward(self, tokens, seq_ids, query_lens, context_lens):
-        x = pack(tokens)
-        for handle in self._handles:
-            x = handle.forward.remote(x, seq_ids, query_lens, context_lens)
-        return x
-
     async def run(self, tokens, seq_ids, query_lens, context_lens):
         retries = self.chain.retry.retries(f"lane {self.lane} step")
         while True:
-            step = detached(self._forward, tokens, seq_ids, query_lens, context_lens)
+            step = chained(self._handles, "forward", pack(tokens), seq_ids, query_lens, context_lens)
             try:
                 return unpack(await asyncio.wait_for(step, self.chain.timeout_s))
             except MissingSequenceCache as e:  # Ray re-raises the replica's exception as a subclass of it

@@ -15,12 +15,13 @@ from .weights import Checkpoint, build_on_meta, parse_dtype
 def load_stage(path: str | Path, start: int = 0, end: int | None = None, *, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", checkpoint: Checkpoint | None = None) -> Stage:
     """Layers [start, end) of the checkpoint at `path` (end defaults to all layers), Linear weights prepacked
-    when on CPU in float32."""
+    when on CPU in float32. Progress is logged as `stage layers START-LAST` (seedoss.weights.LoadProgress)."""
     config = SeedOssConfig.from_pretrained(path)
     end = config.num_hidden_layers if end is None else end
     ckpt = checkpoint or Checkpoint(path)
     stage = build_on_meta(lambda: Stage(config, start, end))
-    ckpt.load_into(stage, stage.checkpoint_layout(ckpt.prefix), parse_dtype(dtype), device)
+    ckpt.load_into(stage, stage.checkpoint_layout(ckpt.prefix), parse_dtype(dtype), device,
+                   label=f"stage layers {start}-{end - 1}")
     pack_linears(stage)
     return stage.eval()
 
@@ -38,7 +39,7 @@ def load_head(path: str | Path, task: str, *, dtype: str | torch.dtype = "float3
     head = build_on_meta(lambda: HEAD_CLASSES[task](config))
     params = dict(head.named_parameters())
     layout = {ours: [(theirs, tuple(params[ours].shape))] for ours, theirs in head.hf_names(config, ckpt.prefix).items()}
-    ckpt.load_into(head, layout, parse_dtype(dtype), device)
+    ckpt.load_into(head, layout, parse_dtype(dtype), device, label=f"{task} head")
     pack_linears(head)
     return head.eval()
 

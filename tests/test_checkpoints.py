@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
 import torch
 from conftest import hf_config, save_hf_model
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import SeedOssForCausalLM
 
+from seedoss import weights
 from seedoss.config import ConfigError, SeedOssConfig
 from seedoss.loader import load_head, load_stage
 from seedoss.model import StepBatch
@@ -143,3 +146,49 @@ def test_unknown_rope_type_names_file_and_key(saved, tmp_path):
 def test_bad_dtype(saved):
     with pytest.raises(ValueError, match="dtype must be one of"):
         load_stage(saved[0], dtype="int8")
+
+
+def test_loading_a_sharded_checkpoint_logs_progress_while_it_runs(saved, tmp_path, caplog, monkeypatch):
+    path, model = saved
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="150KB")
+    monkeypatch.setattr(weights, "PROGRESS_INTERVAL_S", 0.0)  # a line per tensor: the throttle is tested below
+    caplog.set_level(logging.INFO, logger="seedoss.load")
+    ckpt = Checkpoint(sharded)
+    load_stage(sharded, 0, 3, checkpoint=ckpt)
+    records = [r for r in caplog.records if r.name == "seedoss.load"]
+    *running, final = records
+    assert final.load_done and not any(r.load_done for r in running)
+    assert all(r.load_label == "stage layers 0-2" for r in records) and "stage layers 0-2" in final.getMessage()
+    # lines while it runs, each before all bytes were read, each further than the one before
+    during = [r for r in running if 0 < r.load_bytes < r.load_total]
+    assert len(during) >= 2 and all("ETA" in r.getMessage() and "/s" in r.getMessage() for r in during)
+    assert [r.load_bytes for r in records] == sorted({r.load_bytes for r in records})
+    # the bytes add up: every tensor the stage read, as stored in its shard
+    stored = 0
+    for file in {ckpt.files[n] for n in ckpt.read_log}:
+        with safe_open(str(file), framework="pt") as f:
+            stored += sum(f.get_tensor(n).nbytes for n in ckpt.read_log if n in f.keys())
+    assert final.load_bytes == final.load_total == stored
+    assert len({ckpt.files[n] for n in ckpt.read_log}) > 2  # it did span several shards
+
+
+def test_load_progress_is_throttled(saved, caplog):
+    path, _ = saved
+    caplog.set_level(logging.INFO, logger="seedoss.load")
+    load_head(path, "generate")  # far faster than PROGRESS_INTERVAL_S: the start and the end line only
+    lines = [r.getMessage() for r in caplog.records if r.name == "seedoss.load"]
+    assert len(lines) == 2 and lines[0].startswith("generate head: loading ") and "loaded" in lines[1]
+
+
+def test_load_progress_rate_and_eta(caplog):
+    caplog.set_level(logging.INFO, logger="seedoss.load")
+    ticks = iter([0.0, 4.0, 7.0, 10.0])
+    progress = weights.LoadProgress("stage layers 0-9", 3 << 30, files=2, clock=lambda: next(ticks))
+    progress.add(1 << 30)
+    progress.add(2 << 30)  # all read: no progress line, the final one follows
+    progress.finish()
+    assert [r.getMessage() for r in caplog.records] == [
+        "stage layers 0-9: loading 3.00 GiB from 2 file(s)",
+        "stage layers 0-9: 1.00 GiB / 3.00 GiB (33%), 256.0 MiB/s, ETA 8s",
+        "stage layers 0-9: loaded 3.00 GiB in 10.0s (307.2 MiB/s)"]

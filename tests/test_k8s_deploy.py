@@ -4,7 +4,7 @@ tasks answer over HTTP, and over gRPC on the configured port.
 
 The config is taken from k8s/overlays/cpu-demo/serve-config.yaml the way KubeRay hands it to Ray: the operator
 parses the `spec.serveConfigV2` YAML string and submits the result as is. Only what a local run must change is
-changed — `applications[0].args.checkpoint` (`/models/demo`, the pods' init-container path) becomes the
+changed — `applications[0].args.checkpoint` (`/models/demo`, baked into the CPU image) becomes the
 `demo_checkpoint` fixture, the HTTP/gRPC ports (8000/9000) become free local ports and the HTTP host 127.0.0.1 —
 and a test checks that nothing else differs. `proxy_location: EveryNode` is kept: three proxies then share each
 port on this one machine (Serve's HTTP proxy sets SO_REUSEPORT, gRPC servers do by default on Linux).
@@ -39,8 +39,8 @@ import httpx
 import pytest
 import yaml
 
-from deployments.config import TASK_DEPLOYMENTS
-from deployments.k8s import APP_NAME, GRPC_PORT, HTTP_PORT, OVERLAYS_DIR, PATCH_FILE
+from deployments.config import TASK_DEPLOYMENTS, AppConfig
+from deployments.k8s import APP_NAME, GRPC_PORT, HTTP_PORT, OVERLAYS_DIR, PATCH_FILE, deployment_options
 from proto.seedoss.v1 import seedoss_pb2 as pb
 from proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
 from seedoss.config import SeedOssConfig
@@ -195,15 +195,13 @@ def test_local_config_is_the_committed_one_but_for_checkpoint_and_ports():
 # --------------------------------------------------------------------------------------------- the cluster
 
 def _expected_cpu_use(config: dict) -> float:
-    """CPUs the app holds at its initial size: num_replicas, or min_replicas when autoscaling."""
-    args = config["applications"][0]["args"]
+    """CPUs the app holds at its initial size: num_replicas (one per lane for stages and Generation), or
+    min_replicas when autoscaling, as the app builder resolves them."""
     total = 0.0
-    for name, copies in (("stage", args["num_stages"]), ("generation", 1), ("classify", 1), ("tag", 1), ("qa", 1),
-                         ("gateway", 1)):
-        options = args[name]
-        replicas = options["autoscaling_config"]["min_replicas"] if "autoscaling_config" in options \
-            else options["num_replicas"]
-        total += copies * replicas * options["ray_actor_options"]["num_cpus"]
+    for options in deployment_options(AppConfig.model_validate(config["applications"][0]["args"])).values():
+        scaling = options.get("autoscaling_config")
+        replicas = scaling["min_replicas"] if scaling else options.get("num_replicas", 1)
+        total += replicas * options["ray_actor_options"]["num_cpus"]
     return total
 
 
