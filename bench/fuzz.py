@@ -20,6 +20,7 @@ tests/test_fuzz.py runs the same harness for about a minute in CI.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -50,7 +51,7 @@ class FuzzReport:
         self.outcomes[outcome] += 1
         self.samples.setdefault(outcome, detail[-160:])
         if failed and len(self.failures) < 50:
-            self.failures.append(f"{outcome}: {detail}"[:2000])
+            self.failures.append(f"{outcome}: {detail}"[:20_000])  # whole bodies: a failure must be replayable
 
     def summary(self) -> str:
         lines = [f"{self.requests} requests, {len(self.failures)} failures"]
@@ -105,7 +106,7 @@ def fuzz_http(base_url: str, seconds: float, *, examples: int = 10, headers: dic
         try:
             response = case.call(base_url=base_url, session=session, headers=headers, timeout=REQUEST_TIMEOUT_S)
         except Exception as e:  # a timeout (hang) or a dropped connection
-            report.record(f"{outcome} {type(e).__name__}", True, repr(case.body)[:500])
+            report.record(f"{outcome} {type(e).__name__}", True, json.dumps(case.body, default=str))
             return
         failed = response.status_code >= 500
         report.record(f"{outcome} {response.status_code}", failed, f"body={case.body!r:.500} -> {response.text[:500]}")
