@@ -13,7 +13,7 @@ against every HTTP route and every gRPC method, then the properties a hostile cl
 Properties: no HTTP 5xx and no gRPC INTERNAL / UNKNOWN / UNAVAILABLE / DEADLINE_EXCEEDED (the client timeout: a
 hang), no transport error, no Serve replica restarted (the named replica actors are the same before and after),
 and a normal request over each transport still answered afterwards. Requests ask for at most MAX_NEW_TOKENS new
-tokens (generated `max_tokens` values above it are lowered): what is fuzzed is request handling, not long decodes.
+tokens (generated `max_tokens` values above it, and null, are lowered): request handling is fuzzed, not decodes.
 tests/test_fuzz.py runs the same harness for about a minute in CI.
 """
 
@@ -63,12 +63,13 @@ class FuzzReport:
 
 def _cap_tokens(body) -> None:
     if isinstance(body, dict):
-        if "messages" in body and "max_tokens" not in body and "max_completion_tokens" not in body:
-            body["max_tokens"] = MAX_NEW_TOKENS  # chat's default is the rest of the context
         for name in ("max_tokens", "max_completion_tokens", "min_tokens"):
             value = body.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value > MAX_NEW_TOKENS:
                 body[name] = MAX_NEW_TOKENS
+        if (body.get("max_tokens") is None and body.get("max_completion_tokens") is None
+                and ("max_tokens" in body or "messages" in body)):
+            body["max_tokens"] = MAX_NEW_TOKENS  # null, and chat's default, mean "the rest of the context"
 
 
 def _until(deadline: float, run_round) -> None:
