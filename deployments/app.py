@@ -33,9 +33,9 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
                   .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, timeouts, *stages))
     heads = {
         task: serve.deployment(TaskHead, name=TASK_DEPLOYMENTS[task]).options(**cfg.head_options(task))
-        .bind(task, path, cfg.dtype, retry, timeouts, cfg.batching.model_dump(), *stages)
+        .bind(task, path, cfg.dtype, retry, timeouts, cfg.batching.model_dump(), *stages, limits=cfg.limits)
         for task, path in cfg.heads().items()
     }
     return Gateway.options(**cfg.gateway_options()).bind(
-        cfg.checkpoint, cfg.model_name, generation, **heads, api_keys=cfg.api_keys, max_body_bytes=cfg.max_body_bytes,
-        retry=retry, timeouts=timeouts)
+        cfg.checkpoint, cfg.model_name, generation, **heads, api_keys=cfg.api_keys, limits=cfg.limits,
+        require_api_keys=cfg.require_api_keys, retry=retry, timeouts=timeouts)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from seedoss.engine import EngineConfig
+from services.limits import Limits
 
 from .batching import BatchingConfig
 from .faults import RetryPolicy, Timeouts
@@ -18,6 +19,26 @@ from .logs import LogOptions
 REQUEST_TIMEOUT_S = 900
 
 TASK_DEPLOYMENTS = {"classify": "Classification", "tag": "Tagging", "qa": "QA", "embed": "Embedding"}
+
+
+def checked_api_keys(keys: list[str], source: str) -> list[str]:
+    """`keys` unchanged, or ValueError: auth must fail closed, so a key that is empty, blank or padded with
+    whitespace (which no client's header can match, or which ``Authorization: Bearer `` would) stops the config
+    from loading instead of being skipped or accepted."""
+    for i, key in enumerate(keys):
+        if not key.strip() or key != key.strip():
+            raise ValueError(f"{source}: key {i} is empty or has surrounding whitespace")
+    return keys
+
+
+def resolve_api_keys(api_keys: list[str] | None, env: str, required: bool) -> list[str]:
+    """The keys a gateway accepts: the config's plus `env` (``SEEDOSS_API_KEYS``: comma-separated, items stripped;
+    unset or blank means none, an empty item is an error); ValueError when `required` and there are none."""
+    env_keys = checked_api_keys([k.strip() for k in env.split(",")], "SEEDOSS_API_KEYS") if env.strip() else []
+    keys = [*(api_keys or []), *env_keys]
+    if required and not keys:
+        raise ValueError("require_api_keys is set but no key is configured (api_keys or SEEDOSS_API_KEYS)")
+    return keys
 
 
 class DeploymentOptions(BaseModel):
@@ -113,7 +134,9 @@ class AppConfig(BaseModel):
     checkpoint: str
     model_name: str = Field("seedoss", description="the model id clients ask for (OpenAI `model`)")
     api_keys: list[str] | None = Field(None, description="bearer tokens accepted (also SEEDOSS_API_KEYS, comma-separated)")
-    max_body_bytes: int = Field(4 << 20, ge=1024, description="largest request body accepted (413 above)")
+    require_api_keys: bool = Field(
+        False, description="the gateway refuses to start without a key (api_keys or SEEDOSS_API_KEYS): fail closed")
+    limits: Limits = Field(default_factory=Limits, description="per-request limits (services/limits.py, README)")
     head_checkpoints: dict[Literal["classify", "tag", "qa", "embed"], str] | None = Field(
         None, description="task → HF checkpoint with that head; default: the demo layout's heads/<task>/ when present, "
                           "and embeddings (the bare backbone, no head weights) from `checkpoint` itself")
@@ -143,6 +166,14 @@ class AppConfig(BaseModel):
     gateway: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512))
     logs: LogOptions = Field(default_factory=LogOptions, description="log encoding (TEXT/JSON), level, stage access "
                              "logs (see deployments/logs.py)")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_fail_closed(cls, keys: list[str] | None) -> list[str] | None:
+        if keys is not None and not keys:
+            raise ValueError("an empty list would turn auth off (likely a templating mistake); "
+                             "use null to serve without keys")
+        return keys if keys is None else checked_api_keys(keys, "api_keys")
 
     @model_validator(mode="after")
     def _lanes_own_scaling(self):

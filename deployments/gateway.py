@@ -1,7 +1,6 @@
 """HTTP ingress: native JSON routes to the head services, SSE streaming for generation, errors as JSON 4xx,
 bearer-token auth, a request body limit, per-route metrics, liveness and readiness."""
 
-import asyncio
 import hmac
 import os
 import time
@@ -14,10 +13,16 @@ from seedoss.tokenizer import SeedOssTokenizer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, Unauthenticated, Unavailable
+from services.classification import ClassificationRequest
+from services.generation import GenerateRequest
+from services.limits import Limits
+from services.qa import QARequest
+from services.tagging import TaggingRequest
 
+from .config import resolve_api_keys
 from .faults import RetryPolicy, Timeouts
 from .grpc_api import GrpcMethods
-from .ingress import error_response, json_body, service_error, sse_response
+from .ingress import body_schema, error_response, json_body, service_error, sse_response
 from .metrics import LATENCY, REQUESTS
 from .openai_api import router as openai_router
 from .routing import Heads
@@ -25,7 +30,6 @@ from .routing import Heads
 api = FastAPI(title="SeedOss Serve", docs_url="/docs")
 api.include_router(openai_router)
 PUBLIC_PATHS = {"/health", "/health/live", "/health/ready"}  # probes carry no credentials
-READY_TIMEOUT_S = 10
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -55,15 +59,15 @@ async def guard(request: Request, call_next):
 @serve.ingress(api)
 class Gateway(GrpcMethods):
     def __init__(self, checkpoint: str, model_name: str, generation, classify=None, tag=None, qa=None, embed=None, *,
-                 api_keys: list[str] | None = None, max_body_bytes: int = 4 << 20, retry: dict | None = None,
-                 timeouts: dict | None = None):
+                 api_keys: list[str] | None = None, limits: Limits | None = None, require_api_keys: bool = False,
+                 retry: dict | None = None, timeouts: dict | None = None):
         self.heads = Heads({"generate": generation, "classify": classify, "tag": tag, "qa": qa, "embed": embed},
                            RetryPolicy.model_validate(retry or {}), Timeouts.model_validate(timeouts or {}))
         self.tokenizer = SeedOssTokenizer.from_pretrained(checkpoint)
         self.model_name = model_name
-        env_keys = [k.strip() for k in os.environ.get("SEEDOSS_API_KEYS", "").split(",") if k.strip()]
-        self.api_keys = [k.encode() for k in [*(api_keys or []), *env_keys]]
-        self.max_body_bytes = max_body_bytes
+        keys = resolve_api_keys(api_keys, os.environ.get("SEEDOSS_API_KEYS", ""), require_api_keys)
+        self.api_keys = [k.encode() for k in keys]
+        self.limits = limits or Limits()
         api.state.gateway = self  # for the middleware and routes defined outside this class (OpenAI API)
 
     def check_request(self, path: str, headers) -> ServiceError | None:
@@ -73,14 +77,18 @@ class Gateway(GrpcMethods):
             if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k) for k in self.api_keys):
                 return Unauthenticated("missing or invalid API key: send 'Authorization: Bearer <key>'")
         length = headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.max_body_bytes:
-            return PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {self.max_body_bytes}")
+        if length and length.isdigit():
+            try:
+                self.limits.check_body_size(int(length) if len(length) < 19 else 1 << 63)  # int() of 5000 digits raises
+            except PayloadTooLarge as e:
+                return e
         return None
 
-    @api.post("/v1/generate")
+    @api.post("/v1/generate", openapi_extra=body_schema(GenerateRequest))
     async def generate(self, request: Request):
         try:
             body = await json_body(request)
+            self.limits.check_generation(body)
             if not body.get("stream"):  # nothing is sent before the answer: retried if the replica dies
                 return await self.heads.call("generate", body, "complete")
             chunks = self.heads.stream(body)
@@ -101,15 +109,15 @@ class Gateway(GrpcMethods):
         except Exception as e:
             return error_response(service_error(e))
 
-    @api.post("/v1/classify")
+    @api.post("/v1/classify", openapi_extra=body_schema(ClassificationRequest))
     async def classify(self, request: Request):
         return await self._task("classify", request)
 
-    @api.post("/v1/tag")
+    @api.post("/v1/tag", openapi_extra=body_schema(TaggingRequest))
     async def tag(self, request: Request):
         return await self._task("tag", request)
 
-    @api.post("/v1/answer")
+    @api.post("/v1/answer", openapi_extra=body_schema(QARequest))
     async def answer(self, request: Request):
         return await self._task("qa", request)
 
@@ -122,13 +130,7 @@ class Gateway(GrpcMethods):
     @api.get("/health")
     async def ready(self):
         """Ready only when every head, and through them every stage, answers; per-head status in the body."""
-        status = {}
-        for task, handle in self.heads.deployed().items():
-            try:
-                await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
-                status[task] = "ready"
-            except Exception as e:
-                status[task] = f"unavailable: {service_error(e).message}"
+        status = await self.head_status()
         if any(v != "ready" for v in status.values()):
             error = Unavailable(f"not ready: {status}", retry_after=5)
             return JSONResponse({**error.to_openai_body(), "status": "not_ready", "heads": status},

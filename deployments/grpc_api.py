@@ -9,8 +9,10 @@ Errors become gRPC statuses with the `ServiceError`'s code (`services/errors.py`
 RESOURCE_EXHAUSTED, UNAVAILABLE, CANCELLED, UNAUTHENTICATED, INTERNAL) and its message as details; the details of
 a bad-input error start with the offending field as the proto names it (``temperature: ...``,
 ``chat.messages.0.role: ...``). Unary methods set the code on the context and return an empty message (Serve's
-documented way; the trailing metadata ``error-type``, ``error-param`` and ``retry-after`` travel with it); the
-streaming `Generate` sets the code and raises (Serve wraps that into a `gRPCStatusError` carrying the code).
+documented way; the trailing metadata ``error-type``, ``error-param``, ``retry-after`` and, for server errors,
+``error-id`` travel with it); the streaming `Generate` sets the code and raises (Serve wraps that into a
+`gRPCStatusError` carrying the code). Every request message is held to `limits.max_body_bytes` (`ByteSize()`),
+and generation requests to the generation limits, before anything else runs.
 A client cancelling a `Generate` call cancels this generator: its `finally` cancels the stream from the Generation
 replica, whose engine then aborts the request and frees its KV cache.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import Any
 
 import grpc
@@ -26,10 +29,12 @@ from google.protobuf import json_format, struct_pb2
 
 from proto.seedoss.v1 import seedoss_pb2 as pb
 from services.errors import InvalidRequest, ServiceError, Unavailable, from_exception
+from services.limits import Limits
 
 from .ingress import service_error
 
 READY_TIMEOUT_S = 10
+READY_CACHE_S = 1.0  # probes reuse a readiness answer this young instead of running a forward per head each
 
 # GenerateRequest fields with presence that map one-to-one onto the native request's fields.
 _GENERATE_OPTIONAL = (
@@ -49,9 +54,10 @@ _PARAM_NAMES = {"messages": "chat.messages", "chat_template_kwargs": "chat.chat_
 # ------------------------------------------------------------------------------------------ proto → native
 
 
-def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+def struct_dict(struct: struct_pb2.Struct, field: str) -> dict[str, Any]:
     """A Struct as a dict; numbers are doubles in a Struct, integral ones come back as ints (a template printing
-    ``thinking_budget`` must see ``512``, not ``512.0``)."""
+    ``thinking_budget`` must see ``512``, not ``512.0``). A Struct is JSON: NaN or infinity is an error naming
+    `field`."""
     def fix(v):
         if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
             return int(v)
@@ -61,15 +67,19 @@ def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
             return [fix(x) for x in v]
         return v
 
-    return fix(json_format.MessageToDict(struct))
+    try:
+        return fix(json_format.MessageToDict(struct))
+    except ValueError:  # json_format refuses non-finite numbers
+        raise InvalidRequest(f"{field}: numbers must be finite (NaN and infinity are not JSON)", param=field) from None
 
 
 def chat_body(chat: pb.Chat) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "messages": [{**struct_dict(m.extra), "role": m.role, "content": m.content} for m in chat.messages],
+        "messages": [{**struct_dict(m.extra, f"messages.{i}.extra"), "role": m.role, "content": m.content}
+                     for i, m in enumerate(chat.messages)],
     }
     if chat.HasField("chat_template_kwargs"):
-        body["chat_template_kwargs"] = struct_dict(chat.chat_template_kwargs)
+        body["chat_template_kwargs"] = struct_dict(chat.chat_template_kwargs, "chat_template_kwargs")
     if chat.HasField("add_generation_prompt"):
         body["add_generation_prompt"] = chat.add_generation_prompt
     return body
@@ -224,6 +234,8 @@ def set_error(grpc_context, exc: BaseException) -> ServiceError:
         metadata = [("error-type", error.error_type)]
         if error.param:
             metadata.append(("error-param", proto_param(error.param)))
+        if error.error_id is not None:
+            metadata.append(("error-id", error.error_id))
         if getattr(error, "retry_after", None) is not None:
             metadata.append(("retry-after", str(math.ceil(error.retry_after))))
         grpc_context.set_trailing_metadata(metadata)
@@ -234,6 +246,34 @@ class GrpcMethods:
     """Mixed into the Gateway: needs `self.heads` (`Heads`), `self.tokenizer`, `self.model_name`, and uses
     `self.check_request(path, headers)` (API keys) when the Gateway has it."""
 
+    limits = Limits()  # the Gateway sets its configured ones
+    _head_status: asyncio.Future | None = None  # the latest readiness check (shared by concurrent probes)
+    _head_status_at = 0.0
+
+    async def head_status(self) -> dict[str, str]:
+        """Each deployed head's readiness ("ready" or "unavailable: <reason>"), checked at most every
+        READY_CACHE_S: concurrent and repeated probes share one check."""
+        now = time.monotonic()
+        if self._head_status is None or (self._head_status.done() and now - self._head_status_at > READY_CACHE_S):
+            self._head_status_at = now
+            self._head_status = asyncio.ensure_future(self._check_heads())
+        return dict(await asyncio.shield(self._head_status))
+
+    async def _check_heads(self) -> dict[str, str]:
+        status = {}
+        for task, handle in self.heads.deployed().items():
+            try:
+                await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
+                status[task] = "ready"
+            except Exception as e:
+                status[task] = f"unavailable: {service_error(e).message}"
+        return status
+
+    def _grpc_check_size(self, request) -> None:
+        """Every message is held to HTTP's body limit (Serve's gRPC proxy itself accepts up to 2 GiB unless
+        RAY_SERVE_GRPC_MAX_MESSAGE_SIZE is set on the proxy's node, as the KubeRay pods do)."""
+        self.limits.check_body_size(request.ByteSize(), "gRPC message")
+
     def _grpc_check_auth(self, grpc_context, path: str) -> None:
         check = getattr(self, "check_request", None)
         if check is None or grpc_context is None:
@@ -243,11 +283,12 @@ class GrpcMethods:
         if error is not None:
             raise error
 
-    async def _grpc_unary(self, grpc_context, rpc: str, empty, call, *, auth: bool = True):
+    async def _grpc_unary(self, grpc_context, rpc: str, request, empty, call, *, auth: bool = True):
         """`call()`'s message, or on error `empty` with the error's status set on the context."""
         try:
             if auth:
                 self._grpc_check_auth(grpc_context, f"/seedoss.v1.SeedOss/{rpc}")
+            self._grpc_check_size(request)
             return await call()
         except Exception as e:
             set_error(grpc_context, e)
@@ -260,13 +301,15 @@ class GrpcMethods:
             body = body_of(request)
             return task_response(task, await self.heads.call(task, body))
 
-        return await self._grpc_unary(grpc_context, rpc, _TASK_RESPONSES[task](), call)
+        return await self._grpc_unary(grpc_context, rpc, request, _TASK_RESPONSES[task](), call)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None):
         chunks = None
         try:
             self._grpc_check_auth(grpc_context, "/seedoss.v1.SeedOss/Generate")
+            self._grpc_check_size(request)
             body = generate_body(request)
+            self.limits.check_generation(body)
             chunks = self.heads.stream(body)
             async for chunk in chunks:
                 yield generate_response(chunk)
@@ -299,6 +342,7 @@ class GrpcMethods:
             body = prompt_body(request, which)
             if request.HasField("add_special_tokens"):
                 body["add_special_tokens"] = request.add_special_tokens
+            self.limits.check_generation(body)
             try:
                 ids = GenerateRequest.model_validate(body).prompt_ids(self.tokenizer)
             except Exception as e:
@@ -308,29 +352,23 @@ class GrpcMethods:
                 response.token_strs.extend(self.tokenizer.convert_ids_to_tokens(ids))
             return response
 
-        return await self._grpc_unary(grpc_context, "Tokenize", pb.TokenizeResponse(), call)
+        return await self._grpc_unary(grpc_context, "Tokenize", request, pb.TokenizeResponse(), call)
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
         async def call():
             return pb.ListModelsResponse(models=[pb.Model(id=self.model_name, object="model", owned_by="seedoss",
                                                           tasks=list(self.heads.deployed()))])
 
-        return await self._grpc_unary(grpc_context, "ListModels", pb.ListModelsResponse(), call)
+        return await self._grpc_unary(grpc_context, "ListModels", request, pb.ListModelsResponse(), call)
 
     async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
         """Like ``GET /health/ready`` (``/health/live`` with `liveness_only`); no credentials needed."""
         async def call():
             if request.liveness_only:
                 return pb.HealthResponse(status="alive")
-            status = {}
-            for task, handle in self.heads.deployed().items():
-                try:
-                    await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
-                    status[task] = "ready"
-                except Exception as e:
-                    status[task] = f"unavailable: {service_error(e).message}"
+            status = await self.head_status()
             if any(v != "ready" for v in status.values()):
                 raise Unavailable(f"not ready: {status}", retry_after=5)
             return pb.HealthResponse(status="ready", heads=status)
 
-        return await self._grpc_unary(grpc_context, "Health", pb.HealthResponse(), call, auth=False)
+        return await self._grpc_unary(grpc_context, "Health", request, pb.HealthResponse(), call, auth=False)

@@ -16,6 +16,7 @@ from seedoss.tokenizer import SeedOssTokenizer
 from services.classification import ClassificationService
 from services.embeddings import EmbeddingService, PoolingConfig
 from services.errors import from_exception
+from services.limits import Limits
 from services.qa import QAService
 from services.tagging import TaggingService
 
@@ -33,7 +34,7 @@ SERVICES = {
 
 class TaskHead:
     def __init__(self, task: str, head_checkpoint: str, dtype: str, retry: dict, timeouts: dict, batching: dict,
-                 *stages):
+                 *stages, limits: Limits | None = None):
         config = SeedOssConfig.from_pretrained(head_checkpoint)
         tokenizer = SeedOssTokenizer.from_pretrained(head_checkpoint)
         self.task = task
@@ -45,11 +46,12 @@ class TaskHead:
         if task == "embed":
             self._handle = EmbeddingService(
                 tokenizer, forward=self.forward, max_length=config.max_position_embeddings,
-                vocab_size=config.vocab_size, pooling=PoolingConfig.from_checkpoint(head_checkpoint)).embed
+                vocab_size=config.vocab_size, pooling=PoolingConfig.from_checkpoint(head_checkpoint), limits=limits).embed
             return
         service_cls, method = SERVICES[task]
         kwargs = {} if task == "qa" else {"labels": config.labels}
-        service = service_cls(tokenizer, forward=self.forward, max_length=config.max_position_embeddings, **kwargs)
+        service = service_cls(tokenizer, forward=self.forward, max_length=config.max_position_embeddings,
+                              limits=limits, **kwargs)
         self._handle = getattr(service, method)
 
     async def __call__(self, body: dict) -> dict:

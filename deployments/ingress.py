@@ -2,16 +2,18 @@
 JSON bodies."""
 
 import json
+import re
 
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import RequestCancelledError
 
 from services.errors import (
-    Cancelled, InvalidRequest, Overloaded, PayloadTooLarge, ServiceError, Unavailable, from_exception,
+    Cancelled, InvalidRequest, Overloaded, ServiceError, Unavailable, from_exception, server_error,
 )
 from services.generation import sse
 
@@ -26,10 +28,10 @@ def service_error(exc: BaseException) -> ServiceError:
         return from_exception(exc)
     if backpressure(exc):  # a deployment's max_queued_requests is reached
         return Overloaded("the server is at capacity; retry shortly", retry_after=1)
-    if replica_lost(exc):
-        return Unavailable("a service replica is unavailable; retry shortly", retry_after=5)
+    if replica_lost(exc):  # Ray's text names actors, pids and nodes: the log gets it under the error id
+        return server_error(Unavailable("a service replica is unavailable; retry shortly", retry_after=5), exc)
     if isinstance(exc, CallTimeout):  # a hung replica: the call was cancelled
-        return Unavailable("the service did not answer in time; retry shortly", retry_after=5)
+        return server_error(Unavailable("the service did not answer in time; retry shortly", retry_after=5), exc)
     if isinstance(exc, RequestCancelledError):
         return Cancelled("request cancelled")
     return from_exception(exc)
@@ -41,18 +43,62 @@ def error_response(error: ServiceError) -> JSONResponse:
 
 async def json_body(request: Request) -> dict:
     raw = await request.body()
-    limit = request.app.state.gateway.max_body_bytes
-    if len(raw) > limit:  # bodies sent without Content-Length are only measurable here
-        raise PayloadTooLarge(f"request body of {len(raw)} bytes exceeds the limit of {limit}")
+    limits = request.app.state.gateway.limits
+    limits.check_body_size(len(raw))  # bodies sent without Content-Length are only measurable here
     try:
         body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise InvalidRequest(f"request body is not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise InvalidRequest("request body has an integer too large to read", param="body") from None
+    except RecursionError:  # nesting deeper than the parser's stack
+        raise InvalidRequest(f"request body nests deeper than {limits.max_json_depth} levels", param="body") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    limits.check_json_depth(body)
+    if (field := lone_surrogate(body)) is not None:
+        raise InvalidRequest(f"{field}: contains a lone UTF-16 surrogate escape (not text)", param=field)
     return body
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value) -> str | None:
+    """The path of the first string in `value` holding an unpaired surrogate (JSON's ``"\\ud800"`` decodes to one;
+    it cannot be encoded as UTF-8, so the tokenizer and every response would fail on it), or None."""
+    stack = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return path or "body"
+        elif isinstance(item, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in item.items())
+            stack.extend(("body", k) for k in item if not k.isascii())  # keys too, reported as the body
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(item))
+    return None
+
+
+def body_schema(model: type[BaseModel]) -> dict:
+    """`openapi_extra` declaring a route's JSON body as `model` (routes read the raw body themselves, to answer bad
+    JSON with our own errors, so FastAPI cannot infer it): the OpenAPI document then describes every request, for
+    clients and for schema-driven fuzzing (bench/fuzz.py). The schema is inlined: `$defs` references resolved."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            here = {k: inline(v) for k, v in node.items() if k != "$ref"}
+            return {**inline(defs[node["$ref"].rsplit("/", 1)[-1]]), **here} if "$ref" in node else here
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 def sse_response(chunks: AsyncIterator[dict], streams: list,

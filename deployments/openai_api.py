@@ -21,7 +21,7 @@ from services.openai import (
     completion_mapper, model_list, rename_param, tokenize_response,
 )
 
-from .ingress import error_response, json_body, service_error, sse_response
+from .ingress import body_schema, error_response, json_body, service_error, sse_response
 
 router = APIRouter()
 _CREATED = int(time.time())
@@ -108,12 +108,14 @@ async def list_models(request: Request):
     return model_list(gateway.model_name, await max_model_len(gateway), _CREATED)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
 async def completions(request: Request):
     gateway = request.app.state.gateway
     params = None
     try:
-        req = CompletionRequest.parse(await json_body(request))
+        body = await json_body(request)
+        gateway.limits.check_generation(body)
+        req = CompletionRequest.parse(body)
         params = req.error_params()
         check_model(req.model, gateway.model_name)
         prompts = req.native_bodies(gateway.tokenizer)
@@ -140,12 +142,14 @@ async def completions(request: Request):
     return sse_response(chunks(), streams, lambda e: rename_param(e, params or {}))
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request):
     gateway = request.app.state.gateway
     params = None
     try:
-        req = ChatCompletionRequest.parse(await json_body(request))
+        body = await json_body(request)
+        gateway.limits.check_generation(body)
+        req = ChatCompletionRequest.parse(body)
         params = req.error_params()
         check_model(req.model, gateway.model_name)
         prompts = req.native_bodies(gateway.tokenizer)
@@ -168,12 +172,14 @@ async def chat_completions(request: Request):
     return sse_response(chunks(), streams, lambda e: rename_param(e, params or {}))
 
 
-@router.post("/tokenize")
-@router.post("/v1/tokenize")
+@router.post("/tokenize", openapi_extra=body_schema(TokenizeRequest))
+@router.post("/v1/tokenize", openapi_extra=body_schema(TokenizeRequest))
 async def tokenize(request: Request):
     gateway = request.app.state.gateway
     try:
-        req = TokenizeRequest.parse(await json_body(request))
+        body = await json_body(request)
+        gateway.limits.check_generation(body)  # its prompt/messages characters
+        req = TokenizeRequest.parse(body)
         check_model(req.model, gateway.model_name)
         ids = req.token_ids(gateway.tokenizer)
         return tokenize_response(ids, gateway.tokenizer, await max_model_len(gateway), req.return_token_strs)
@@ -181,8 +187,8 @@ async def tokenize(request: Request):
         return _error(e)
 
 
-@router.post("/detokenize")
-@router.post("/v1/detokenize")
+@router.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest))
+@router.post("/v1/detokenize", openapi_extra=body_schema(DetokenizeRequest))
 async def detokenize(request: Request):
     gateway = request.app.state.gateway
     try:

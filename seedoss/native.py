@@ -3,8 +3,12 @@
 `paged_decode_attention` (csrc/paged_attention.c) reads the paged KV cache in place for decode steps. The shared
 library is built with the machine's C compiler (`$CC`, else `cc`; -O3 -march=native -fopenmp) into
 `$SEEDOSS_CACHE/kernels` (default ~/.cache/seedoss/kernels) under a name that hashes the source, the flags and
-the CPU, so a build is reused by every process on the machine and rebuilt when any of them changes. Without a
-compiler, or with SEEDOSS_NATIVE_KERNELS=0, callers fall back to their pure-torch path (same results, slower).
+the CPU (model name and every /proc/cpuinfo flag: a `-march=native` build may use instructions another CPU lacks),
+so a build is reused by every process on the machine and rebuilt when any of them changes. Loading a shared library
+runs its code, so a cached one is loaded only when it is a regular file owned by this user and not writable by group
+or others; otherwise a fresh build replaces it (and the log says so). A fresh build is loaded from its private
+build directory before it is moved into the cache, so nothing can be swapped in between. Without a compiler, or
+with SEEDOSS_NATIVE_KERNELS=0, callers fall back to their pure-torch path (same results, slower).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -36,32 +41,49 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _cpu_model() -> str:
+def cpu_identity(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and its instruction-set flags (the first processor's: they describe the package)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
+    wanted = {}
+    for line in text.splitlines():
+        key = line.split(":", 1)[0].strip()
+        if key in ("model name", "flags", "Features") and key not in wanted:  # Features: the flags on ARM
+            wanted[key] = line.split(":", 1)[-1].strip()
+    return "\n".join(f"{k}: {v}" for k, v in sorted(wanted.items())) or platform.processor()
 
 
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), _cpu_model().encode(),
-                                     compiler.encode()])).hexdigest()[:16]
-    target = cache_dir() / f"paged_attention-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+def cache_key(compiler: str, cpu: str | None = None) -> str:
+    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), (cpu or cpu_identity()).encode(), compiler.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def trusted(path: Path) -> bool:
+    """Is `path` a regular file (not a symlink) owned by this user and writable by nobody else?"""
+    st = path.lstat()
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _load(compiler: str) -> ctypes.CDLL:
+    target = cache_dir() / f"paged_attention-{cache_key(compiler)}.so"
+    if target.exists() or target.is_symlink():
+        if trusted(target):
+            return ctypes.CDLL(str(target))
+        log.warning("not loading the cached kernel %s: not owned by this user, or writable by group/others; "
+                    "building a fresh one in its place", target)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # 0700: only this user can touch the build
         built = Path(tmp) / target.name
         result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+        os.chmod(built, 0o755)  # whatever the umask: a group-writable build would never be trusted again
+        lib = ctypes.CDLL(str(built))
         os.replace(built, target)  # atomic: concurrent builders each rename a complete file
-    return target
+    return lib
 
 
 def library() -> ctypes.CDLL | None:
@@ -78,7 +100,7 @@ def library() -> ctypes.CDLL | None:
             log.warning("no C compiler found (set $CC): decode attention uses the slower pure-torch path")
             return None
         try:
-            lib = ctypes.CDLL(str(_build(compiler)))
+            lib = _load(compiler)
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             log.warning("native kernels unavailable, decode attention uses the pure-torch path: %s", e)
             return None

@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 from pydantic import AliasChoices, BaseModel, Field, ValidationInfo, field_validator
 
+from .limits import Limits
 from .schemas import (
     Forward, ServiceModel, Texts, Usage, as_numpy, fit_context, parse, run_forward, sigmoid, softmax, special_prefix,
 )
@@ -77,15 +78,19 @@ def postprocess(logits, request: ClassificationRequest, labels: list[str]) -> li
 
 
 class ClassificationService:
-    def __init__(self, tokenizer, labels: list[str], forward: Forward, *, max_length: int):
+    def __init__(self, tokenizer, labels: list[str], forward: Forward, *, max_length: int,
+                 limits: Limits | None = None):
         self.tokenizer = tokenizer
         self.labels = list(labels)
         self.forward = forward
         self.max_length = max_length  # the model's context (max_position_embeddings)
+        self.limits = limits or Limits()
 
     async def classify(self, request: ClassificationRequest | dict) -> ClassificationResponse:
         request = parse(ClassificationRequest, request)
+        self.limits.check_texts("inputs", request.inputs)
         sequences = preprocess(request, self.tokenizer, self.max_length)
+        self.limits.check_task_tokens("inputs", sum(map(len, sequences)))
         logits = await run_forward(self.forward, sequences)
         return ClassificationResponse(results=postprocess(logits, request, self.labels),
                                       usage=Usage(prompt_tokens=sum(map(len, sequences))))

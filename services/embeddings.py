@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, Field
 
 from .errors import InvalidRequest
+from .limits import Limits
 from .schemas import Forward, ServiceModel, Usage, as_numpy, fit_context, parse, run_forward, special_prefix
 
 Pooling = Literal["last", "mean", "cls"]
@@ -131,23 +132,29 @@ class EmbeddingService:
     """`forward(sequences)` returns the backbone's final hidden states, packed [sum(len), hidden]."""
 
     def __init__(self, tokenizer, forward: Forward, *, max_length: int, vocab_size: int,
-                 pooling: PoolingConfig | None = None):
+                 pooling: PoolingConfig | None = None, limits: Limits | None = None):
         self.tokenizer, self.forward = tokenizer, forward
         self.max_length, self.vocab_size = max_length, vocab_size
         self.pooling = pooling or PoolingConfig()
+        self.limits = limits or Limits()
 
     def sequences(self, request: EmbeddingRequest) -> list[list[int]]:
+        """Token ids per input, within the limits the other heads have (inputs, characters, backbone tokens)."""
         if isinstance(request.input[0], str):
+            self.limits.check_texts("input", request.input)
             prefix = special_prefix(self.tokenizer)
             contents = self.tokenizer.encode_batch(request.input, add_special_tokens=False)
         else:
             prefix, contents = [], request.input
+            self.limits.check_texts("input", [""] * len(contents))  # the count only: no characters here
             for i, ids in enumerate(contents):
                 bad = [t for t in ids if t >= self.vocab_size]
                 if bad:
                     raise InvalidRequest(f"input.{i}: token ids {bad[:5]} are outside the vocabulary "
                                          f"[0, {self.vocab_size})", param="input")
-        return [self._fit(prefix, ids, request.truncate, i) for i, ids in enumerate(contents)]
+        sequences = [self._fit(prefix, ids, request.truncate, i) for i, ids in enumerate(contents)]
+        self.limits.check_task_tokens("input", sum(map(len, sequences)))
+        return sequences
 
     def _fit(self, prefix, ids, truncate, index):
         try:

@@ -5,6 +5,11 @@ error type, so the HTTP and gRPC layers translate errors without tables of their
 `InvalidRequest` naming the offending field, anything unexpected becomes `InternalError`, whose message carries
 only an id (the details go to the log under that id, never to the client).
 
+Client-visible messages never carry internal detail (actor ids, pids, node addresses, paths, exception reprs).
+Every server-side error (5xx) has an `error_id`: the HTTP body carries it as ``error.id`` (and the ``X-Error-Id``
+header), gRPC as the ``error-id`` trailing metadata, and the server log line with the full cause carries the same
+id (`server_error` writes it).
+
 Status choices that are not one-to-one:
 - `PayloadTooLarge` (413) maps to gRPC ``INVALID_ARGUMENT``, not ``RESOURCE_EXHAUSTED``: resending the same request
   can never succeed, and clients and proxies treat ``RESOURCE_EXHAUSTED`` as retryable (it is also what HTTP 429
@@ -38,13 +43,18 @@ class ServiceError(Exception):
         self.message = message
         self.param = param
         self.code = code
+        # server-side errors get an id the client can quote and the log line carries
+        self.error_id = uuid.uuid4().hex[:16] if self.http_status >= 500 else None
 
     def to_openai_body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+        body = {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}
+        if self.error_id is not None:
+            body["id"] = self.error_id
+        return {"error": body}
 
     def http_headers(self) -> dict[str, str]:
-        """Headers the HTTP response should carry (``Retry-After`` for the retryable errors)."""
-        return {}
+        """Headers the HTTP response should carry (``X-Error-Id`` for server errors)."""
+        return {} if self.error_id is None else {"X-Error-Id": self.error_id}
 
     def __reduce__(self):
         # Ray pickles errors between processes; the default (``cls(*args)``) would drop the keyword arguments.
@@ -65,7 +75,10 @@ class _Retryable(ServiceError):
         self.retry_after = retry_after  # seconds
 
     def http_headers(self) -> dict[str, str]:
-        return {} if self.retry_after is None else {"Retry-After": str(math.ceil(self.retry_after))}
+        headers = super().http_headers()
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(math.ceil(self.retry_after))
+        return headers
 
 
 class InvalidRequest(ServiceError):
@@ -114,14 +127,22 @@ class InternalError(ServiceError):
     """An unexpected failure. The message is generic plus `error_id`, which the log line of the cause carries."""
 
     def __init__(self, error_id: str | None = None):
-        self.error_id = error_id or uuid.uuid4().hex[:16]
-        super().__init__(f"internal error (id {self.error_id})")
+        error_id = error_id or uuid.uuid4().hex[:16]
+        super().__init__(f"internal error (id {error_id})")
+        self.error_id = error_id
 
 
 class Unavailable(_Retryable):
     http_status = 503
     grpc_code = "UNAVAILABLE"
     error_type = "service_unavailable_error"
+
+
+def server_error(error: ServiceError, cause: BaseException) -> ServiceError:
+    """`error` (a 5xx with a generic message) after logging its id with the full cause, which the client never
+    sees."""
+    log.error("error id %s: %s %r", error.error_id, error.error_type, error.message, exc_info=cause)
+    return error
 
 
 def from_exception(exc: BaseException) -> ServiceError:
@@ -137,12 +158,10 @@ def from_exception(exc: BaseException) -> ServiceError:
         return InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param)
     if engine is not None and isinstance(exc, engine.RequestError):
         return InvalidRequest(str(exc), param=exc.field)
-    if executor is not None and isinstance(exc, executor.StageUnavailable):
-        return Unavailable(f"a pipeline stage is unavailable ({exc}); retry shortly", retry_after=5)
+    if executor is not None and isinstance(exc, executor.StageUnavailable):  # its text names actors and nodes
+        return server_error(Unavailable("a pipeline stage is unavailable; retry shortly", retry_after=5), exc)
     if isinstance(exc, UnicodeDecodeError):
         return InvalidRequest(f"request is not valid UTF-8 (byte {exc.start})")
     if isinstance(exc, asyncio.CancelledError):
         return Cancelled("request cancelled")
-    error = InternalError()
-    log.error("internal error %s", error.error_id, exc_info=exc)
-    return error
+    return server_error(InternalError(), exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from jinja2 import TemplateError
 from pydantic import ConfigDict, Field, model_validator
 
 from seedoss.engine import RequestOutput
@@ -14,16 +15,20 @@ from seedoss.tokenizer import SeedOssTokenizer
 from .errors import InvalidRequest
 
 SAMPLING_FIELDS = set(SamplingParams.model_fields)
+# What the validators below enforce, for the OpenAPI document (clients, schema-driven fuzzing): exactly one prompt.
+ONE_PROMPT_SCHEMA = {"oneOf": [{"required": ["prompt"]}, {"required": ["prompt_token_ids"]}, {"required": ["messages"]}]}
+CHAT_MESSAGES_SCHEMA = {"minItems": 1, "items": {"type": "object", "required": ["role", "content"], "properties": {
+    "role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]}, "content": {"type": "string"}}}}
 
 
 class GenerateRequest(SamplingParams):
     """`POST /v1/generate`: exactly one of `prompt`, `prompt_token_ids`, `messages`, plus vLLM's sampling set."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=ONE_PROMPT_SCHEMA)
 
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
-    messages: list[dict[str, Any]] | None = None
+    messages: list[dict[str, Any]] | None = Field(None, json_schema_extra=CHAT_MESSAGES_SCHEMA)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
@@ -49,8 +54,12 @@ class GenerateRequest(SamplingParams):
         try:
             return tokenizer.apply_chat_template(self.messages, tokenize=True, add_generation_prompt=self.add_generation_prompt,
                                                  **self.chat_template_kwargs)
-        except Exception as e:  # jinja2 raises TemplateError / TypeError on malformed messages
-            raise InvalidRequest(f"messages could not be rendered with the chat template: {e}", param="messages") from None
+        except TemplateError as e:  # the template's own checks (raise_exception) and undefined fields: meant for users
+            raise InvalidRequest(f"messages could not be rendered with the chat template: {e.message}",
+                                 param="messages") from None
+        except Exception:  # TypeError and the like on malformed messages: their text is an internal repr
+            raise InvalidRequest("messages could not be rendered with the chat template: check each message's role "
+                                 "and content types", param="messages") from None
 
 
 def choice_dict(output) -> dict[str, Any]:

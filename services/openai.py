@@ -50,9 +50,15 @@ from seedoss.sampling import MAX_LOGPROBS
 from seedoss.tokenizer import SeedOssTokenizer
 
 from .errors import InvalidRequest, NotFound, ServiceError, from_exception
-from .generation import GenerateRequest
+from .generation import CHAT_MESSAGES_SCHEMA, GenerateRequest
 
 LOGPROB_FLOOR = -9999.0  # vLLM's stand-in for -inf (JSON cannot carry it)
+_TEXT_PARTS = {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
+    "type": {"const": "text"}, "text": {"type": "string"}}}}
+# For the OpenAPI document (normalize_messages validates): content is a string, text parts or null
+OPENAI_MESSAGES_SCHEMA = {"minItems": 1, "items": {"type": "object", "required": ["role"], "properties": {
+    "role": CHAT_MESSAGES_SCHEMA["items"]["properties"]["role"],
+    "content": {"anyOf": [{"type": "string"}, _TEXT_PARTS, {"type": "null"}]}}}}
 
 
 def _empty(v: Any) -> bool:
@@ -173,7 +179,10 @@ class _OpenAIRequest(BaseModel):
 class CompletionRequest(_OpenAIRequest):
     """`POST /v1/completions` (OpenAI legacy completions + vLLM extras)."""
 
-    prompt: Any
+    prompt: Any = Field(json_schema_extra={"anyOf": [  # validated by _prompt: the schema is for the OpenAPI document
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1}, "minItems": 1}]})
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
@@ -216,6 +225,10 @@ class CompletionRequest(_OpenAIRequest):
             if isinstance(p, str):
                 native = {"prompt": p, "add_special_tokens": self.add_special_tokens}
             else:
+                bad = [t for t in p if not 0 <= t < tokenizer.vocab_size]  # before decode, which cannot take them
+                if bad:
+                    raise InvalidRequest(f"prompt: token ids {bad[:5]} are outside the vocabulary "
+                                         f"[0, {tokenizer.vocab_size})", param="prompt")
                 native = {"prompt_token_ids": p}
             ids = _native_prompt_ids({**base, **native}, tokenizer, _COMPLETION_PARAMS)
             text = p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False)
@@ -226,7 +239,7 @@ class CompletionRequest(_OpenAIRequest):
 class ChatCompletionRequest(_OpenAIRequest):
     """`POST /v1/chat/completions` (OpenAI chat completions + vLLM extras)."""
 
-    messages: list[dict[str, Any]]
+    messages: list[dict[str, Any]] = Field(json_schema_extra=OPENAI_MESSAGES_SCHEMA)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False

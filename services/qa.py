@@ -39,6 +39,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from .errors import InvalidRequest
+from .limits import Limits
 from .schemas import Forward, ServiceModel, Text, Usage, as_numpy, parse, run_forward
 
 DEFAULT_MAX_SEQ_LEN = 384
@@ -78,7 +79,8 @@ class QAWindow:
     word_chars: list[tuple[int, int]]  # per token: the character span of its word within this window
 
 
-def preprocess(request: QARequest, tokenizer, max_length: int) -> list[QAWindow]:
+def preprocess(request: QARequest, tokenizer, max_length: int, limits: Limits | None = None) -> list[QAWindow]:
+    """The windows of the pair (question, context); `limits` bounds their total tokens before any is built."""
     max_seq_len = request.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, max_length, tokenizer.model_max_length or max_length)
     if max_seq_len > max_length:
         raise InvalidRequest(f"max_seq_len must not exceed the model's context ({max_length})", param="max_seq_len")
@@ -101,8 +103,19 @@ def preprocess(request: QARequest, tokenizer, max_length: int) -> list[QAWindow]
         if stride >= room:
             raise InvalidRequest(f"doc_stride must be below the {room} context tokens a window holds with this "
                                  "question", param="doc_stride")
+    if limits is not None:
+        limits.check_task_tokens("context" if request.doc_stride is None else "doc_stride",
+                                 window_tokens(context, room, stride, max_seq_len))
     return [_window(encoding, tokenizer.cls_token_id)
             for encoding in tokenizer.encode_pair_windows(request.question, request.context, max_seq_len, stride)]
+
+
+def window_tokens(context: int, room: int, stride: int, max_seq_len: int) -> int:
+    """Tokens of all the windows `tokenizers` makes of a pair whose context has `context` tokens, `room` of them per
+    window (each window also holds the question and the special tokens: ``max_seq_len - room``), consecutive windows
+    sharing `stride` (the last one shorter): computed without making them."""
+    count = 1 if context <= room else 1 + -(-(context - room) // (room - stride))
+    return count * (max_seq_len - room) + context + (count - 1) * stride
 
 
 def _window(encoding, cls_token_id: int | None) -> QAWindow:
@@ -182,14 +195,16 @@ def _strip(context: str, start: int, end: int) -> tuple[int, int]:
 
 
 class QAService:
-    def __init__(self, tokenizer, forward: Forward, *, max_length: int):
+    def __init__(self, tokenizer, forward: Forward, *, max_length: int, limits: Limits | None = None):
         self.tokenizer = tokenizer
         self.forward = forward
         self.max_length = max_length  # the model's context
+        self.limits = limits or Limits()
 
     async def answer(self, request: QARequest | dict) -> QAResponse:
         request = parse(QARequest, request)
-        windows = preprocess(request, self.tokenizer, self.max_length)
+        self.limits.check_chars("context", len(request.question) + len(request.context))
+        windows = preprocess(request, self.tokenizer, self.max_length, self.limits)
         start_logits, end_logits = await run_forward(self.forward, [w.ids for w in windows])
         return QAResponse(answers=postprocess(start_logits, end_logits, windows, request),
                           usage=Usage(prompt_tokens=sum(len(w.ids) for w in windows)))

@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from .errors import InvalidRequest
+from .limits import Limits
 from .schemas import (
     Forward, ServiceModel, Texts, Usage, as_numpy, fit_context, parse, run_forward, softmax, special_prefix,
     window_ranges,
@@ -89,19 +90,27 @@ class _Token:
     is_subword: bool = False
 
 
-def preprocess(request: TaggingRequest, tokenizer, max_length: int) -> list[Window]:
+def preprocess(request: TaggingRequest, tokenizer, max_length: int, limits: Limits | None = None) -> list[Window]:
+    """The windows of every input; `limits` bounds their total tokens before any window is built."""
     prefix = special_prefix(tokenizer)
     if request.stride is not None and request.stride >= max_length - len(prefix):
         raise InvalidRequest(f"stride must be below the window's {max_length - len(prefix)} text tokens",
                              param="stride")
+    encoded = [tokenizer.encode_with_offsets(text, add_special_tokens=False) for text in request.inputs]
+    if request.stride is None:
+        spans = [[(0, len(ids))] for ids, _ in encoded]  # one window each (cut to the context by fit_context)
+    else:
+        spans = [window_ranges(len(ids), max_length - len(prefix), request.stride) for ids, _ in encoded]
+    if limits is not None:
+        total = sum(len(prefix) + min(b - a, max_length - len(prefix)) for s in spans for a, b in s)
+        limits.check_task_tokens("inputs" if request.stride is None else "stride", total)
     windows = []
-    for i, text in enumerate(request.inputs):
-        ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=False)
+    for i, ((ids, offsets), text_spans) in enumerate(zip(encoded, spans)):
         if request.stride is None:
             kept = fit_context(prefix, ids, max_length, request.truncate, i)
             windows.append(Window(i, kept, offsets[: len(kept) - len(prefix)]))
             continue
-        for begin, end in window_ranges(len(ids), max_length - len(prefix), request.stride):
+        for begin, end in text_spans:
             windows.append(Window(i, prefix + ids[begin:end], offsets[begin:end]))
     return windows
 
@@ -216,15 +225,18 @@ def _merge_overlapping(entities: list[Entity]) -> list[Entity]:
 
 
 class TaggingService:
-    def __init__(self, tokenizer, labels: list[str], forward: Forward, *, max_length: int):
+    def __init__(self, tokenizer, labels: list[str], forward: Forward, *, max_length: int,
+                 limits: Limits | None = None):
         self.tokenizer = tokenizer
         self.labels = list(labels)
         self.forward = forward
         self.max_length = max_length  # the model's context: the window size
+        self.limits = limits or Limits()
 
     async def tag(self, request: TaggingRequest | dict) -> TaggingResponse:
         request = parse(TaggingRequest, request)
-        windows = preprocess(request, self.tokenizer, self.max_length)
+        self.limits.check_texts("inputs", request.inputs)
+        windows = preprocess(request, self.tokenizer, self.max_length, self.limits)
         logits = await run_forward(self.forward, [w.ids for w in windows])
         return TaggingResponse(results=postprocess(logits, windows, request, self.tokenizer, self.labels),
                                usage=Usage(prompt_tokens=sum(len(w.ids) for w in windows)))

@@ -55,3 +55,10 @@ def test_layer_split_errors_are_clear(demo_checkpoint):
     with pytest.raises(ValueError, match="sum to num_hidden_layers"):
         build_app({"checkpoint": str(demo_checkpoint), "layers_per_stage": [1, 1]})
     assert DeploymentOptions().serve_options()["ray_actor_options"] == {"num_cpus": 0}
+
+
+def test_repo_serve_config_is_safe_by_default():
+    """HTTP on loopback; gRPC (Serve binds it on every interface) behind required keys."""
+    raw = yaml.safe_load(open(SERVE_CONFIG))
+    assert raw["http_options"]["host"] == "127.0.0.1"
+    assert raw["applications"][0]["args"]["require_api_keys"] is True

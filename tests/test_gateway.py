@@ -39,7 +39,8 @@ def server(demo_checkpoint, tmp_path_factory):
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
                     "proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
     serve.run(build_app({
-        "checkpoint": str(demo_checkpoint), "num_stages": 2, "api_keys": [KEY], "max_body_bytes": 64 * 1024,
+        "checkpoint": str(demo_checkpoint), "num_stages": 2, "api_keys": [KEY],
+        "limits": {"max_body_bytes": 64 * 1024},
         # a deliberately tiny classification service: one request at a time, one queued, so load overflows it
         "classify": {"max_ongoing_requests": 1, "max_queued_requests": 1},
         "tag": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,

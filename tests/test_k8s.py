@@ -620,3 +620,24 @@ def test_gpu_pipeline_reads_the_checkpoint_from_the_model_pvc():
         assert pod["volumes"] == [{"name": "models", "persistentVolumeClaim": {
             "claimName": pvc["metadata"]["name"], "readOnly": True}}]
         assert "initContainers" not in pod
+
+
+@pytest.mark.parametrize("name", OVERLAY_NAMES)
+def test_auth_fails_closed_and_control_ports_stay_closed(name):
+    """API keys: the secret is required (only the cpu-demo opts out, explicitly); the Ray client port is not opened;
+    the dashboard port stays for KubeRay (it submits serveConfigV2 through the head Service's `dashboard` port)
+    behind Ray token auth; every Serve proxy holds gRPC messages to the app's body limit."""
+    doc = rayservice(name)
+    cluster = doc["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    app = OVERLAYS[name].app()
+    assert app.require_api_keys is (name != "cpu-demo")
+    for group, container in ray_containers(doc):
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert 10001 not in ports.values() and "client" not in ports, group
+        assert set(ports) <= {"gcs-server", "dashboard", "metrics", "serve", "serve-grpc"}, group
+        env = {e["name"]: e for e in container["env"]}
+        keys = env["SEEDOSS_API_KEYS"]["valueFrom"]["secretKeyRef"]
+        assert keys["name"] == "seedoss-api-keys" and keys.get("optional", False) is (name == "cpu-demo"), group
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]["value"] == str(app.limits.max_body_bytes), group
+    assert (K8S / "overlays" / "cpu-demo" / "demo-without-keys.yaml").exists()

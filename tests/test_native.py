@@ -80,3 +80,66 @@ def test_stage_decode_is_the_same_with_and_without_the_kernel(demo_checkpoint, m
     assert len(calls) == 7 * len(stage.layers)
     monkeypatch.setattr(model_module, "paged_decode_attention", lambda *a: None)
     torch.testing.assert_close(_decode(stage), with_kernel, rtol=1e-5, atol=1e-5)
+
+
+CPUINFO = """processor\t: 0
+model name\t: Example CPU @ 3.00GHz
+flags\t\t: fpu sse2 avx2 {extra}
+
+processor\t: 1
+model name\t: Example CPU @ 3.00GHz
+flags\t\t: fpu sse2 avx2 {extra}
+"""
+
+
+def test_cache_key_covers_the_cpu_flags():
+    """Same CPU model name, one more instruction set: a -march=native build must not be shared."""
+    plain, avx512 = native.cpu_identity(CPUINFO.format(extra="")), native.cpu_identity(CPUINFO.format(extra="avx512f"))
+    assert "avx2" in plain and "avx512f" in avx512 and "Example CPU" in plain
+    assert native.cache_key("cc", plain) != native.cache_key("cc", avx512)
+    assert native.cache_key("cc", plain) == native.cache_key("cc", native.cpu_identity(CPUINFO.format(extra="")))
+    assert "flags" in native.cpu_identity()  # this machine's key includes its flags
+
+
+def test_only_a_cached_library_of_this_user_and_not_writable_by_others_is_loaded(tmp_path, monkeypatch, caplog):
+    import os
+    import stat
+
+    compiler = shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("SEEDOSS_CACHE", str(tmp_path))
+    target = native.cache_dir() / f"paged_attention-{native.cache_key(compiler)}.so"
+    native._load(compiler)
+    assert native.trusted(target) and stat.S_IMODE(target.stat().st_mode) == 0o755
+    built = target.stat().st_ino
+    native._load(compiler)
+    assert target.stat().st_ino == built  # a trusted cached build is reused
+
+    # a world-writable file under the expected name (anyone could have put code there) is not loaded: were it,
+    # CDLL would fail on these bytes; it is replaced by a fresh build instead, and the log says so
+    target.write_bytes(b"not a shared library")
+    target.chmod(0o666)
+    with caplog.at_level("WARNING", logger="seedoss.native"):
+        assert native._load(compiler).paged_decode_attention is not None
+    assert "not loading the cached kernel" in caplog.text
+    assert native.trusted(target) and target.stat().st_size > 1000
+
+    target.chmod(0o775)  # group-writable
+    assert not native.trusted(target)
+    native._load(compiler)
+    assert native.trusted(target)
+
+    if os.getuid() == 0:  # only root can give the file to another user
+        os.chown(target, 65534, 65534)
+        assert not native.trusted(target)
+        native._load(compiler)
+        assert native.trusted(target) and target.stat().st_uid == 0
+
+    target.unlink()  # a symlink to a file of ours is not trusted either (its target could change)
+    real = tmp_path / "elsewhere.so"
+    real.write_bytes(b"x")
+    target.symlink_to(real)
+    assert not native.trusted(target)
+    native._load(compiler)
+    assert native.trusted(target) and not target.is_symlink()

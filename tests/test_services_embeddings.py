@@ -110,6 +110,20 @@ def test_per_token_hidden_states_equal_transformers(service, reference):
         assert np.abs(np.array(got.embedding) - expected).max() <= 1e-5
 
 
+def test_the_limits_of_the_other_heads_apply(demo_checkpoint):
+    from services.limits import Limits
+
+    config = SeedOssConfig.from_pretrained(demo_checkpoint)
+    limited = EmbeddingService(SeedOssTokenizer.from_pretrained(demo_checkpoint), lambda s: None,
+                               max_length=config.max_position_embeddings, vocab_size=config.vocab_size,
+                               limits=Limits(max_client_batch_size=2, max_prompt_chars=60, max_task_tokens=12))
+    for body, message in [({"input": ["a", "b", "c"]}, "3 inputs"), ({"input": [[1]] * 3}, "3 inputs"),
+                          ({"input": "x" * 61}, "61 characters"), ({"input": TEXTS[3]}, "tokens")]:
+        with pytest.raises(InvalidRequest, match=message) as e:
+            embed(limited, body)
+        assert e.value.param == "input"
+
+
 def test_long_inputs_are_truncated_when_asked(service, reference):
     long = embed(service, {"input": LONG, "truncate": True})
     assert long.usage.prompt_tokens == service.max_length

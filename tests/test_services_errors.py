@@ -60,11 +60,25 @@ def test_errors_survive_pickling(error):
 
 
 def test_retry_after():
-    for cls in (errors.Overloaded, errors.Unavailable):
-        assert cls("busy", retry_after=1.2).retry_after == 1.2
-        assert cls("busy", retry_after=1.2).http_headers() == {"Retry-After": "2"}
-        assert cls("busy").http_headers() == {}
+    assert errors.Overloaded("busy", retry_after=1.2).http_headers() == {"Retry-After": "2"}
+    assert errors.Overloaded("busy").http_headers() == {}
+    unavailable = errors.Unavailable("busy", retry_after=1.2)
+    assert unavailable.retry_after == 1.2
+    assert unavailable.http_headers() == {"Retry-After": "2", "X-Error-Id": unavailable.error_id}
     assert errors.InvalidRequest("x").http_headers() == {}
+
+
+def test_server_errors_carry_an_id_the_log_shares(caplog):
+    """Every 5xx has an id in its body and headers; 4xx bodies keep OpenAI's four fields."""
+    assert set(errors.InvalidRequest("x").to_openai_body()["error"]) == {"message", "type", "param", "code"}
+    for error in (errors.InternalError(), errors.Unavailable("down")):
+        body = error.to_openai_body()["error"]
+        assert len(body["id"]) == 16 and body["id"] == error.error_id == error.http_headers()["X-Error-Id"]
+    cause = RuntimeError("Actor ActorID(5f2a) on node 10.0.0.7 pid=4242 died: /srv/models/x.safetensors")
+    with caplog.at_level(logging.ERROR, logger="services.errors"):
+        error = errors.server_error(errors.Unavailable("a replica is unavailable; retry shortly"), cause)
+    assert "10.0.0.7" not in str(error.to_openai_body()) and error.error_id in caplog.text
+    assert "10.0.0.7" in caplog.text  # the full detail is in the log under the id
 
 
 def test_validation_error_names_the_field():
