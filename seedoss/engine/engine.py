@@ -42,6 +42,8 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="prompt + output limit; default: the model's")
     kv_budget_bytes: int = Field(256 << 20, ge=1, description="KV cache bytes per stage")
     block_size: int = Field(16, ge=1)
+    # In the Serve app the pipeline itself re-sends a step under `AppConfig.retry` and these are not used
+    # (deployments/generation.py sets max_step_retries to 0): they serve other pipelines.
     max_step_retries: int = Field(20, ge=0, description="retries of a step whose stage is unavailable")
     retry_backoff_s: float = Field(0.5, ge=0, description="wait before retrying such a step")
 
