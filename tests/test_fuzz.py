@@ -45,7 +45,7 @@ def test_fuzzed_requests_get_no_server_errors_and_replicas_survive(server):
                                                             "POST /v1/completions", "POST /v1/classify",
                                                             "POST /v1/tag", "POST /v1/answer", "POST /tokenize"}
     assert {o.split(" ")[0] for o in grpc.outcomes} == {"Generate", "Classify", "TagTokens", "AnswerQuestion",
-                                                        "Tokenize", "ListModels", "Health"}
+                                                        "Embed", "Tokenize", "ListModels", "Health"}
     assert any(o.endswith(" 200") and "POST" in o for o in http.outcomes)
     assert any(o.startswith(("Classify OK", "Generate OK")) for o in grpc.outcomes)
     assert still_serving(server.http_url, server.grpc_target) == []

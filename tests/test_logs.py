@@ -18,7 +18,7 @@ from seedoss.loader import load_stage
 def test_stage_access_logs_off_request_level_on(demo_checkpoint):
     options = deployment_options(AppConfig(checkpoint=str(demo_checkpoint), num_stages=2))
     assert set(options) == {"SeedOssStage0", "SeedOssStage1", "Generation", "Classification", "Tagging", "QA",
-                            "Gateway"}
+                            "Embedding", "Gateway"}
     for name, opts in options.items():
         config = LoggingConfig.model_validate(opts["logging_config"])  # what Serve will take
         assert config.enable_access_log is (not name.startswith("SeedOssStage")), name

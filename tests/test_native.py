@@ -118,6 +118,7 @@ def test_only_a_cached_library_of_this_user_and_not_writable_by_others_is_loaded
 
     # a world-writable file under the expected name (anyone could have put code there) is not loaded: were it,
     # CDLL would fail on these bytes; it is replaced by a fresh build instead, and the log says so
+    target.unlink()  # a new file: rewriting the loaded one in place would change code this process has mapped
     target.write_bytes(b"not a shared library")
     target.chmod(0o666)
     with caplog.at_level("WARNING", logger="seedoss.native"):
