@@ -199,18 +199,26 @@ async def detokenize(request: Request):
         return _error(e)
 
 
+async def _embed(request: Request, per_token: bool) -> dict:
+    """The Embedding head's answer to an OpenAI/vLLM body (`model` checked, `user` dropped); `per_token`: every
+    token's hidden state (`/pooling`), else pooled vectors (`pooling: none` then belongs to `/pooling`)."""
+    gateway = request.app.state.gateway
+    body = await json_body(request)
+    check_model(body.pop("model", None), gateway.model_name)
+    body.pop("user", None)
+    if per_token:
+        body["pooling"] = "none"
+    elif body.get("pooling") == "none":
+        raise InvalidRequest("pooling: none (per-token states) is served by /pooling", param="pooling")
+    return await gateway.heads.call("embed", body)
+
+
 @router.post("/v1/embeddings")
 async def embeddings(request: Request):
     """OpenAI's embeddings (plus our `pooling`, `normalize`, `truncate` extensions)."""
-    gateway = request.app.state.gateway
     try:
-        body = await json_body(request)
-        check_model(body.pop("model", None), gateway.model_name)
-        body.pop("user", None)
-        if body.get("pooling") == "none":
-            raise InvalidRequest("pooling: none (per-token states) is served by /pooling", param="pooling")
-        result = await gateway.heads.call("embed", body)
-        return {**result, "model": gateway.model_name,
+        result = await _embed(request, per_token=False)
+        return {**result, "model": request.app.state.gateway.model_name,
                 "usage": {**result["usage"], "total_tokens": result["usage"]["prompt_tokens"]}}
     except Exception as e:
         return _error(e)
@@ -219,13 +227,9 @@ async def embeddings(request: Request):
 @router.post("/pooling")
 async def pooling(request: Request):
     """vLLM's `/pooling`: every token's final hidden state per input (`data[i].data`: [tokens][hidden])."""
-    gateway = request.app.state.gateway
     try:
-        body = await json_body(request)
-        check_model(body.pop("model", None), gateway.model_name)
-        body.pop("user", None)
-        result = await gateway.heads.call("embed", {**body, "pooling": "none"})
-        return {"object": "list", "model": gateway.model_name, "usage": result["usage"],
+        result = await _embed(request, per_token=True)
+        return {"object": "list", "model": request.app.state.gateway.model_name, "usage": result["usage"],
                 "data": [{"index": d["index"], "object": "pooling", "data": d["embedding"]} for d in result["data"]]}
     except Exception as e:
         return _error(e)
