@@ -137,6 +137,9 @@ class AppConfig(BaseModel):
     require_api_keys: bool = Field(
         False, description="the gateway refuses to start without a key (api_keys or SEEDOSS_API_KEYS): fail closed")
     limits: Limits = Field(default_factory=Limits, description="per-request limits (services/limits.py, README)")
+    tokenizer_threads: int = Field(
+        2, ge=1, le=64, description="threads per gateway replica that tokenize prompts (off its event loop); a "
+        "prompt's text is tokenized only there, whichever front end it came through")
     head_checkpoints: dict[Literal["classify", "tag", "qa", "embed"], str] | None = Field(
         None, description="task → HF checkpoint with that head; default: the demo layout's heads/<task>/ when present, "
                           "and embeddings (the bare backbone, no head weights) from `checkpoint` itself")

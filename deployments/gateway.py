@@ -1,138 +1,89 @@
-"""HTTP ingress: native JSON routes to the head services, SSE streaming for generation, errors as JSON 4xx,
-bearer-token auth, a request body limit, per-route metrics, liveness and readiness."""
+"""The Gateway deployment: one `GatewayCore` (deployments/gateway_core.py: auth, limits, validation, tokenization,
+dispatch) behind three thin adapters — the native HTTP routes (deployments/native_api.py), the OpenAI-compatible
+routes (deployments/openai_api.py) and the gRPC methods (deployments/grpc_api.py).
 
-import hmac
+The FastAPI app is built per replica, from that replica's core, when Serve initialises it (`serve.ingress()` without
+an app calls `__serve_build_asgi_app__` after the constructor), the way Ray Serve LLM builds its ingress per class:
+no module-global app, no `app.state` back-pointer, every route a closure over the core it serves.
+
+Adding an HTTP route: write it inside the `router(core)` of the adapter it belongs to (or a new module with its own
+`router(core) -> APIRouter`, included in `http_app` below), reading its body with
+``await json_body(request, core)`` (size, JSON, depth, surrogates checked), tokenizing only through
+``await core.tokenized(fn, *args)`` / ``core.generation_body(body)``, dispatching through ``core.complete``,
+``core.open_streams`` or ``core.task``, and answering errors with ``error_response(service_error(e))``. Declare
+its body with ``openapi_extra=body_schema(Model)`` so the OpenAPI document (and the fuzzer) knows it. Auth, the
+Content-Length check and per-route metrics come from `http_app`'s middleware.
+"""
+
+from __future__ import annotations
+
 import os
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from ray import serve
-
-from seedoss.tokenizer import SeedOssTokenizer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, Unauthenticated, Unavailable
-from services.classification import ClassificationRequest
-from services.generation import GenerateRequest
+from seedoss.tokenizer import SeedOssTokenizer
+from services.errors import InvalidRequest, NotFound, ServiceError
 from services.limits import Limits
-from services.qa import QARequest
-from services.tagging import TaggingRequest
 
+from . import native_api, openai_api
 from .config import resolve_api_keys
 from .faults import RetryPolicy, Timeouts
+from .gateway_core import GatewayCore
 from .grpc_api import GrpcMethods
-from .ingress import body_schema, error_response, json_body, service_error, sse_response
+from .ingress import error_response
 from .metrics import LATENCY, REQUESTS
-from .openai_api import router as openai_router
 from .routing import Heads
 
-api = FastAPI(title="SeedOss Serve", docs_url="/docs")
-api.include_router(openai_router)
-PUBLIC_PATHS = {"/health", "/health/live", "/health/ready"}  # probes carry no credentials
 
+def http_app(core: GatewayCore) -> FastAPI:
+    """The HTTP front end of `core`: native and OpenAI routes, errors in one JSON shape, auth and the body limit
+    before any route runs, request count and latency per route."""
+    app = FastAPI(title="SeedOss Serve", docs_url="/docs")
+    app.include_router(native_api.router(core))
+    app.include_router(openai_api.router(core))
 
-@api.exception_handler(StarletteHTTPException)
-async def http_error(request: Request, exc: StarletteHTTPException):
-    """Unknown routes and wrong methods answer in the same JSON error shape as everything else."""
-    if exc.status_code == 404:
-        return error_response(NotFound(f"no route {request.method} {request.url.path}", param="path"))
-    error = InvalidRequest(str(exc.detail))
-    error.http_status = exc.status_code
-    return error_response(error)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """Unknown routes and wrong methods answer in the same JSON error shape as everything else."""
+        if exc.status_code == 404:
+            return error_response(NotFound(f"no route {request.method} {request.url.path}", param="path"))
+        error = InvalidRequest(str(exc.detail))
+        error.http_status = exc.status_code
+        return error_response(error)
 
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        start = time.monotonic()
+        try:
+            core.authenticate(request.url.path, request.headers)
+            length = request.headers.get("content-length")
+            if length and length.isdigit():  # int() of 5000 digits raises: such a length is simply too large
+                core.limits.check_body_size(int(length) if len(length) < 19 else 1 << 63)
+            response = await call_next(request)
+        except ServiceError as e:
+            response = error_response(e)
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # the route template: bounded labels
+        REQUESTS.inc(tags={"route": route, "status": str(response.status_code)})
+        LATENCY.observe(time.monotonic() - start, tags={"route": route})
+        return response
 
-@api.middleware("http")
-async def guard(request: Request, call_next):
-    """Auth and body limit before any route runs; request count and latency after."""
-    start = time.monotonic()
-    gateway = getattr(request.app.state, "gateway", None)
-    error = gateway.check_request(request.url.path, request.headers) if gateway else None
-    response = error_response(error) if error else await call_next(request)
-    route = getattr(request.scope.get("route"), "path", "unmatched")  # the route template: bounded label values
-    REQUESTS.inc(tags={"route": route, "status": str(response.status_code)})
-    LATENCY.observe(time.monotonic() - start, tags={"route": route})
-    return response
+    return app
 
 
 @serve.deployment(name="Gateway")
-@serve.ingress(api)
+@serve.ingress()
 class Gateway(GrpcMethods):
     def __init__(self, checkpoint: str, model_name: str, generation, classify=None, tag=None, qa=None, embed=None, *,
                  api_keys: list[str] | None = None, limits: Limits | None = None, require_api_keys: bool = False,
-                 retry: dict | None = None, timeouts: dict | None = None):
-        self.heads = Heads({"generate": generation, "classify": classify, "tag": tag, "qa": qa, "embed": embed},
-                           RetryPolicy.model_validate(retry or {}), Timeouts.model_validate(timeouts or {}))
-        self.tokenizer = SeedOssTokenizer.from_pretrained(checkpoint)
-        self.model_name = model_name
+                 retry: dict | None = None, timeouts: dict | None = None, tokenizer_threads: int = 2):
+        heads = Heads({"generate": generation, "classify": classify, "tag": tag, "qa": qa, "embed": embed},
+                      RetryPolicy.model_validate(retry or {}), Timeouts.model_validate(timeouts or {}))
         keys = resolve_api_keys(api_keys, os.environ.get("SEEDOSS_API_KEYS", ""), require_api_keys)
-        self.api_keys = [k.encode() for k in keys]
-        self.limits = limits or Limits()
-        api.state.gateway = self  # for the middleware and routes defined outside this class (OpenAI API)
+        self.core = GatewayCore(heads, SeedOssTokenizer.from_pretrained(checkpoint), model_name, limits=limits,
+                                api_keys=keys, tokenizer_threads=tokenizer_threads)
 
-    def check_request(self, path: str, headers) -> ServiceError | None:
-        """The error to answer with before routing (missing/bad credentials, oversized body), or None."""
-        if self.api_keys and path not in PUBLIC_PATHS:
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k) for k in self.api_keys):
-                return Unauthenticated("missing or invalid API key: send 'Authorization: Bearer <key>'")
-        length = headers.get("content-length")
-        if length and length.isdigit():
-            try:
-                self.limits.check_body_size(int(length) if len(length) < 19 else 1 << 63)  # int() of 5000 digits raises
-            except PayloadTooLarge as e:
-                return e
-        return None
-
-    @api.post("/v1/generate", openapi_extra=body_schema(GenerateRequest))
-    async def generate(self, request: Request):
-        try:
-            body = await json_body(request)
-            self.limits.check_generation(body)
-            if not body.get("stream"):  # nothing is sent before the answer: retried if the replica dies
-                return await self.heads.call("generate", body, "complete")
-            chunks = self.heads.stream(body)
-            first = await chunks.__anext__()  # validation errors surface here, before any byte is sent
-        except Exception as e:
-            return error_response(service_error(e))
-
-        async def relayed():
-            yield first
-            async for chunk in chunks:
-                yield chunk
-
-        return sse_response(relayed(), [chunks])
-
-    async def _task(self, task: str, request: Request):
-        try:
-            return await self.heads.call(task, await json_body(request))
-        except Exception as e:
-            return error_response(service_error(e))
-
-    @api.post("/v1/classify", openapi_extra=body_schema(ClassificationRequest))
-    async def classify(self, request: Request):
-        return await self._task("classify", request)
-
-    @api.post("/v1/tag", openapi_extra=body_schema(TaggingRequest))
-    async def tag(self, request: Request):
-        return await self._task("tag", request)
-
-    @api.post("/v1/answer", openapi_extra=body_schema(QARequest))
-    async def answer(self, request: Request):
-        return await self._task("qa", request)
-
-    @api.get("/health/live")
-    async def live(self):
-        """The gateway process answers (liveness: restart me if not)."""
-        return {"status": "alive"}
-
-    @api.get("/health/ready")
-    @api.get("/health")
-    async def ready(self):
-        """Ready only when every head, and through them every stage, answers; per-head status in the body."""
-        status = await self.head_status()
-        if any(v != "ready" for v in status.values()):
-            error = Unavailable(f"not ready: {status}", retry_after=5)
-            return JSONResponse({**error.to_openai_body(), "status": "not_ready", "heads": status},
-                                status_code=error.http_status, headers=error.http_headers())
-        return {"status": "ready", "heads": status}
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return http_app(self.core)

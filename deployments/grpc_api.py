@@ -2,8 +2,9 @@
 
 Serve's gRPC proxy calls the Gateway method named like the RPC with the request message (and, because the methods
 take a `grpc_context` parameter, a `RayServegRPCContext`); an async generator method is a server-streaming RPC.
-Each method turns the message into the native request dict of the HTTP API, calls the same head handles, and turns
-the result back into the response message, so both front ends share validation, defaults and results.
+Each method turns the message into the native request dict of the HTTP API, hands it to the gateway core
+(deployments/gateway_core.py: the same admission, limits, validation, tokenization and dispatch as HTTP), and turns
+the result back into the response message, so the front ends share validation, defaults and results.
 
 Errors become gRPC statuses with the `ServiceError`'s code (`services/errors.py`: INVALID_ARGUMENT, NOT_FOUND,
 RESOURCE_EXHAUSTED, UNAVAILABLE, CANCELLED, UNAUTHENTICATED, INTERNAL) and its message as details; the details of
@@ -19,22 +20,17 @@ replica, whose engine then aborts the request and frees its KV cache.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
 from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 
 from proto.seedoss.v1 import seedoss_pb2 as pb
-from services.errors import InvalidRequest, ServiceError, Unavailable, from_exception
-from services.limits import Limits
+from services.errors import InvalidRequest, ServiceError, Unavailable
 
+from .gateway_core import GatewayCore
 from .ingress import service_error
-
-READY_TIMEOUT_S = 10
-READY_CACHE_S = 1.0  # probes reuse a readiness answer this young instead of running a forward per head each
 
 # GenerateRequest fields with presence that map one-to-one onto the native request's fields.
 _GENERATE_OPTIONAL = (
@@ -243,52 +239,24 @@ def set_error(grpc_context, exc: BaseException) -> ServiceError:
 
 
 class GrpcMethods:
-    """Mixed into the Gateway: needs `self.heads` (`Heads`), `self.tokenizer`, `self.model_name`, and uses
-    `self.check_request(path, headers)` (API keys) when the Gateway has it."""
+    """Mixed into the Gateway: the RPCs as an adapter over `self.core` (`GatewayCore`): a message becomes the
+    native request dict, the core admits, validates, tokenizes and dispatches it, the result becomes a message."""
 
-    limits = Limits()  # the Gateway sets its configured ones
-    _head_status: asyncio.Future | None = None  # the latest readiness check (shared by concurrent probes)
-    _head_status_at = 0.0
+    core: GatewayCore
 
-    async def head_status(self) -> dict[str, str]:
-        """Each deployed head's readiness ("ready" or "unavailable: <reason>"), checked at most every
-        READY_CACHE_S: concurrent and repeated probes share one check."""
-        now = time.monotonic()
-        if self._head_status is None or (self._head_status.done() and now - self._head_status_at > READY_CACHE_S):
-            self._head_status_at = now
-            self._head_status = asyncio.ensure_future(self._check_heads())
-        return dict(await asyncio.shield(self._head_status))
-
-    async def _check_heads(self) -> dict[str, str]:
-        status = {}
-        for task, handle in self.heads.deployed().items():
-            try:
-                await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
-                status[task] = "ready"
-            except Exception as e:
-                status[task] = f"unavailable: {service_error(e).message}"
-        return status
-
-    def _grpc_check_size(self, request) -> None:
-        """Every message is held to HTTP's body limit (Serve's gRPC proxy itself accepts up to 2 GiB unless
+    def _admit(self, grpc_context, rpc: str, request) -> None:
+        """API keys (from the call's metadata; a plain handle call has no context), then the message size: every
+        message is held to HTTP's body limit (Serve's gRPC proxy itself accepts up to 2 GiB unless
         RAY_SERVE_GRPC_MAX_MESSAGE_SIZE is set on the proxy's node, as the KubeRay pods do)."""
-        self.limits.check_body_size(request.ByteSize(), "gRPC message")
+        if grpc_context is not None:
+            metadata = {k.lower(): v for k, v in grpc_context.invocation_metadata() if isinstance(v, str)}
+            self.core.authenticate(f"/seedoss.v1.SeedOss/{rpc}", metadata)
+        self.core.limits.check_body_size(request.ByteSize(), "gRPC message")
 
-    def _grpc_check_auth(self, grpc_context, path: str) -> None:
-        check = getattr(self, "check_request", None)
-        if check is None or grpc_context is None:
-            return
-        metadata = {k.lower(): v for k, v in grpc_context.invocation_metadata() if isinstance(v, str)}
-        error = check(path, metadata)
-        if error is not None:
-            raise error
-
-    async def _grpc_unary(self, grpc_context, rpc: str, request, empty, call, *, auth: bool = True):
+    async def _grpc_unary(self, grpc_context, rpc: str, request, empty, call):
         """`call()`'s message, or on error `empty` with the error's status set on the context."""
         try:
-            if auth:
-                self._grpc_check_auth(grpc_context, f"/seedoss.v1.SeedOss/{rpc}")
-            self._grpc_check_size(request)
+            self._admit(grpc_context, rpc, request)
             return await call()
         except Exception as e:
             set_error(grpc_context, e)
@@ -298,27 +266,25 @@ class GrpcMethods:
 
     async def _grpc_task(self, task: str, rpc: str, body_of, request, grpc_context):
         async def call():
-            body = body_of(request)
-            return task_response(task, await self.heads.call(task, body))
+            return task_response(task, await self.core.task(task, body_of(request)))
 
         return await self._grpc_unary(grpc_context, rpc, request, _TASK_RESPONSES[task](), call)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None):
-        chunks = None
+        streams = []
         try:
-            self._grpc_check_auth(grpc_context, "/seedoss.v1.SeedOss/Generate")
-            self._grpc_check_size(request)
-            body = generate_body(request)
-            self.limits.check_generation(body)
-            chunks = self.heads.stream(body)
-            async for chunk in chunks:
+            self._admit(grpc_context, "Generate", request)
+            _, native = await self.core.generation_body(generate_body(request))
+            streams, firsts = await self.core.open_streams([native])
+            yield generate_response(firsts[0])
+            async for chunk in streams[0]:
                 yield generate_response(chunk)
-            chunks = None  # finished: nothing to cancel
+            streams = []  # finished: nothing to cancel
         except Exception as e:
             raise set_error(grpc_context, e) from None
         finally:
-            if chunks is not None:  # client cancelled (or an error): stop the generation, free its cache
-                chunks.cancel()
+            for stream in streams:  # client cancelled (or an error): stop the generation, free its cache
+                stream.cancel()
 
     async def Classify(self, request: pb.ClassifyRequest, grpc_context=None) -> pb.ClassifyResponse:
         return await self._grpc_task("classify", "Classify", classify_body, request, grpc_context)
@@ -334,30 +300,24 @@ class GrpcMethods:
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
         async def call():
-            from services.generation import GenerateRequest  # the generation path's own tokenization
-
             which = request.WhichOneof("input")
             if which is None:
                 raise InvalidRequest("prompt: give one of prompt, chat", param="prompt")
             body = prompt_body(request, which)
             if request.HasField("add_special_tokens"):
                 body["add_special_tokens"] = request.add_special_tokens
-            self.limits.check_generation(body)
-            try:
-                ids = GenerateRequest.model_validate(body).prompt_ids(self.tokenizer)
-            except Exception as e:
-                raise from_exception(e) from None
+            ids = await self.core.prompt_ids(body)
             response = pb.TokenizeResponse(token_ids=ids, count=len(ids))
             if request.return_token_strs:
-                response.token_strs.extend(self.tokenizer.convert_ids_to_tokens(ids))
+                response.token_strs.extend(self.core.tokenizer.convert_ids_to_tokens(ids))
             return response
 
         return await self._grpc_unary(grpc_context, "Tokenize", request, pb.TokenizeResponse(), call)
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
         async def call():
-            return pb.ListModelsResponse(models=[pb.Model(id=self.model_name, object="model", owned_by="seedoss",
-                                                          tasks=list(self.heads.deployed()))])
+            return pb.ListModelsResponse(models=[pb.Model(id=self.core.model_name, object="model", owned_by="seedoss",
+                                                          tasks=list(self.core.heads.deployed()))])
 
         return await self._grpc_unary(grpc_context, "ListModels", request, pb.ListModelsResponse(), call)
 
@@ -366,9 +326,9 @@ class GrpcMethods:
         async def call():
             if request.liveness_only:
                 return pb.HealthResponse(status="alive")
-            status = await self.head_status()
+            status = await self.core.head_status()
             if any(v != "ready" for v in status.values()):
                 raise Unavailable(f"not ready: {status}", retry_after=5)
             return pb.HealthResponse(status="ready", heads=status)
 
-        return await self._grpc_unary(grpc_context, "Health", request, pb.HealthResponse(), call, auth=False)
+        return await self._grpc_unary(grpc_context, "Health", request, pb.HealthResponse(), call)

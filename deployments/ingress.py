@@ -1,9 +1,7 @@
-"""What the gateway's HTTP routes (native, OpenAI) and gRPC methods share: errors from replicas to clients and
-JSON bodies."""
+"""What the gateway's HTTP adapters (native, OpenAI) and gRPC methods share: errors from replicas to clients, JSON
+bodies, the OpenAPI body schemas and SSE responses."""
 
-import json
 import re
-
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
@@ -13,7 +11,12 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import RequestCancelledError
 
 from services.errors import (
-    Cancelled, InvalidRequest, Overloaded, ServiceError, Unavailable, from_exception, server_error,
+    Cancelled,
+    Overloaded,
+    ServiceError,
+    Unavailable,
+    from_exception,
+    server_error,
 )
 from services.generation import sse
 
@@ -41,26 +44,9 @@ def error_response(error: ServiceError) -> JSONResponse:
     return JSONResponse(error.to_openai_body(), status_code=error.http_status, headers=error.http_headers())
 
 
-async def json_body(request: Request) -> dict:
-    raw = await request.body()
-    limits = request.app.state.gateway.limits
-    limits.check_body_size(len(raw))  # bodies sent without Content-Length are only measurable here
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise InvalidRequest(f"request body is not valid UTF-8 (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
-    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-        raise InvalidRequest("request body has an integer too large to read", param="body") from None
-    except RecursionError:  # nesting deeper than the parser's stack
-        raise InvalidRequest(f"request body nests deeper than {limits.max_json_depth} levels", param="body") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    limits.check_json_depth(body)
-    if (field := lone_surrogate(body)) is not None:
-        raise InvalidRequest(f"{field}: contains a lone UTF-16 surrogate escape (not text)", param=field)
-    return body
+async def json_body(request: Request, core) -> dict:
+    """The request's JSON body, parsed and checked by the gateway core (`GatewayCore.parse_json`)."""
+    return core.parse_json(await request.body())
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

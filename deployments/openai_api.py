@@ -1,7 +1,12 @@
 """OpenAI-compatible HTTP routes of the gateway (included into its FastAPI app): `GET /v1/models`,
 `POST /v1/completions`, `POST /v1/chat/completions` (SSE ending with `data: [DONE]`), and vLLM's `POST /tokenize` /
-`POST /detokenize` (also under `/v1/`). The request/response mapping lives in services/openai.py; these routes only
-tokenize (in the gateway, with the same code the native route uses), call the Generation deployment and stream.
+`POST /detokenize` (also under `/v1/`), OpenAI's `POST /v1/embeddings` and vLLM's `POST /pooling`. The
+request/response mapping lives in services/openai.py; these routes are an adapter over the gateway core
+(deployments/gateway_core.py): they parse, tokenize through the core's pool (the same `GenerateRequest.prompt_ids`
+the native route and gRPC use), dispatch through the core and stream.
+
+`router(core)` returns the routes bound to one `GatewayCore`; the Gateway includes them into the FastAPI app it
+builds per replica. A new route goes inside `router`, using `core` (see deployments/gateway.py).
 
 Errors found before the first byte of a stream (validation, prompt too long, unknown model) are ordinary HTTP 4xx
 JSON bodies; a failure mid-stream is sent in-band as `data: {"error": ...}` followed by `data: [DONE]`.
@@ -15,44 +20,39 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
+from services.embeddings import EmbeddingRequest
 from services.errors import InvalidRequest
 from services.openai import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_mapper, check_model,
-    completion_mapper, model_list, rename_param, tokenize_response,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    chat_mapper,
+    completion_mapper,
+    model_list,
+    rename_param,
+    tokenize_response,
 )
+from services.schemas import parse
 
+from .gateway_core import GatewayCore
 from .ingress import body_schema, error_response, json_body, service_error, sse_response
 
-router = APIRouter()
 _CREATED = int(time.time())
-_max_model_len: dict[int, int] = {}  # id(gateway) -> the engine's context length, once known
 
 
-async def max_model_len(gateway) -> int | None:
-    """The engine's context length (prompt + output), asked of the Generation deployment once; the tokenizer's
-    `model_max_length` if that deployment cannot say (an older Generation without `max_model_len`)."""
-    known = _max_model_len.get(id(gateway))
-    if known is None:
-        try:
-            known = _max_model_len[id(gateway)] = int(await gateway.heads.get("generate").max_model_len.remote())
-        except Exception as e:
-            known = gateway.tokenizer.model_max_length
-            if "does not exist" in str(e):  # Serve's answer for a missing method: remember the fallback
-                _max_model_len[id(gateway)] = known
-    return known
+class EmbeddingsBody(EmbeddingRequest):
+    """The body of `POST /v1/embeddings` and `POST /pooling`: the Embedding head's request plus the transport
+    fields OpenAI and vLLM clients send (`model`, checked; `user`, dropped). Validated here, so a bad body is
+    answered by the gateway and the OpenAPI document describes it (schemathesis fuzzes it, bench/fuzz.py)."""
+
+    model: str | None = None
+    user: str | None = None
 
 
 def _error(e: BaseException, params: dict[str, str] | None = None):
     error = service_error(e)
     return error_response(rename_param(error, params) if params else error)
-
-
-def _cancel(responses) -> None:
-    for r in responses:
-        try:
-            r.cancel()
-        except Exception:
-            pass
 
 
 async def _merged(streams: list, firsts: list[dict]) -> AsyncIterator[tuple[int, dict]]:
@@ -88,148 +88,133 @@ async def _merged(streams: list, firsts: list[dict]) -> AsyncIterator[tuple[int,
     finally:
         for t in tasks:
             t.cancel()
-        _cancel(streams)
+        for s in streams:
+            s.cancel()
 
 
-async def _start_streams(heads, prompts) -> tuple[list, list[dict]]:
-    """Start one native stream per prompt and fetch each first chunk (errors surface here, before any byte)."""
-    streams = [heads.stream(p.body) for p in prompts]
-    try:
-        firsts = [await s.__anext__() for s in streams]
-    except BaseException:
-        _cancel(streams)
-        raise
-    return streams, firsts
+def router(core: GatewayCore) -> APIRouter:
+    api = APIRouter()
 
+    @api.get("/v1/models")
+    async def list_models():
+        return model_list(core.model_name, await core.max_model_len(), _CREATED)
 
-@router.get("/v1/models")
-async def list_models(request: Request):
-    gateway = request.app.state.gateway
-    return model_list(gateway.model_name, await max_model_len(gateway), _CREATED)
+    @api.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
+    async def completions(request: Request):
+        params = None
+        try:
+            body = await json_body(request, core)
+            core.limits.check_generation(body)
+            req = CompletionRequest.parse(body)
+            params = req.error_params()
+            core.check_model(req.model)
+            prompts = await core.tokenized(req.native_bodies, core.tokenizer)
+            mapper = completion_mapper(req, core.model_name, core.tokenizer, prompts)
+            if not req.stream:
+                calls = [asyncio.ensure_future(core.complete(p.body)) for p in prompts]
+                try:
+                    results = await asyncio.gather(*calls)
+                except BaseException:
+                    for call in calls:
+                        call.cancel()
+                    raise
+                return mapper.response(results)
+            streams, firsts = await core.open_streams([p.body for p in prompts])
+        except Exception as e:
+            return _error(e, params)
 
+        async def chunks():
+            async for i, native in _merged(streams, firsts):
+                for chunk in mapper.chunks(i, native):
+                    yield chunk
+            if mapper.include_usage:
+                yield mapper.usage_chunk()
 
-@router.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
-async def completions(request: Request):
-    gateway = request.app.state.gateway
-    params = None
-    try:
-        body = await json_body(request)
-        gateway.limits.check_generation(body)
-        req = CompletionRequest.parse(body)
-        params = req.error_params()
-        check_model(req.model, gateway.model_name)
-        prompts = req.native_bodies(gateway.tokenizer)
-        mapper = completion_mapper(req, gateway.model_name, gateway.tokenizer, prompts)
-        if not req.stream:
-            calls = [asyncio.ensure_future(gateway.heads.call("generate", p.body, "complete")) for p in prompts]
-            try:
-                results = await asyncio.gather(*calls)
-            except BaseException:
-                _cancel(calls)
-                raise
-            return mapper.response(results)
-        streams, firsts = await _start_streams(gateway.heads, prompts)
-    except Exception as e:
-        return _error(e, params)
+        return sse_response(chunks(), streams, lambda e: rename_param(e, params or {}))
 
-    async def chunks():
-        async for i, native in _merged(streams, firsts):
-            for chunk in mapper.chunks(i, native):
+    @api.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        params = None
+        try:
+            body = await json_body(request, core)
+            core.limits.check_generation(body)
+            req = ChatCompletionRequest.parse(body)
+            params = req.error_params()
+            core.check_model(req.model)
+            prompts = await core.tokenized(req.native_bodies, core.tokenizer)
+            mapper = chat_mapper(req, core.model_name, core.tokenizer, prompts)
+            if not req.stream:
+                return mapper.response(await core.complete(prompts[0].body))
+            streams, firsts = await core.open_streams([p.body for p in prompts])
+        except Exception as e:
+            return _error(e, params)
+
+        async def chunks():
+            for chunk in mapper.role_chunks():
                 yield chunk
-        if mapper.include_usage:
-            yield mapper.usage_chunk()
+            async for _, native in _merged(streams, firsts):
+                for chunk in mapper.chunks(native):
+                    yield chunk
+            if mapper.include_usage:
+                yield mapper.usage_chunk()
 
-    return sse_response(chunks(), streams, lambda e: rename_param(e, params or {}))
+        return sse_response(chunks(), streams, lambda e: rename_param(e, params or {}))
 
+    @api.post("/tokenize", openapi_extra=body_schema(TokenizeRequest))
+    @api.post("/v1/tokenize", openapi_extra=body_schema(TokenizeRequest))
+    async def tokenize(request: Request):
+        try:
+            body = await json_body(request, core)
+            core.limits.check_generation(body)  # its prompt/messages characters
+            req = TokenizeRequest.parse(body)
+            core.check_model(req.model)
+            ids = await core.tokenized(req.token_ids, core.tokenizer)
+            return tokenize_response(ids, core.tokenizer, await core.max_model_len(), req.return_token_strs)
+        except Exception as e:
+            return _error(e)
 
-@router.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
-async def chat_completions(request: Request):
-    gateway = request.app.state.gateway
-    params = None
-    try:
-        body = await json_body(request)
-        gateway.limits.check_generation(body)
-        req = ChatCompletionRequest.parse(body)
-        params = req.error_params()
-        check_model(req.model, gateway.model_name)
-        prompts = req.native_bodies(gateway.tokenizer)
-        mapper = chat_mapper(req, gateway.model_name, gateway.tokenizer, prompts)
-        if not req.stream:
-            return mapper.response(await gateway.heads.call("generate", prompts[0].body, "complete"))
-        streams, firsts = await _start_streams(gateway.heads, prompts)
-    except Exception as e:
-        return _error(e, params)
+    @api.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest))
+    @api.post("/v1/detokenize", openapi_extra=body_schema(DetokenizeRequest))
+    async def detokenize(request: Request):
+        try:
+            req = DetokenizeRequest.model_validate(await json_body(request, core))
+            core.check_model(req.model)
+            return {"prompt": await core.tokenized(req.text, core.tokenizer)}
+        except Exception as e:
+            return _error(e)
 
-    async def chunks():
-        for chunk in mapper.role_chunks():
-            yield chunk
-        async for _, native in _merged(streams, firsts):
-            for chunk in mapper.chunks(native):
-                yield chunk
-        if mapper.include_usage:
-            yield mapper.usage_chunk()
+    async def embed(request: Request, per_token: bool) -> dict:
+        """The Embedding head's answer to an OpenAI/vLLM body (`model` checked, `user` dropped); `per_token`: every
+        token's hidden state (`/pooling`), else pooled vectors (`pooling: none` then belongs to `/pooling`)."""
+        body = await json_body(request, core)
+        parse(EmbeddingsBody, body)  # the whole body, transport fields included (the head sees the rest again)
+        core.check_model(body.pop("model", None))
+        body.pop("user", None)
+        if per_token:
+            body["pooling"] = "none"
+        elif body.get("pooling") == "none":
+            raise InvalidRequest("pooling: none (per-token states) is served by /pooling", param="pooling")
+        return await core.task("embed", body)
 
-    return sse_response(chunks(), streams, lambda e: rename_param(e, params or {}))
+    @api.post("/v1/embeddings", openapi_extra=body_schema(EmbeddingsBody))
+    async def embeddings(request: Request):
+        """OpenAI's embeddings (plus our `pooling`, `normalize`, `truncate` extensions)."""
+        try:
+            result = await embed(request, per_token=False)
+            return {**result, "model": core.model_name,
+                    "usage": {**result["usage"], "total_tokens": result["usage"]["prompt_tokens"]}}
+        except Exception as e:
+            return _error(e)
 
+    @api.post("/pooling", openapi_extra=body_schema(EmbeddingsBody))
+    async def pooling(request: Request):
+        """vLLM's `/pooling`: every token's final hidden state per input (`data[i].data`: [tokens][hidden])."""
+        try:
+            result = await embed(request, per_token=True)
+            return {"object": "list", "model": core.model_name, "usage": result["usage"],
+                    "data": [{"index": d["index"], "object": "pooling", "data": d["embedding"]}
+                             for d in result["data"]]}
+        except Exception as e:
+            return _error(e)
 
-@router.post("/tokenize", openapi_extra=body_schema(TokenizeRequest))
-@router.post("/v1/tokenize", openapi_extra=body_schema(TokenizeRequest))
-async def tokenize(request: Request):
-    gateway = request.app.state.gateway
-    try:
-        body = await json_body(request)
-        gateway.limits.check_generation(body)  # its prompt/messages characters
-        req = TokenizeRequest.parse(body)
-        check_model(req.model, gateway.model_name)
-        ids = req.token_ids(gateway.tokenizer)
-        return tokenize_response(ids, gateway.tokenizer, await max_model_len(gateway), req.return_token_strs)
-    except Exception as e:
-        return _error(e)
-
-
-@router.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest))
-@router.post("/v1/detokenize", openapi_extra=body_schema(DetokenizeRequest))
-async def detokenize(request: Request):
-    gateway = request.app.state.gateway
-    try:
-        req = DetokenizeRequest.model_validate(await json_body(request))
-        check_model(req.model, gateway.model_name)
-        return {"prompt": req.text(gateway.tokenizer)}
-    except Exception as e:
-        return _error(e)
-
-
-async def _embed(request: Request, per_token: bool) -> dict:
-    """The Embedding head's answer to an OpenAI/vLLM body (`model` checked, `user` dropped); `per_token`: every
-    token's hidden state (`/pooling`), else pooled vectors (`pooling: none` then belongs to `/pooling`)."""
-    gateway = request.app.state.gateway
-    body = await json_body(request)
-    check_model(body.pop("model", None), gateway.model_name)
-    body.pop("user", None)
-    if per_token:
-        body["pooling"] = "none"
-    elif body.get("pooling") == "none":
-        raise InvalidRequest("pooling: none (per-token states) is served by /pooling", param="pooling")
-    return await gateway.heads.call("embed", body)
-
-
-@router.post("/v1/embeddings")
-async def embeddings(request: Request):
-    """OpenAI's embeddings (plus our `pooling`, `normalize`, `truncate` extensions)."""
-    try:
-        result = await _embed(request, per_token=False)
-        return {**result, "model": request.app.state.gateway.model_name,
-                "usage": {**result["usage"], "total_tokens": result["usage"]["prompt_tokens"]}}
-    except Exception as e:
-        return _error(e)
-
-
-@router.post("/pooling")
-async def pooling(request: Request):
-    """vLLM's `/pooling`: every token's final hidden state per input (`data[i].data`: [tokens][hidden])."""
-    try:
-        result = await _embed(request, per_token=True)
-        return {"object": "list", "model": request.app.state.gateway.model_name, "usage": result["usage"],
-                "data": [{"index": d["index"], "object": "pooling", "data": d["embedding"]} for d in result["data"]]}
-    except Exception as e:
-        return _error(e)
+    return api

@@ -53,6 +53,15 @@ def _inputs(value):
     return value
 
 
+def _input_schema(schema: dict) -> None:
+    """`input` in the OpenAPI document (clients, schema-driven fuzzing): the forms `_inputs` accepts."""
+    schema.pop("type", None)
+    schema.pop("items", None)
+    texts = {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}
+    ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+    schema["anyOf"] = [{"type": "string", "minLength": 1}, texts, ids, {"type": "array", "minItems": 1, "items": ids}]
+
+
 class PoolingConfig(BaseModel):
     pooling: Pooling = "last"
     normalize: bool = True
@@ -80,7 +89,7 @@ class PoolingConfig(BaseModel):
 
 
 class EmbeddingRequest(ServiceModel):
-    input: Annotated[list, BeforeValidator(_inputs)]
+    input: Annotated[list, BeforeValidator(_inputs)] = Field(json_schema_extra=lambda schema: _input_schema(schema))
     # "none": no pooling, every token's hidden state (vLLM's `/pooling`)
     pooling: Literal["last", "mean", "cls", "none"] | None = Field(None, description="default: the checkpoint's")
     normalize: bool | None = Field(None, description="L2-normalise; default: the checkpoint's")

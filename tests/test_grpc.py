@@ -91,21 +91,17 @@ class _Handle:
         self.cancelled = True
 
 
-def _gateway(api_key=None, **handles):
-    from deployments.grpc_api import GrpcMethods
+def _gateway(api_key=None, tokenizer=None, **handles):
+    """The gRPC adapter over a real `GatewayCore` whose heads are `_Handle`s."""
     from deployments.faults import RetryPolicy, Timeouts
+    from deployments.gateway_core import GatewayCore
+    from deployments.grpc_api import GrpcMethods
     from deployments.routing import Heads
-    from services.errors import Unauthenticated
 
     class FakeGateway(GrpcMethods):
-        model_name = "seedoss"
-        heads = Heads({"generate": handles.get("generate", _Handle()), "classify": handles.get("classify"),
-                       "tag": handles.get("tag"), "qa": None}, RetryPolicy(), Timeouts())
-
-        def check_request(self, path, headers):
-            if api_key and headers.get("authorization") != f"Bearer {api_key}":
-                return Unauthenticated("missing or invalid API key")
-            return None
+        core = GatewayCore(Heads({"generate": handles.get("generate", _Handle()), "classify": handles.get("classify"),
+                                  "tag": handles.get("tag"), "qa": None}, RetryPolicy(), Timeouts()),
+                           tokenizer, "seedoss", api_keys=[api_key] if api_key else None)
 
     return FakeGateway()
 
@@ -123,8 +119,10 @@ def test_answer_request_maps_the_fields_it_sets():
     assert set(answer_body(message)) == set(QARequest.model_fields)
 
 
-def test_errors_become_grpc_statuses_without_a_cluster():
+def test_errors_become_grpc_statuses_without_a_cluster(demo_checkpoint):
     import asyncio
+
+    from seedoss.tokenizer import SeedOssTokenizer
 
     from ray.serve._private.common import DeploymentID
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -159,7 +157,8 @@ def test_errors_become_grpc_statuses_without_a_cluster():
 
     async def stream(handle, take=None):
         context, received = _Context(), []
-        generator = _gateway(generate=handle).Generate(pb.GenerateRequest(prompt="x"), grpc_context=context)
+        tokenizer = SeedOssTokenizer.from_pretrained(demo_checkpoint)
+        generator = _gateway(generate=handle, tokenizer=tokenizer).Generate(pb.GenerateRequest(prompt="x"), grpc_context=context)
         try:
             async for message in generator:
                 received.append(message)
@@ -216,10 +215,10 @@ def test_readiness_is_checked_at_most_once_a_second_and_shared():
     gateway = _gateway(classify=CountingReady(True), generate=CountingReady(True))
 
     async def probes():
-        first = await asyncio.gather(*[gateway.head_status() for _ in range(10)])  # concurrent probes share one
-        again = await gateway.head_status()  # within a second: the cached answer
+        first = await asyncio.gather(*[gateway.core.head_status() for _ in range(10)])  # concurrent probes share one
+        again = await gateway.core.head_status()  # within a second: the cached answer
         await asyncio.sleep(1.1)
-        later = await gateway.head_status()  # stale: checked again
+        later = await gateway.core.head_status()  # stale: checked again
         return first, again, later
 
     first, again, later = asyncio.run(probes())
