@@ -3,6 +3,7 @@ a pipeline stage replica and a task-head replica are killed, and some clients ha
 
     .venv/bin/python -m bench.soak                                # defaults: 64 clients, 240 s (~6 min in all)
     .venv/bin/python -m bench.soak --duration 300 --clients 64 --json soak.json
+    .venv/bin/python -m bench.soak --hostile 0.1 --duration 120   # clean phase, then 10% hostile: compared
 
 The scenario (shared with `tests/test_soak.py`, which runs a short version of it):
 - the app runs 2 pipeline stages, Generation, 2 Classification replicas, Tagging, QA and the Gateway on a local
@@ -21,7 +22,13 @@ The scenario (shared with `tests/test_soak.py`, which runs a short version of it
   its replica ends open streams with an in-band `service_unavailable_error`, which is the documented behaviour
   and not what a soak measures.
 
-Outcomes: `ok`, `disconnected` (the client hung up on purpose), explicit retryable rejections (`http_429`,
+With `--hostile SHARE` the app serves a clean phase and then a phase in which each request is, with probability
+SHARE, one of the hostile cases of `bench/hostile.py` (the table the tests check: bad JSON, lone surrogates, token
+ids out of range, nesting and integer bombs, every limit exceeded; HTTP or gRPC) instead of the mix; both phases
+run without kills, and the report compares them: server errors, replica deaths (the replica actors before and after
+each phase), and the normal requests' p99 latency in the hostile phase against the clean one (goal: within 1.5x).
+
+Outcomes: `ok`, `disconnected`, `refused` (a hostile request answered with a 4xx or a client-error gRPC status) (the client hung up on purpose), explicit retryable rejections (`http_429`,
 `grpc_RESOURCE_EXHAUSTED`, `grpc_UNAVAILABLE`) and failures (any 5xx, other gRPC codes, an in-band stream error,
 a malformed answer, a transport error, a timeout). The report has requests by task and protocol, errors by code,
 latency p50/p99 per task (successful, non-disconnected requests), recovery after each kill (time from the kill to
@@ -49,7 +56,7 @@ from types import SimpleNamespace
 
 APP = "seedoss"
 GRPC_METADATA = (("application", APP),)
-OK = ("ok", "disconnected")
+OK = ("ok", "disconnected", "refused")  # refused: a hostile request answered 4xx / a client-error gRPC status
 REJECTED = ("http_429", "grpc_RESOURCE_EXHAUSTED", "grpc_UNAVAILABLE")  # explicit, retryable
 DISCONNECT_AFTER = 2  # chunks a "disconnect" client reads before hanging up
 
@@ -132,6 +139,10 @@ class Report:
         return [r for r in self.results if re.fullmatch(r"http_5\d\d", r.outcome)
                 or r.outcome in ("grpc_INTERNAL", "grpc_UNKNOWN") or r.outcome.startswith("inband_")]
 
+    def normal_latencies(self) -> list[float]:
+        """Latencies of the successful requests of the normal mix (not hostile, not hung up on purpose)."""
+        return [r.latency for r in self.results if r.task != "hostile" and r.outcome == "ok"]
+
     def compute_recovery(self) -> None:
         for kill in self.kills:
             after = [r.end for r in self.results if r.task in kill.tasks and r.outcome == "ok" and r.start >= kill.at]
@@ -205,12 +216,13 @@ class Soak:
 
     def __init__(self, http_url: str, grpc_target: str, *, clients: int, duration: float, request_timeout: float,
                  max_tokens: tuple[int, int] = (4, 16), disconnect_tokens: int = 48, seed: int = 0,
-                 progress_every: float | None = None, burst_lead_s: float = 0.3):
+                 progress_every: float | None = None, burst_lead_s: float = 0.3, hostile: float = 0.0):
         self.http_url, self.grpc_target = http_url, grpc_target
         self.clients, self.duration, self.request_timeout = clients, duration, request_timeout
         self.max_tokens, self.disconnect_tokens, self.seed = max_tokens, disconnect_tokens, seed
         self.progress_every = progress_every
         self.burst_lead_s = burst_lead_s
+        self.hostile = hostile  # share of requests drawn from bench/hostile.py instead of MIX
         self._in_flight = 0
         self._http = self._stub = None
         self.results: list[Result] = []
@@ -288,8 +300,11 @@ class Soak:
         weights = [w for *_, w in MIX]
         n = 0
         while time.monotonic() < self._stop_at:
-            task, protocol, kind, _ = rng.choices(MIX, weights)[0]
-            await self._record(index, n, task, protocol, kind, rng)
+            if self.hostile and rng.random() < self.hostile:
+                await self._record(index, n, "hostile", rng.choice(("http", "grpc")), "unary", rng)
+            else:
+                task, protocol, kind, _ = rng.choices(MIX, weights)[0]
+                await self._record(index, n, task, protocol, kind, rng)
             n += 1
 
     async def _record(self, client: int, n: int, task: str, protocol: str, kind: str, rng, heavy=False) -> None:
@@ -309,6 +324,8 @@ class Soak:
 
     async def _request(self, task, protocol, kind, rng, http, stub, client, n, heavy=False) -> str:
         """`heavy`: a larger input (several long texts), so the call stays in flight longer."""
+        if task == "hostile":
+            return await (self._http_hostile(http, rng) if protocol == "http" else self._grpc_hostile(stub, rng))
         if task == "generate":
             max_tokens = rng.randint(*self.max_tokens)
             body = {"prompt": rng.choice(PROMPTS), "max_tokens": max_tokens, "temperature": 0.8,
@@ -344,6 +361,35 @@ class Soak:
         return await self._grpc_unary(stub.AnswerQuestion(pb.AnswerRequest(question=question, context=context),
                                                           metadata=GRPC_METADATA, timeout=self.request_timeout),
                                       "answers", None)
+
+    @staticmethod
+    async def _http_hostile(http, rng) -> str:
+        """One case of bench/hostile.py's table: "refused" for any 4xx (the limits differ from the test's app, so
+        the status may be another 4xx than the table's), the status for anything else."""
+        from bench.hostile import HTTP_BAD_INPUTS
+
+        route, body, _, _ = rng.choice(HTTP_BAD_INPUTS)
+        r = await (http.post(route, content=body) if isinstance(body, bytes) else http.post(route, json=body))
+        return "refused" if 400 <= r.status_code < 500 else f"http_{r.status_code}"
+
+    @staticmethod
+    async def _grpc_hostile(stub, rng) -> str:
+        import grpc
+
+        from bench.hostile import grpc_bad_inputs
+
+        rpc, request, _ = rng.choice(grpc_bad_inputs())
+        try:
+            response = getattr(stub, rpc)(request, metadata=GRPC_METADATA)
+            if rpc == "Generate":
+                async for _ in response:
+                    pass
+            else:
+                await response
+        except grpc.aio.AioRpcError as e:
+            server = ("INTERNAL", "UNKNOWN", "UNAVAILABLE", "DEADLINE_EXCEEDED", "DATA_LOSS")
+            return f"grpc_{e.code().name}" if e.code().name in server else "refused"
+        return "served"  # every case is a bad request: an answer is wrong
 
     @staticmethod
     async def _http_unary(http, route: str, body: dict, key: str, count: int | None) -> str:
@@ -620,6 +666,33 @@ def load_average() -> str:
         return "?"
 
 
+def all_replicas() -> set[str]:
+    """Every replica actor of the app: a replica that died and was replaced shows up as a changed set."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{APP}#"
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
+
+
+def hostile_comparison(clean: Report, hostile: Report, share: float, deaths: dict[str, list[str]]) -> str:
+    """The `--hostile` verdict: server errors, replica deaths, and normal-request p99 against the clean phase."""
+    clean_p99, hostile_p99 = percentile(clean.normal_latencies(), 0.99), percentile(hostile.normal_latencies(), 0.99)
+    ratio = hostile_p99 / clean_p99 if clean_p99 and hostile_p99 else None
+    sent = Counter(r.outcome for r in hostile.results if r.task == "hostile")
+    lines = [f"## Hostile share {share:.0%} against the clean soak (same app, back to back, no kills)", "",
+             "| phase | requests | hostile | normal ok | 5xx / INTERNAL / in-band | other failures | replicas died | "
+             "normal p50 s | normal p99 s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, report in (("clean", clean), ("hostile", hostile)):
+        lat = report.normal_latencies()
+        lines.append(f"| {name} | {len(report.results)} | {sum(r.task == 'hostile' for r in report.results)} | "
+                     f"{len(lat)} | {len(report.server_errors())} | "
+                     f"{len(report.failures()) - len(report.server_errors())} | {len(deaths[name])} | "
+                     f"{_fmt(percentile(lat, 0.5))} | {_fmt(percentile(lat, 0.99))} |")
+    lines += ["", f"Normal-request p99, hostile / clean: {_fmt(ratio)}x (goal <= 1.5x)",
+              "Hostile requests by outcome: " + ", ".join(f"`{k}` {v}" for k, v in sorted(sent.items()))]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="default: the tiny demo checkpoint (created if absent)")
@@ -630,6 +703,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--request-timeout", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--hostile", type=float, default=0.0,
+                   help="share of requests drawn from bench/hostile.py: runs a clean phase, then a phase with this "
+                        "share, on the same app and without kills, and compares them")
     args = p.parse_args(argv)
 
     import tempfile
@@ -654,9 +730,21 @@ def main(argv: list[str] | None = None) -> None:
                     loads.append(load_average())
 
             threading.Thread(target=sample_load, daemon=True).start()
-            soak = Soak(server.http_url, server.grpc_target, clients=args.clients, duration=args.duration,
-                        request_timeout=args.request_timeout, seed=args.seed, progress_every=15)
-            report = asyncio.run(soak.run(standard_kills(stage_at, head_at)))
+            def phase(hostile: float, kills) -> Report:
+                soak = Soak(server.http_url, server.grpc_target, clients=args.clients, duration=args.duration,
+                            request_timeout=args.request_timeout, seed=args.seed, progress_every=15, hostile=hostile)
+                return asyncio.run(soak.run(kills))
+
+            if args.hostile:
+                reports, deaths = {}, {}
+                for name, share in (("clean", 0.0), ("hostile", args.hostile)):
+                    replicas = all_replicas()
+                    reports[name] = phase(share, [])
+                    deaths[name] = sorted(replicas - all_replicas())
+                    print(f"[soak] {name} phase done; load average {load_average()}", file=sys.stderr, flush=True)
+                report = reports["hostile"]
+            else:
+                report = phase(0.0, standard_kills(stage_at, head_at))
             sampler_stop.set()
             report.end_state = wait_idle(server.num_stages, 120)
             growth = rss_growth(before, replica_rss())
@@ -664,7 +752,11 @@ def main(argv: list[str] | None = None) -> None:
             report.end_state["load_average_samples"] = loads
         finally:
             server.shutdown()
-    print(report.markdown())
+    if args.hostile:
+        print("## Clean phase\n\n" + reports["clean"].markdown() + "\n\n## Hostile phase\n\n" + report.markdown())
+        print("\n" + hostile_comparison(reports["clean"], report, args.hostile, deaths))
+    else:
+        print(report.markdown())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
 

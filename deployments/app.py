@@ -22,10 +22,14 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     model_config = SeedOssConfig.from_pretrained(cfg.checkpoint)
     ranges = partition_layers(model_config, None if cfg.layers_per_stage else cfg.num_stages, cfg.layers_per_stage)
+    # A stage runs the heads' cache-less forwards in chunks of at most the engine's micro-batch, each queued behind
+    # the decode steps already waiting on its worker: a large classify/tag/QA request holds a generation stream up
+    # for at most one chunk per stage (tests/test_fair_stage_time.py), never for its whole forward.
+    prefill_chunk = min(cfg.batching.max_batch_tokens, cfg.engine.max_batched_tokens)
     stages = [
         serve.deployment(SeedOssStage, name=f"SeedOssStage{k}").options(**cfg.stage_options(k))
         .bind(cfg.checkpoint, start, end, cfg.dtype, cfg.engine.kv_budget_bytes, cfg.engine.block_size, cfg.device,
-              cfg.timeouts.stage_s, cfg.batching.max_batch_tokens)
+              cfg.timeouts.stage_s, prefill_chunk)
         for k, (start, end) in enumerate(ranges)
     ]
     retry, timeouts = cfg.retry.model_dump(), cfg.timeouts.model_dump()

@@ -11,7 +11,7 @@ from seedoss.config import SeedOssConfig
 from seedoss.engine import EngineConfig, LLMEngine, collect
 from seedoss.loader import load_head
 from seedoss.tokenizer import SeedOssTokenizer
-from services.errors import from_exception
+from services.errors import InvalidRequest, from_exception
 from services.generation import GenerateRequest, choice_dict, response_dict
 
 from .autoscaling import LOAD_KV, LOAD_SEQUENCES
@@ -75,9 +75,12 @@ class Generation:
     def _parse(self, body: dict) -> tuple[GenerateRequest, list[int]]:
         try:
             request = GenerateRequest.model_validate(body)
-            return request, request.prompt_ids(self.tokenizer)
         except Exception as e:
             raise from_exception(e) from None
+        if request.prompt_token_ids is None:  # text is tokenized only by the gateway core, off any event loop
+            raise InvalidRequest("prompt: the Generation deployment takes prompt_token_ids (the gateway tokenizes)",
+                                 param="prompt")
+        return request, list(request.prompt_token_ids)
 
     async def stream(self, body: dict, resume: dict | None = None) -> AsyncIterator[dict]:
         """Chunks of new text/tokens per choice; the last carries `usage`. Errors surface before the first chunk.
