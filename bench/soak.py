@@ -3,7 +3,7 @@ a pipeline stage replica and a task-head replica are killed, and some clients ha
 
     .venv/bin/python -m bench.soak                                # defaults: 64 clients, 240 s (~6 min in all)
     .venv/bin/python -m bench.soak --duration 300 --clients 64 --json soak.json
-    .venv/bin/python -m bench.soak --hostile 0.1 --duration 120   # clean phase, then 10% hostile: compared
+    .venv/bin/python -m bench.soak --hostile 0.1 --duration 60 --rounds 3   # clean / 10% hostile phases, compared
 
 The scenario (shared with `tests/test_soak.py`, which runs a short version of it):
 - the app runs 2 pipeline stages, Generation, 2 Classification replicas, Tagging, QA and the Gateway on a local
@@ -22,14 +22,15 @@ The scenario (shared with `tests/test_soak.py`, which runs a short version of it
   its replica ends open streams with an in-band `service_unavailable_error`, which is the documented behaviour
   and not what a soak measures.
 
-With `--hostile SHARE` the app serves a clean phase and then a phase in which each request is, with probability
-SHARE, one of the hostile cases of `bench/hostile.py` (the table the tests check: bad JSON, lone surrogates, token
-ids out of range, nesting and integer bombs, every limit exceeded; HTTP or gRPC) instead of the mix; both phases
-run without kills, and the report compares them: server errors, replica deaths (the replica actors before and after
-each phase), and the normal requests' p99 latency in the hostile phase against the clean one (goal: within 1.5x).
+With `--hostile SHARE` the app serves clean phases alternating (`--rounds` pairs) with phases in which each request
+is, with probability SHARE, one of the hostile cases of `bench/hostile.py` (the table the tests check: bad JSON,
+lone surrogates, token ids out of range, nesting and integer bombs, every limit exceeded; HTTP or gRPC) instead of
+the mix; no kills. The report compares them: server errors, replica deaths (the replica actors before and after each
+phase), and the normal requests' p99 latency in the hostile phases against the clean ones (goal: within 1.5x).
 
-Outcomes: `ok`, `disconnected`, `refused` (a hostile request answered with a 4xx or a client-error gRPC status) (the client hung up on purpose), explicit retryable rejections (`http_429`,
-`grpc_RESOURCE_EXHAUSTED`, `grpc_UNAVAILABLE`) and failures (any 5xx, other gRPC codes, an in-band stream error,
+Outcomes: `ok`, `disconnected` (the client hung up on purpose), `refused` (a hostile request answered with a 4xx
+or a client-error gRPC status), explicit retryable rejections (`http_429`, `grpc_RESOURCE_EXHAUSTED`,
+`grpc_UNAVAILABLE`) and failures (any 5xx, other gRPC codes, an in-band stream error,
 a malformed answer, a transport error, a timeout). The report has requests by task and protocol, errors by code,
 latency p50/p99 per task (successful, non-disconnected requests), recovery after each kill (time from the kill to
 the first successful request that started after it and needed the killed deployment; and until Serve reported the
@@ -679,7 +680,7 @@ def hostile_comparison(clean: Report, hostile: Report, share: float, deaths: dic
     clean_p99, hostile_p99 = percentile(clean.normal_latencies(), 0.99), percentile(hostile.normal_latencies(), 0.99)
     ratio = hostile_p99 / clean_p99 if clean_p99 and hostile_p99 else None
     sent = Counter(r.outcome for r in hostile.results if r.task == "hostile")
-    lines = [f"## Hostile share {share:.0%} against the clean soak (same app, back to back, no kills)", "",
+    lines = [f"## Hostile share {share:.0%} against the clean soak (same app, phases alternating, no kills)", "",
              "| phase | requests | hostile | normal ok | 5xx / INTERNAL / in-band | other failures | replicas died | "
              "normal p50 s | normal p99 s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, report in (("clean", clean), ("hostile", hostile)):
@@ -706,6 +707,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hostile", type=float, default=0.0,
                    help="share of requests drawn from bench/hostile.py: runs a clean phase, then a phase with this "
                         "share, on the same app and without kills, and compares them")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --hostile: clean/hostile phase pairs, alternating (each --duration long)")
     args = p.parse_args(argv)
 
     import tempfile
@@ -735,13 +738,19 @@ def main(argv: list[str] | None = None) -> None:
                             request_timeout=args.request_timeout, seed=args.seed, progress_every=15, hostile=hostile)
                 return asyncio.run(soak.run(kills))
 
-            if args.hostile:
-                reports, deaths = {}, {}
-                for name, share in (("clean", 0.0), ("hostile", args.hostile)):
-                    replicas = all_replicas()
-                    reports[name] = phase(share, [])
-                    deaths[name] = sorted(replicas - all_replicas())
-                    print(f"[soak] {name} phase done; load average {load_average()}", file=sys.stderr, flush=True)
+            if args.hostile:  # clean and hostile phases alternate, so drifting machine load hits both alike
+                reports = {name: Report(args.clients, 0.0, 0.0) for name in ("clean", "hostile")}
+                deaths: dict[str, list[str]] = {"clean": [], "hostile": []}
+                for _ in range(args.rounds):
+                    for name, share in (("clean", 0.0), ("hostile", args.hostile)):
+                        replicas = all_replicas()
+                        part = phase(share, [])
+                        deaths[name] += sorted(replicas - all_replicas())
+                        reports[name].results += part.results
+                        reports[name].duration += part.duration
+                        reports[name].wall += part.wall
+                        print(f"[soak] {name} phase done; load average {load_average()}", file=sys.stderr,
+                              flush=True)
                 report = reports["hostile"]
             else:
                 report = phase(0.0, standard_kills(stage_at, head_at))
