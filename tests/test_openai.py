@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from seedoss.tokenizer import SeedOssTokenizer
+from services import reasoning
 
 pytestmark = pytest.mark.timeout(600)
 MODEL = "seedoss"
@@ -72,6 +73,24 @@ def _joined_stream(chunks, index=0):
     return text, ids, finish
 
 
+def _message_parts(message):
+    """(reasoning, content) of a chat message; both reasoning names must agree."""
+    assert _extra(message, "reasoning_content") == _extra(message, "reasoning")
+    return _extra(message, "reasoning_content"), message.content
+
+
+def _streamed_parts(chunks, index=0):
+    """(reasoning, content) joined from chat chunks (None when empty, like a whole message)."""
+    thinking, content = "", ""
+    for c in chunks:
+        for ch in c.choices:
+            if ch.index == index:
+                assert _extra(ch.delta, "reasoning_content") == _extra(ch.delta, "reasoning")
+                thinking += _extra(ch.delta, "reasoning_content") or ""
+                content += ch.delta.content or ""
+    return thinking or None, content or None
+
+
 GREEDY = {"max_tokens": 10, "temperature": 0}
 SEEDED = {"max_tokens": 10, "temperature": 0.8, "seed": 3, "top_p": 0.9}
 
@@ -107,7 +126,8 @@ def test_chat_equal_native(server, sampling):
                                                 **sampling)
     assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
     choice = out.choices[0]
-    assert choice.message.role == "assistant" and choice.message.content == ref_choice["text"]
+    # the random model writes no tags: Seed-OSS output is thinking until `</seed:think>` (vLLM's seed_oss parser)
+    assert choice.message.role == "assistant" and _message_parts(choice.message) == reasoning.split(ref_choice["text"])
     assert _extra(choice, "token_ids") == ref_choice["token_ids"]
     assert choice.finish_reason == ref_choice["finish_reason"]
     assert out.usage.prompt_tokens == ref["usage"]["prompt_tokens"]
@@ -118,7 +138,8 @@ def test_chat_equal_native(server, sampling):
                                                         extra_body={"return_token_ids": True}, **sampling))
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
     assert all(c.usage is None for c in chunks)  # no include_usage: no usage chunk
-    assert _joined_stream(chunks) == (ref_choice["text"], ref_choice["token_ids"], ref_choice["finish_reason"])
+    assert _joined_stream(chunks)[1:] == (ref_choice["token_ids"], ref_choice["finish_reason"])
+    assert _streamed_parts(chunks) == reasoning.split(ref_choice["text"])
     assert chunks[-1].choices[0].finish_reason == ref_choice["finish_reason"]
 
 
@@ -137,7 +158,7 @@ def test_n2_seeded_and_usage_chunk(server):
                                                         stream_options={"include_usage": True}, **body))
     assert [c.choices[0].delta.role for c in chunks[:2]] == ["assistant", "assistant"]
     for i in range(2):
-        assert _joined_stream(chunks, i)[0] == refs[i]["text"]
+        assert _streamed_parts(chunks, i) == reasoning.split(refs[i]["text"])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ref["usage"]["completion_tokens"]
     assert chunks[-1].usage.prompt_tokens == ref["usage"]["prompt_tokens"]
 
@@ -199,7 +220,7 @@ def test_thinking_budget_changes_the_prompt_like_the_template(server):
     out = server.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0,
                                                 extra_body={"chat_template_kwargs": kwargs, "return_token_ids": True})
     assert _extra(out, "prompt_token_ids") == expected and out.usage.prompt_tokens == len(expected)
-    assert out.choices[0].message.content == ref["choices"][0]["text"]
+    assert _message_parts(out.choices[0].message) == reasoning.split(ref["choices"][0]["text"])
 
 
 def test_batch_token_and_echo_prompts(server):
@@ -262,8 +283,10 @@ def test_errors_name_the_field(server):
         (client.completions.create, dict(prompt=[5] * 5000, max_tokens=4), "prompt"),
         (client.completions.create, dict(prompt="x", stream_options={"include_usage": True}), "stream_options"),
         (client.completions.create, dict(prompt="x", extra_body={"bogus": 1}), "bogus"),
-        (client.chat.completions.create, dict(messages=CHAT, tools=[{"type": "function", "function": {"name": "f"}}]),
-         "tools"),
+        (client.chat.completions.create, dict(messages=CHAT, tools=[{"type": "function", "function": {"name": "f"}}],
+                                              tool_choice={"type": "function", "function": {"name": "g"}}),
+         "tool_choice"),
+        (client.chat.completions.create, dict(messages=CHAT, tools=[{"type": "function"}]), "tools"),
         (client.chat.completions.create, dict(messages=CHAT, response_format={"type": "json_object"}),
          "response_format"),
         (client.chat.completions.create, dict(messages=CHAT, reasoning_effort="low"), "reasoning_effort"),
@@ -284,7 +307,7 @@ def test_errors_name_the_field(server):
                                          metadata={"k": "v"}, store=False, response_format={"type": "text"})
     ref = _native(server, {"messages": [{"role": "user", "content": "Tell me\nmore."}], "max_tokens": 3,
                            "temperature": 0})
-    assert out.choices[0].message.content == ref["choices"][0]["text"]
+    assert _message_parts(out.choices[0].message) == reasoning.split(ref["choices"][0]["text"])
 
     r = server.http.post("/v1/chat/completions", content=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
