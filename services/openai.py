@@ -28,7 +28,7 @@ Choices follow vLLM's OpenAI server where OpenAI leaves room:
 
 Not supported, answered with 400 naming the field: `logit_bias` (non-empty), `suffix`, `best_of` other than n,
 `echo` together with `logprobs` (no prompt logprobs), `prompt_logprobs`, `functions`, `function_call` (use `tools`),
-`response_format` other than text, `audio`, `modalities` other than text,
+vLLM's removed `guided_*` fields (use `structured_outputs`), `audio`, `modalities` other than text,
 `prediction`, `reasoning_effort` (use `chat_template_kwargs.thinking_budget`), `web_search_options`, `verbosity`,
 `moderation`, `continue_final_message`, chat `echo`, non-text content parts, `stream_options` without `stream`,
 `stream_options.continuous_usage_stats`. Fields that cannot change results are accepted and ignored: `user`,
@@ -38,7 +38,13 @@ Not supported, answered with 400 naming the field: `logit_bias` (non-empty), `su
 Seed-OSS chat (services/reasoning.py, services/tool_calls.py): the thinking goes to `message.reasoning_content` and
 `message.reasoning` (both names are read by clients; streamed as deltas of both), the answer to `content`; with
 `tools` (and `tool_choice` not "none") generated calls become `message.tool_calls` (streamed as whole-call deltas) and
-`finish_reason` "tool_calls"; `parallel_tool_calls: false` keeps the first call only.
+`finish_reason` "tool_calls"; `parallel_tool_calls: false` keeps the first call only. `tool_choice` "required" or a
+named function constrains decoding to one call in the Seed-OSS format (services/tool_calls.call_grammar), so even a
+weak model returns a well-formed call whose arguments fit the schema.
+
+Structured outputs (both routes): `response_format` (text, json_object, json_schema) or vLLM's `structured_outputs`
+(json, regex, choice, grammar, json_object), at most one constraint per request; a constrained chat output has no
+thinking (it is the answer from its first token).
 """
 
 from __future__ import annotations
@@ -58,7 +64,8 @@ from seedoss.tokenizer import SeedOssTokenizer
 from .errors import InvalidRequest, NotFound, ServiceError, from_exception
 from .generation import CHAT_MESSAGES_SCHEMA, GenerateRequest
 from .reasoning import ReasoningStream
-from .tool_calls import ToolCallStream, check_tools
+from .structured import reject_guided, resolve
+from .tool_calls import ToolCallStream, call_grammar, check_tools
 
 LOGPROB_FLOOR = -9999.0  # vLLM's stand-in for -inf (JSON cannot carry it)
 _TEXT_PARTS = {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
@@ -81,7 +88,6 @@ def _none_or(*allowed: Any) -> Callable[[Any], bool]:
 _UNSUPPORTED_COMMON: dict[str, Callable[[Any], bool]] = {
     "logit_bias": _empty,
     "prompt_logprobs": _none_or(),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text" and len(v) == 1),
 }
 _UNSUPPORTED_COMPLETION = {**_UNSUPPORTED_COMMON, "suffix": _empty}
 _UNSUPPORTED_CHAT = {
@@ -102,6 +108,7 @@ def _parse(cls: type[BaseModel], body: dict[str, Any], unsupported: dict[str, Ca
     """Validate `body` as `cls`: unsupported fields with a value that matters, and unknown fields, are a 400 naming
     the field; harmless OpenAI fields (`_IGNORED`) are dropped."""
     body = dict(body)
+    reject_guided(body)
     for name, harmless in unsupported.items():
         if name in body and not harmless(body.pop(name)):
             raise InvalidRequest(f"{name} is not supported by this server", param=name)
@@ -159,6 +166,9 @@ class _OpenAIRequest(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False
+    # structured outputs (services/structured.py): OpenAI's and vLLM's forms, at most one
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @field_validator("n", mode="before")
     @classmethod
@@ -176,6 +186,12 @@ class _OpenAIRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _constraint(self, tokenizer: SeedOssTokenizer, grammar: str | None = None) -> dict[str, Any]:
+        """`{"structured_outputs": ...}` for the native body when the output is constrained, else {}."""
+        spec = resolve(tokenizer, response_format=self.response_format, structured_outputs=self.structured_outputs,
+                       grammar=grammar)
+        return {} if spec is None else {"structured_outputs": spec}
 
     def _sampling(self) -> dict[str, Any]:
         fields = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k",
@@ -225,7 +241,7 @@ class CompletionRequest(_OpenAIRequest):
         if self.echo and self.logprobs is not None:
             raise InvalidRequest("echo with logprobs is not supported (this server does not compute prompt logprobs)",
                                  param="echo")
-        base = {**self._sampling(), "max_tokens": self.max_tokens}
+        base = {**self._sampling(), "max_tokens": self.max_tokens, **self._constraint(tokenizer)}
         if self.logprobs is not None:
             base["logprobs"] = self.logprobs
         out = []
@@ -282,11 +298,14 @@ class ChatCompletionRequest(_OpenAIRequest):
 
     def native_bodies(self, tokenizer: SeedOssTokenizer) -> list["NativePrompt"]:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        base = {**self._sampling(), "max_tokens": max_tokens}
+        tools, choice = self.tool_setup()
+        grammar = None
+        if choice not in (None, "none"):  # required / named: decoding is constrained to one well-formed call
+            grammar = call_grammar(tools, None if choice == "required" else choice, tokenizer)
+        base = {**self._sampling(), "max_tokens": max_tokens, **self._constraint(tokenizer, grammar)}
         if self.logprobs:
             base["logprobs"] = self.top_logprobs or 0
         params = self.error_params()
-        tools, _ = self.tool_setup()
         template_kwargs = dict(self.chat_template_kwargs or {})
         if tools:  # rendered into the system turn, as the released template does (also for tool_choice none, as vLLM)
             template_kwargs["tools"] = tools
@@ -692,5 +711,6 @@ def chat_mapper(request: ChatCompletionRequest, model: str, tokenizer: SeedOssTo
                 prompts: list[NativePrompt]) -> ChatMapper:
     tools, choice = request.tool_setup()
     return ChatMapper(model, tokenizer, prompts, request.n, request.include_usage, request.return_token_ids,
-                      tools=tools if choice != "none" else None, in_reasoning=True,
+                      tools=tools if choice != "none" else None,
+                      in_reasoning="structured_outputs" not in prompts[0].body,  # constrained from the first token
                       parallel_tool_calls=request.parallel_tool_calls is not False)

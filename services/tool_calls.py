@@ -182,3 +182,51 @@ def parse(text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
     """(content, calls) of a whole answer."""
     content, calls = ToolCallStream(tools).feed(text, final=True)
     return content or None, calls
+
+
+def _lark(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)  # a Lark string literal (same escapes as JSON)
+
+
+def _value_rule(spec: Any) -> str:
+    """A parameter value in the call format: strings raw (no quotes; bounded by maxLength when given, never holding
+    '<', which would start the closing tag), enums as their literal text, everything else as compact JSON for its
+    schema (cast back by `cast_value`)."""
+    spec = spec if isinstance(spec, dict) else {}
+    if isinstance(spec.get("enum"), list) and spec["enum"]:
+        return "(" + " | ".join(_lark(v if isinstance(v, str) else json.dumps(v)) for v in spec["enum"]) + ")"
+    if _schema_type(spec) == "string":
+        bound = spec.get("maxLength")
+        repeat = f"{{{int(spec.get('minLength', 0))},{int(bound)}}}" if isinstance(bound, int) else "*"
+        return f"/[^<]{repeat}/"
+    return "%json " + json.dumps({**spec, "x-guidance": {"whitespace_flexible": False}})
+
+
+def _tag(tokenizer, text: str) -> str:
+    """A tag as grammar: by token id (`<[7]>`) when it is one token. llguidance treats added tokens as special
+    (matched by id, never by their text), so a text literal would not match the tag token the model writes."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return f"<[{ids[0]}]>" if len(ids) == 1 else _lark(text)
+
+
+def call_grammar(tools: list[dict], name: str | None, tokenizer) -> str:
+    """Lark grammar for exactly one call in the Seed-OSS format: to `name`, or (tool_choice "required") to any
+    of `tools`. Required parameters come in schema order, then each optional one may follow."""
+    start, end = _tag(tokenizer, CALL_START), _tag(tokenizer, CALL_END)
+    rules, alternatives = [], []
+    for i, tool in enumerate(t["function"] for t in tools):
+        if name is not None and tool["name"] != name:
+            continue
+        parameters = tool.get("parameters") or {}
+        properties = parameters.get("properties") or {}
+        required = [p for p in properties if p in (parameters.get("required") or [])]
+        optional = [p for p in properties if p not in required]
+        parts = []
+        for j, param in enumerate(required + optional):
+            rules.append(f"p{i}_{j}: {_lark('<parameter=' + param + '>')} {_value_rule(properties[param])} "
+                         f"{_lark('</parameter>' + chr(10))}")
+            parts.append(f"p{i}_{j}" if param in required else f"p{i}_{j}?")
+        opening = f'{start} {_lark(chr(10) + "<function=" + tool["name"] + ">" + chr(10))}'
+        rules.append(f"call{i}: {opening} {' '.join(parts)} {_lark('</function>' + chr(10))} {end}")
+        alternatives.append(f"call{i}")
+    return "\n".join([f"start: {' | '.join(alternatives)}", *rules])
