@@ -66,6 +66,7 @@ class SamplingParams(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputs | None = None
+    thinking_token_budget: int | None = Field(None, ge=0)  # hard cap on thinking tokens (structured.ThinkingBudget)
 
     @field_validator("top_k")
     @classmethod
@@ -134,7 +135,7 @@ class SamplingState:
         constraint=None,
     ) -> None:
         self.params = params
-        self.constraint = constraint  # a structured.GrammarConstraint, fed every accepted token
+        self.constraint = constraint  # structured.GrammarConstraint / ThinkingBudget, fed every accepted token
         self.eos_token_id = eos_token_id  # one id, or all of a model's eos ids
         self.vocab_size = vocab_size
         self.fork_index = fork_index
@@ -256,10 +257,16 @@ class Sampler:
 
     @staticmethod
     def apply_constraints(logits: torch.Tensor, requests: list[SamplingState]) -> torch.Tensor:
-        """-inf on every token a constrained row's grammar rejects (in place; one masked_fill for all such rows)."""
-        rows = [i for i, r in enumerate(requests) if r.constraint is not None]
+        """-inf on every token a constrained row's grammar (or spent thinking budget) rejects, in place, one
+        masked_fill for all such rows; a constraint with nothing to restrict this step answers None."""
+        rows, masks = [], []
+        for i, r in enumerate(requests):
+            mask = None if r.constraint is None else r.constraint.allowed(logits.shape[1])
+            if mask is not None:
+                rows.append(i)
+                masks.append(mask)
         if rows:
-            allowed = torch.stack([requests[i].constraint.allowed(logits.shape[1]) for i in rows]).to(logits.device)
+            allowed = torch.stack(masks).to(logits.device)
             idx = _index(rows, logits.device)
             logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
         return logits

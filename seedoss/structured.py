@@ -119,7 +119,7 @@ class GrammarConstraint:
         if not self._matcher.is_error():
             self._matcher.consume_token(token_id)
 
-    def allowed(self, vocab_size: int) -> torch.Tensor:
+    def allowed(self, vocab_size: int) -> torch.Tensor | None:
         """Bool [vocab_size]: the tokens the grammar accepts next."""
         mask = torch.zeros(vocab_size, dtype=torch.bool)
         if not self._matcher.is_error():
@@ -131,7 +131,41 @@ class GrammarConstraint:
         return mask
 
 
-def constraint_for(params, tokenizer) -> GrammarConstraint | None:
-    """The constraint a sequence with these `SamplingParams` needs (None when unconstrained)."""
+class ThinkingBudget:
+    """A hard cap on thinking (`thinking_token_budget`): once a sequence has written `budget` tokens without
+    closing its thinking, the only allowed token is `</seed:think>`, so the answer starts. The soft budget
+    (`chat_template_kwargs.thinking_budget`) only asks the model, through the template; this one enforces."""
+
+    def __init__(self, budget: int, think_end_id: int):
+        self.budget, self.think_end_id = budget, think_end_id
+        self._thinking_tokens, self._ended = 0, False
+
+    def accept(self, token_id: int) -> None:
+        if token_id == self.think_end_id:
+            self._ended = True
+        elif not self._ended:
+            self._thinking_tokens += 1
+
+    def allowed(self, vocab_size: int) -> torch.Tensor | None:
+        if self._ended or self._thinking_tokens < self.budget:
+            return None  # no restriction this step
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[self.think_end_id] = True
+        return mask
+
+
+THINK_END = "</seed:think>"
+
+
+def constraint_for(params, tokenizer) -> GrammarConstraint | ThinkingBudget | None:
+    """The constraint a sequence with these `SamplingParams` needs (None when unconstrained). A grammar wins over a
+    thinking budget: a constrained output is an answer from its first token."""
     spec = getattr(params, "structured_outputs", None)
-    return None if spec is None else GrammarConstraint(spec, tokenizer)
+    if spec is not None:
+        return GrammarConstraint(spec, tokenizer)
+    budget = getattr(params, "thinking_token_budget", None)
+    if budget is not None:
+        ids = tokenizer.encode(THINK_END, add_special_tokens=False)
+        if len(ids) == 1:  # a tokenizer without the tag token has no thinking to cap
+            return ThinkingBudget(budget, ids[0])
+    return None

@@ -169,6 +169,7 @@ class _OpenAIRequest(BaseModel):
     # structured outputs (services/structured.py): OpenAI's and vLLM's forms, at most one
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
+    thinking_token_budget: int | None = None  # hard cap on thinking tokens, then `</seed:think>` is forced
 
     @field_validator("n", mode="before")
     @classmethod
@@ -196,7 +197,7 @@ class _OpenAIRequest(BaseModel):
     def _sampling(self) -> dict[str, Any]:
         fields = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k",
                   "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
-                  "include_stop_str_in_output")
+                  "include_stop_str_in_output", "thinking_token_budget")
         return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
 
 

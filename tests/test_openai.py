@@ -600,3 +600,16 @@ def test_chat_mapping_of_reasoning_and_tool_calls_without_a_server(demo_checkpoi
     none = mapper(tool_choice="none").response({"id": "r", "choices": native([text])[0]["choices"]})
     assert none["choices"][0]["message"]["tool_calls"] == [] and "<seed:tool_call>" in none["choices"][0]["message"]["content"]
     assert none["choices"][0]["finish_reason"] == "stop"
+
+
+def test_thinking_token_budget_splits_thinking_from_the_answer(server):
+    body = dict(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+    out = server.client.chat.completions.create(**body, extra_body={"thinking_token_budget": 4,
+                                                                    "return_token_ids": True})
+    ids = _extra(out.choices[0], "token_ids")
+    end = server.tokenizer.encode("</seed:think>", add_special_tokens=False)[0]
+    assert ids.index(end) == 4
+    thinking, answer = _message_parts(out.choices[0].message)
+    assert thinking == server.tokenizer.decode(ids[:4]) and answer == server.tokenizer.decode(ids[5:])
+    free = server.client.chat.completions.create(**body)
+    assert free.choices[0].message.content is None  # without the cap the random model never stops thinking

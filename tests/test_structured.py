@@ -80,3 +80,14 @@ def test_bad_specs(spec, match):
                                   {"json": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}])
 def test_grammar_errors_are_reported(tokenizer, spec):
     assert check(StructuredOutputs(**spec), tokenizer)
+
+
+def test_thinking_token_budget_forces_the_end_of_thinking(demo_checkpoint, tokenizer):
+    end = tokenizer.encode("</seed:think>", add_special_tokens=False)[0]
+    budgets = [0, 3, 7]
+    outs = _run(demo_checkpoint, tokenizer, [SamplingParams(temperature=1.0, seed=s, max_tokens=12,
+                                                            thinking_token_budget=b) for s, b in enumerate(budgets)]
+                + [SamplingParams(temperature=0, max_tokens=12)])
+    for budget, out in zip(budgets, outs):
+        assert out.token_ids.index(end) == budget  # the random model never closes it sooner by itself here
+    assert end not in outs[-1].token_ids  # the same model without a budget keeps "thinking"
