@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP routes of the gateway (included into its FastAPI app): `GET /v1/models`,
-`POST /v1/completions`, `POST /v1/chat/completions` (SSE ending with `data: [DONE]`), and vLLM's `POST /tokenize` /
-`POST /detokenize` (also under `/v1/`). The request/response mapping lives in services/openai.py; these routes only
+`POST /v1/completions`, `POST /v1/chat/completions` (SSE ending with `data: [DONE]`), vLLM's `POST /tokenize` /
+`POST /detokenize` (also under `/v1/`), and vLLM's pooling shapes over the classification head: `POST /classify`,
+`POST /score` (also `/v1/`), `POST /rerank` (also `/v1/`, `/v2/`). The request/response mapping lives in services/openai.py; these routes only
 tokenize (in the gateway, with the same code the native route uses), call the Generation deployment and stream.
 
 Errors found before the first byte of a stream (validation, prompt too long, unknown model) are ordinary HTTP 4xx
@@ -20,6 +21,10 @@ from services.openai import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_mapper, check_model,
     completion_mapper, model_list, rename_param, tokenize_response,
 )
+
+from services.pooling_api import ClassifyRequest as PoolingClassifyRequest
+from services.pooling_api import RerankRequest, ScoreRequest, classify_response, rerank_response, score_response
+from services.pooling_api import parse as parse_pooling
 
 from .ingress import body_schema, error_response, json_body, service_error, sse_response
 
@@ -231,5 +236,52 @@ async def pooling(request: Request):
         result = await _embed(request, per_token=True)
         return {"object": "list", "model": request.app.state.gateway.model_name, "usage": result["usage"],
                 "data": [{"index": d["index"], "object": "pooling", "data": d["embedding"]} for d in result["data"]]}
+    except Exception as e:
+        return _error(e)
+
+
+# --- vLLM-shape pooling routes over the classification head (services/pooling_api.py) ---------------------------
+
+async def _classify_call(request: Request, cls):
+    """(gateway, parsed body, native call) for a pooling route; the model is checked first."""
+    gateway = request.app.state.gateway
+    req = parse_pooling(cls, await json_body(request))
+    check_model(req.model, gateway.model_name)
+    return gateway, req
+
+
+@router.post("/classify", openapi_extra=body_schema(PoolingClassifyRequest))
+async def vllm_classify(request: Request):
+    """vLLM's `/classify`: `data[{index, label, probs, num_classes}]` (the native TEI shape is `/v1/classify`)."""
+    try:
+        gateway, req = await _classify_call(request, PoolingClassifyRequest)
+        native = await gateway.heads.call("classify", req.native(req.input))
+        return classify_response(native, gateway.model_name)
+    except Exception as e:
+        return _error(e)
+
+
+@router.post("/score", openapi_extra=body_schema(ScoreRequest))
+@router.post("/v1/score", openapi_extra=body_schema(ScoreRequest))
+async def score(request: Request):
+    """vLLM's `/score`: text pairs through a single-label head (cross-encoder)."""
+    try:
+        gateway, req = await _classify_call(request, ScoreRequest)
+        first, second = req.pairs()
+        return score_response(await gateway.heads.call("classify", req.native(first, second)), gateway.model_name)
+    except Exception as e:
+        return _error(e)
+
+
+@router.post("/rerank", openapi_extra=body_schema(RerankRequest))
+@router.post("/v1/rerank", openapi_extra=body_schema(RerankRequest))
+@router.post("/v2/rerank", openapi_extra=body_schema(RerankRequest))
+async def rerank(request: Request):
+    """vLLM's `/rerank` (Jina and Cohere v1/v2 shape): documents ordered by the head's score against the query."""
+    try:
+        gateway, req = await _classify_call(request, RerankRequest)
+        texts = req.texts()
+        native = await gateway.heads.call("classify", req.native([req.query] * len(texts), texts))
+        return rerank_response(native, req, gateway.model_name)
     except Exception as e:
         return _error(e)

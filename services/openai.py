@@ -7,9 +7,9 @@ Requests (`POST /v1/completions`, `POST /v1/chat/completions`) are validated her
 `text_completion`, `chat.completion` and `chat.completion.chunk`.
 
 Choices follow vLLM's OpenAI server where OpenAI leaves room:
-- sampling fields a request leaves out keep the native defaults (temperature 1, top_p 1, ...); the checkpoint's
-  `generation_config.json` is not applied (vLLM's `--generation-config vllm` behaviour), so the OpenAI routes and
-  `/v1/generate` give the same results for the same fields;
+- sampling fields a request leaves out get the checkpoint's `generation_config.json` defaults (vLLM's
+  `--generation-config auto`; AppConfig `generation_config: none` turns that off), applied by the Generation
+  deployment to every route alike, so the OpenAI routes and `/v1/generate` give the same results for the same fields;
 - `max_tokens` defaults to 16 for completions (OpenAI's and vLLM's default) and to "the rest of the context" for chat;
   `max_completion_tokens` wins over `max_tokens`;
 - several prompts in one completions request are served as one request each; choice `index` is

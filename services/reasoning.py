@@ -64,3 +64,20 @@ def split(text: str, in_reasoning: bool = True) -> tuple[str | None, str | None]
     """(reasoning, content) of a whole output; an empty part is None (as vLLM reports it)."""
     reasoning, content = ReasoningStream(in_reasoning).feed(text, final=True)
     return reasoning or None, content or None
+
+
+class ChoiceSplitter:
+    """The reasoning split of every choice of one native stream: `apply(chunk)` moves each choice's thinking from
+    `text` to `reasoning` (the gRPC chat path; the OpenAI mapper does the same per choice)."""
+
+    def __init__(self, in_reasoning: bool = True):
+        self.in_reasoning = in_reasoning
+        self._streams: dict[int, ReasoningStream] = {}
+
+    def apply(self, chunk: dict) -> dict:
+        choices = []
+        for c in chunk["choices"]:
+            stream = self._streams.setdefault(c["index"], ReasoningStream(self.in_reasoning))
+            reasoning, content = stream.feed(c["text"], final=c.get("finish_reason") is not None)
+            choices.append({**c, "text": content, "reasoning": reasoning})
+        return {**chunk, "choices": choices}

@@ -28,6 +28,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _single_label_head(demo_checkpoint, tmp_path_factory):
+    """The demo classification head cut to its first label: a cross-encoder-like single-label head (/score)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("single_label")
+    source = demo_checkpoint / "heads" / "classify"
+    for f in source.iterdir():
+        shutil.copy(f, out / f.name)
+    config = json.loads((source / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "relevant"}, {"relevant": 0}
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = load_file(source / "model.safetensors")
+    tensors["score.weight"] = tensors["score.weight"][:1].contiguous()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 @pytest.fixture(scope="module")
 def server(demo_checkpoint, tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -41,7 +60,9 @@ def server(demo_checkpoint, tmp_path_factory):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 1,
-                         "head_checkpoints": {"embed": str(demo_checkpoint)}, "model_name": MODEL}),
+                         "head_checkpoints": {"embed": str(demo_checkpoint),
+                                              "classify": str(_single_label_head(demo_checkpoint, tmp_path_factory))},
+                         "model_name": MODEL}),
               name="seedoss", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=120) as http:
@@ -613,3 +634,52 @@ def test_thinking_token_budget_splits_thinking_from_the_answer(server):
     assert thinking == server.tokenizer.decode(ids[:4]) and answer == server.tokenizer.decode(ids[5:])
     free = server.client.chat.completions.create(**body)
     assert free.choices[0].message.content is None  # without the cap the random model never stops thinking
+
+
+
+def test_vllm_pooling_routes(server):
+    """vLLM's /classify, /score and /rerank shapes over the (single-label) classification head, equal to the
+    native /v1/classify answer for the same texts and pairs."""
+    texts = ["what a lovely day", "the weather is awful"]
+    native = server.http.post("/v1/classify", json={"inputs": texts, "full_probabilities": True}).json()
+    r = server.http.post("/classify", json={"model": MODEL, "input": texts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and body["model"] == MODEL and body["id"].startswith("classify-")
+    assert [(d["index"], d["label"], d["num_classes"]) for d in body["data"]] == [(0, "relevant", 1), (1, "relevant", 1)]
+    assert [d["probs"] for d in body["data"]] == [res["probs"] for res in native["results"]]
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == native["usage"]["prompt_tokens"]
+    assert server.http.post("/classify", json={"input": "one"}).json()["data"][0]["index"] == 0
+
+    query, docs = "weather today", ["sunny and warm", "a recipe for bread", "rain expected"]
+    pairs = server.http.post("/v1/classify", json={"inputs": [query] * 3, "text_pairs": docs,
+                                                   "full_probabilities": True}).json()
+    want = [res["probs"][0] for res in pairs["results"]]
+    for path in ("/score", "/v1/score"):
+        r = server.http.post(path, json={"model": MODEL, "text_1": query, "text_2": docs})
+        assert r.status_code == 200, r.text
+        assert [(d["index"], d["object"], d["score"]) for d in r.json()["data"]] == [
+            (i, "score", s) for i, s in enumerate(want)]
+    zipped = server.http.post("/score", json={"text_1": [query] * 3, "text_2": docs}).json()
+    assert [d["score"] for d in zipped["data"]] == want
+    # a pair is the tokenizer's pair encoding, not the texts glued together
+    glued = server.http.post("/v1/classify", json={"inputs": [query + docs[0]], "full_probabilities": True}).json()
+    assert glued["results"][0]["probs"][0] != want[0]
+
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        r = server.http.post(path, json={"model": MODEL, "query": query, "documents": [docs[0], {"text": docs[1]},
+                                                                                       docs[2]], "top_n": 2})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        best = sorted(range(3), key=lambda i: -want[i])[:2]
+        assert [(x["index"], x["relevance_score"], x["document"]["text"]) for x in results] == [
+            (i, want[i], docs[i]) for i in best]
+
+    for path, payload, param in [
+        ("/classify", {"input": []}, "input"), ("/classify", {"input": "x", "model": "gpt-4"}, "model"),
+        ("/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "text_2"),
+        ("/score", {"text_1": "a"}, "text_2"), ("/rerank", {"query": "q", "documents": [{"txt": 1}]}, "documents"),
+        ("/rerank", {"query": "q", "documents": ["d"], "bogus": 1}, "bogus"),
+    ]:
+        r = server.http.post(path, json=payload)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (path, r.text)
