@@ -121,11 +121,16 @@ class GrammarConstraint:
 
     def allowed(self, vocab_size: int) -> torch.Tensor | None:
         """Bool [vocab_size]: the tokens the grammar accepts next."""
-        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        bits = np.zeros(0, dtype=np.uint8)
         if not self._matcher.is_error():
             bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-            n = min(vocab_size, bits.size)
-            mask[:n] = torch.from_numpy(bits[:n].astype(bool))
+            if bits.size >= vocab_size:  # the usual case: a view, no copy (the bits are 0/1 bytes)
+                mask = torch.from_numpy(bits[:vocab_size].view(np.bool_))
+                if mask.any():
+                    return mask
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        if bits.size < vocab_size:  # a tokenizer smaller than the model's vocabulary
+            mask[:bits.size] = torch.from_numpy(bits.view(np.bool_))
         if not mask.any():
             mask[self.eos_token_id] = True
         return mask
