@@ -259,12 +259,16 @@ class Sampler:
     def apply_constraints(logits: torch.Tensor, requests: list[SamplingState]) -> torch.Tensor:
         """-inf on every token a constrained row's grammar (or spent thinking budget) rejects, in place, one
         masked_fill for all such rows; a constraint with nothing to restrict this step answers None."""
-        rows, masks = [], []
+        groups: dict[type, list[int]] = {}  # constraints of one kind compute their masks together
         for i, r in enumerate(requests):
-            mask = None if r.constraint is None else r.constraint.allowed(logits.shape[1])
-            if mask is not None:
-                rows.append(i)
-                masks.append(mask)
+            if r.constraint is not None:
+                groups.setdefault(type(r.constraint), []).append(i)
+        rows, masks = [], []
+        for kind, members in groups.items():
+            for i, mask in zip(members, kind.allowed_batch([requests[i].constraint for i in members], logits.shape[1])):
+                if mask is not None:
+                    rows.append(i)
+                    masks.append(mask)
         if rows:
             allowed = torch.stack(masks).to(logits.device)
             idx = _index(rows, logits.device)

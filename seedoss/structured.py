@@ -87,6 +87,14 @@ def ll_tokenizer(tokenizer):
     return cached
 
 
+@lru_cache(maxsize=1)
+def _executor():
+    """llguidance's thread pool for batched masks (one per process; as many threads as torch uses)."""
+    from llguidance import LLExecutor
+
+    return LLExecutor(num_threads=max(1, torch.get_num_threads()))
+
+
 def check(spec: StructuredOutputs, tokenizer) -> str | None:
     """None when `spec` compiles for `tokenizer`, else llguidance's error (for a 400)."""
     try:
@@ -113,27 +121,35 @@ class GrammarConstraint:
         from llguidance import LLMatcher
 
         self.eos_token_id = tokenizer.eos_token_id
-        self._matcher = LLMatcher(ll_tokenizer(tokenizer), compile_grammar(spec), log_level=0)
+        ll = ll_tokenizer(tokenizer)
+        self._matcher_vocab = ll.vocab_size
+        self._matcher = LLMatcher(ll, compile_grammar(spec), log_level=0)
 
     def accept(self, token_id: int) -> None:
         if not self._matcher.is_error():
             self._matcher.consume_token(token_id)
 
-    def allowed(self, vocab_size: int) -> torch.Tensor | None:
+    def allowed(self, vocab_size: int) -> torch.Tensor:
         """Bool [vocab_size]: the tokens the grammar accepts next."""
-        bits = np.zeros(0, dtype=np.uint8)
-        if not self._matcher.is_error():
-            bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-            if bits.size >= vocab_size:  # the usual case: a view, no copy (the bits are 0/1 bytes)
-                mask = torch.from_numpy(bits[:vocab_size].view(np.bool_))
-                if mask.any():
-                    return mask
-        mask = torch.zeros(vocab_size, dtype=torch.bool)
-        if bits.size < vocab_size:  # a tokenizer smaller than the model's vocabulary
-            mask[:bits.size] = torch.from_numpy(bits.view(np.bool_))
-        if not mask.any():
-            mask[self.eos_token_id] = True
-        return mask
+        return self.allowed_batch([self], vocab_size)[0]
+
+    @staticmethod
+    def allowed_batch(constraints: list[GrammarConstraint], vocab_size: int) -> list[torch.Tensor]:
+        """The masks of many sequences in one call: llguidance computes them on its own threads (GIL released)
+        into one buffer, unpacked once. A sequence whose grammar allows nothing (an error) gets eos only."""
+        words = (constraints[0]._matcher_vocab + 31) // 32
+        buffer = np.zeros((len(constraints), words), dtype=np.int32)
+        live = [(c._matcher, k) for k, c in enumerate(constraints) if not c._matcher.is_error()]
+        if live:
+            _executor().unsafe_compute_mask_ptr(live, buffer.ctypes.data, words * 4, len(constraints))
+        bits = np.unpackbits(buffer.view(np.uint8), axis=1, bitorder="little")
+        if bits.shape[1] < vocab_size:  # a tokenizer smaller than the model's vocabulary
+            bits = np.pad(bits, ((0, 0), (0, vocab_size - bits.shape[1])))
+        masks = torch.from_numpy(bits[:, :vocab_size].view(np.bool_))
+        for k, c in enumerate(constraints):
+            if not masks[k].any():
+                masks[k, c.eos_token_id] = True
+        return list(masks)
 
 
 class ThinkingBudget:
@@ -150,6 +166,10 @@ class ThinkingBudget:
             self._ended = True
         elif not self._ended:
             self._thinking_tokens += 1
+
+    @staticmethod
+    def allowed_batch(constraints: list[ThinkingBudget], vocab_size: int) -> list[torch.Tensor | None]:
+        return [c.allowed(vocab_size) for c in constraints]
 
     def allowed(self, vocab_size: int) -> torch.Tensor | None:
         if self._ended or self._thinking_tokens < self.budget:

@@ -58,7 +58,8 @@ def check_tools(tools: Any, tool_choice: Any) -> tuple[list[dict], str | None]:
         if not tools:
             raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")
         return tools, "required"
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not (isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(name, str)):
         raise InvalidRequest("tool_choice must be 'none', 'auto', 'required' or "
                              "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")

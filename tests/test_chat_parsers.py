@@ -149,6 +149,8 @@ def test_full_output_reasoning_then_calls():
     ([], "required", "tool_choice"),
     (TOOLS, {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
     (TOOLS, "sometimes", "tool_choice"),
+    (TOOLS, {"type": "function", "function": "search"}, "tool_choice"),
+    (TOOLS, {"type": "function"}, "tool_choice"),
 ])
 def test_bad_tool_requests(tools, choice, param):
     with pytest.raises(InvalidRequest) as e:
