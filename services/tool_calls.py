@@ -120,8 +120,8 @@ def _parse_block(block: str, tools: dict[str, dict]) -> list[dict] | None:
             param, psep, value = (closed_p or open_p).partition(">")
             if not psep:
                 return None
-            value = value[1:] if value.startswith("\n") else value
-            value = value[:-1] if value.endswith("\n") else value
+            value = value.removeprefix("\n")
+            value = value.removesuffix("\n")
             arguments[param.strip()] = cast_value(value, properties.get(param.strip()))
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                       "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}})
