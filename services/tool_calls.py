@@ -47,8 +47,14 @@ def check_tools(tools: Any, tool_choice: Any) -> tuple[list[dict], str | None]:
             raise InvalidRequest(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}",
                                  param="tools")
         parameters = function.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise InvalidRequest(f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
+        properties = (parameters or {}).get("properties") if isinstance(parameters, dict) else None
+        required = (parameters or {}).get("required") if isinstance(parameters, dict) else None
+        if parameters is not None and not (
+                isinstance(parameters, dict) and isinstance(properties or {}, dict)
+                and all(isinstance(spec, dict) for spec in (properties or {}).values())
+                and isinstance(required or [], list) and all(isinstance(r, str) for r in required or [])):
+            raise InvalidRequest(f"tools[{i}].function.parameters must be a JSON schema object whose properties "
+                                 "are schema objects and whose required is a list of names", param="tools")
         names.append(function["name"])
     if tool_choice is None or tool_choice == "auto":
         return tools, None
@@ -185,6 +191,9 @@ def parse(text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
     return content or None, calls
 
 
+_MAX_BOUND = 4096  # string lengths the grammar counts exactly (a longer bound is left open: no huge automaton)
+
+
 def _lark(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)  # a Lark string literal (same escapes as JSON)
 
@@ -197,9 +206,10 @@ def _value_rule(spec: Any) -> str:
     if isinstance(spec.get("enum"), list) and spec["enum"]:
         return "(" + " | ".join(_lark(v if isinstance(v, str) else json.dumps(v)) for v in spec["enum"]) + ")"
     if _schema_type(spec) == "string":
-        bound = spec.get("maxLength")
-        repeat = f"{{{int(spec.get('minLength', 0))},{int(bound)}}}" if isinstance(bound, int) else "*"
-        return f"/[^<]{repeat}/"
+        low, high = spec.get("minLength", 0), spec.get("maxLength")
+        low = low if isinstance(low, int) and 0 <= low <= _MAX_BOUND else 0
+        bounded = isinstance(high, int) and low <= high <= _MAX_BOUND
+        return f"/[^<]{{{low},{high}}}/" if bounded else f"/[^<]{{{low},}}/" if low else "/[^<]*/"
     return "%json " + json.dumps({**spec, "x-guidance": {"whitespace_flexible": False}})
 
 

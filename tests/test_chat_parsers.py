@@ -151,6 +151,9 @@ def test_full_output_reasoning_then_calls():
     (TOOLS, "sometimes", "tool_choice"),
     (TOOLS, {"type": "function", "function": "search"}, "tool_choice"),
     (TOOLS, {"type": "function"}, "tool_choice"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"properties": "x"}}}], None, "tools"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": 1}}}}], None, "tools"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"required": "a"}}}], None, "tools"),
 ])
 def test_bad_tool_requests(tools, choice, param):
     with pytest.raises(InvalidRequest) as e:
@@ -164,3 +167,22 @@ def test_tool_choice_forms():
     assert tool_calls.check_tools(TOOLS, "none")[1] == "none"
     assert tool_calls.check_tools(TOOLS, "required")[1] == "required"
     assert tool_calls.check_tools(TOOLS, {"type": "function", "function": {"name": "search"}})[1] == "search"
+
+
+def test_call_grammar_forms(demo_checkpoint):
+    """The grammar of a forced call compiles for every parameter form and holds exactly the offered calls."""
+    from seedoss.structured import StructuredOutputs, check
+    from seedoss.tokenizer import SeedOssTokenizer
+
+    tokenizer = SeedOssTokenizer.from_pretrained(demo_checkpoint)
+    tools = TOOLS + [{"type": "function", "function": {"name": "bounds", "parameters": {"properties": {
+        "a": {"type": "string", "minLength": 2, "maxLength": 5}, "b": {"type": "string", "maxLength": 10**9},
+        "c": {"type": "string", "minLength": 3}, "d": {"enum": [1, "x", None]}}}}},
+        {"type": "function", "function": {"name": "no_params"}}]
+    named = tool_calls.call_grammar(tools, "bounds", tokenizer)
+    assert "/[^<]{2,5}/" in named and "/[^<]*/" in named and "/[^<]{3,}/" in named and '"1" | "x" | "null"' in named
+    assert "get_weather" not in named
+    every = tool_calls.call_grammar(tools, None, tokenizer)
+    assert every.startswith("start: call0 | call1 | call2 | call3")
+    for grammar in (named, every):
+        assert check(StructuredOutputs(grammar=grammar), tokenizer) is None
