@@ -34,7 +34,8 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     ]
     retry, timeouts = cfg.retry.model_dump(), cfg.timeouts.model_dump()
     generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation_options())
-                  .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, timeouts, *stages))
+                  .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, timeouts, *stages,
+                        generation_config=cfg.generation_config))
     heads = {
         task: serve.deployment(TaskHead, name=TASK_DEPLOYMENTS[task]).options(**cfg.head_options(task))
         .bind(task, path, cfg.dtype, retry, timeouts, cfg.batching.model_dump(), *stages, limits=cfg.limits)

@@ -144,6 +144,10 @@ class AppConfig(BaseModel):
         None, description="task → HF checkpoint with that head; default: the demo layout's heads/<task>/ when present, "
                           "and embeddings (the bare backbone, no head weights) from `checkpoint` itself")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    generation_config: Literal["auto", "none"] = Field(
+        "auto", description="auto: the checkpoint's generation_config.json sampling defaults (temperature, top_p, "
+                            "top_k, min_p, repetition_penalty, max_new_tokens) fill fields a request leaves unset "
+                            "(vLLM's --generation-config auto); none: the neutral defaults")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where stage replicas keep weights and KV cache; auto: the GPU a replica was given, if any")
     num_stages: int = Field(2, ge=1)

@@ -11,6 +11,7 @@ from seedoss.config import SeedOssConfig
 from seedoss.engine import EngineConfig, LLMEngine, collect
 from seedoss.loader import load_head
 from seedoss.tokenizer import SeedOssTokenizer
+from services.defaults import apply_defaults, generation_defaults
 from services.errors import InvalidRequest, from_exception
 from services.generation import GenerateRequest, choice_dict, response_dict
 
@@ -30,8 +31,10 @@ class Generation:
     """One lane's engine (see `deployments/routing.py`). Reports its load for the lane autoscaling policy
     (`deployments/autoscaling.py`) through `record_autoscaling_stats`."""
 
-    def __init__(self, checkpoint: str, dtype: str, engine_config: dict, retry: dict, timeouts: dict, *stages):
+    def __init__(self, checkpoint: str, dtype: str, engine_config: dict, retry: dict, timeouts: dict, *stages,
+                 generation_config: str = "auto"):
         self.tokenizer = SeedOssTokenizer.from_pretrained(checkpoint)
+        self.defaults = generation_defaults(checkpoint, generation_config)  # for fields a request leaves unset
         self.model_config = SeedOssConfig.from_pretrained(checkpoint)
         self.lm_head = load_head(checkpoint, "generate", dtype=dtype)
         # Between replicas the pipeline retries under the app's policy; the engine must not retry on top of it.
@@ -74,7 +77,7 @@ class Generation:
 
     def _parse(self, body: dict) -> tuple[GenerateRequest, list[int]]:
         try:
-            request = GenerateRequest.model_validate(body)
+            request = GenerateRequest.model_validate(apply_defaults(body, self.defaults))
         except Exception as e:
             raise from_exception(e) from None
         if request.prompt_token_ids is None:  # text is tokenized only by the gateway core, off any event loop

@@ -28,6 +28,7 @@ from google.protobuf import json_format, struct_pb2
 
 from proto.seedoss.v1 import seedoss_pb2 as pb
 from services.errors import InvalidRequest, ServiceError, Unavailable
+from services.reasoning import ChoiceSplitter
 
 from .gateway_core import GatewayCore
 from .ingress import service_error
@@ -36,7 +37,7 @@ from .ingress import service_error
 _GENERATE_OPTIONAL = (
     "add_special_tokens", "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs", "skip_special_tokens",
-    "include_stop_str_in_output",
+    "include_stop_str_in_output", "thinking_token_budget",
 )
 _ANSWER_OPTIONAL = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "handle_impossible_answer",
                     "align_to_words", "strip_whitespace")
@@ -109,6 +110,8 @@ def generate_body(request: pb.GenerateRequest) -> dict[str, Any]:
         body["stop"] = list(request.stop)
     if request.stop_token_ids:
         body["stop_token_ids"] = list(request.stop_token_ids)
+    if request.HasField("structured_outputs"):
+        body["structured_outputs"] = struct_dict(request.structured_outputs, "structured_outputs")
     return body
 
 
@@ -173,7 +176,8 @@ def generate_response(chunk: dict[str, Any]) -> pb.GenerateResponse:
     """One streamed chunk of `Generation.stream` (``{id, choices, usage?}``) as a GenerateResponse."""
     response = pb.GenerateResponse(id=chunk["id"])
     for c in chunk["choices"]:
-        choice = response.choices.add(index=c["index"], text=c["text"], token_ids=c["token_ids"])
+        choice = response.choices.add(index=c["index"], text=c["text"], token_ids=c["token_ids"],
+                                      reasoning=c.get("reasoning") or "")
         if c.get("finish_reason") is not None:
             choice.finish_reason = c["finish_reason"]
         stop = c.get("stop_reason")
@@ -274,11 +278,14 @@ class GrpcMethods:
         streams = []
         try:
             self._admit(grpc_context, "Generate", request)
-            _, native = await self.core.generation_body(generate_body(request))
+            body = generate_body(request)
+            # chat output: thinking apart from the answer (not when constrained: that is an answer throughout)
+            split = ChoiceSplitter() if "messages" in body and "structured_outputs" not in body else None
+            _, native = await self.core.generation_body(body)
             streams, firsts = await self.core.open_streams([native])
-            yield generate_response(firsts[0])
+            yield generate_response(split.apply(firsts[0]) if split else firsts[0])
             async for chunk in streams[0]:
-                yield generate_response(chunk)
+                yield generate_response(split.apply(chunk) if split else chunk)
             streams = []  # finished: nothing to cancel
         except Exception as e:
             raise set_error(grpc_context, e) from None

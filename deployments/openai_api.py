@@ -1,7 +1,9 @@
 """OpenAI-compatible HTTP routes of the gateway (included into its FastAPI app): `GET /v1/models`,
 `POST /v1/completions`, `POST /v1/chat/completions` (SSE ending with `data: [DONE]`), and vLLM's `POST /tokenize` /
-`POST /detokenize` (also under `/v1/`), OpenAI's `POST /v1/embeddings` and vLLM's `POST /pooling`. The
-request/response mapping lives in services/openai.py; these routes are an adapter over the gateway core
+`POST /detokenize` (also under `/v1/`), OpenAI's `POST /v1/embeddings`, vLLM's `POST /pooling`, and vLLM's pooling
+shapes over the classification head: `POST /classify`, `POST /score` (also `/v1/`), `POST /rerank` (also `/v1/`,
+`/v2/`). The request/response mapping lives in services/openai.py (services/pooling_api.py for the pooling shapes);
+these routes are an adapter over the gateway core
 (deployments/gateway_core.py): they parse, tokenize through the core's pool (the same `GenerateRequest.prompt_ids`
 the native route and gRPC use), dispatch through the core and stream.
 
@@ -34,6 +36,10 @@ from services.openai import (
     tokenize_response,
 )
 from services.schemas import parse
+
+from services.pooling_api import ClassifyRequest as PoolingClassifyRequest
+from services.pooling_api import RerankRequest, ScoreRequest, classify_response, rerank_response, score_response
+from services.pooling_api import parse as parse_pooling
 
 from .gateway_core import GatewayCore
 from .ingress import body_schema, error_response, json_body, service_error, sse_response
@@ -214,6 +220,47 @@ def router(core: GatewayCore) -> APIRouter:
             return {"object": "list", "model": core.model_name, "usage": result["usage"],
                     "data": [{"index": d["index"], "object": "pooling", "data": d["embedding"]}
                              for d in result["data"]]}
+        except Exception as e:
+            return _error(e)
+
+    # --- vLLM-shape pooling routes over the classification head (services/pooling_api.py) -----------------------
+
+    async def pooling_request(request: Request, cls):
+        """The parsed body of a pooling route; the model is checked first."""
+        req = parse_pooling(cls, await json_body(request, core))
+        core.check_model(req.model)
+        return req
+
+    @api.post("/classify", openapi_extra=body_schema(PoolingClassifyRequest))
+    async def vllm_classify(request: Request):
+        """vLLM's `/classify`: `data[{index, label, probs, num_classes}]` (the native TEI shape is `/v1/classify`)."""
+        try:
+            req = await pooling_request(request, PoolingClassifyRequest)
+            return classify_response(await core.task("classify", req.native(req.input)), core.model_name)
+        except Exception as e:
+            return _error(e)
+
+    @api.post("/score", openapi_extra=body_schema(ScoreRequest))
+    @api.post("/v1/score", openapi_extra=body_schema(ScoreRequest))
+    async def score(request: Request):
+        """vLLM's `/score`: text pairs through a single-label head (cross-encoder)."""
+        try:
+            req = await pooling_request(request, ScoreRequest)
+            first, second = req.pairs()
+            return score_response(await core.task("classify", req.native(first, second)), core.model_name)
+        except Exception as e:
+            return _error(e)
+
+    @api.post("/rerank", openapi_extra=body_schema(RerankRequest))
+    @api.post("/v1/rerank", openapi_extra=body_schema(RerankRequest))
+    @api.post("/v2/rerank", openapi_extra=body_schema(RerankRequest))
+    async def rerank(request: Request):
+        """vLLM's `/rerank` (Jina and Cohere v1/v2 shape): documents ordered by the head's score against the query."""
+        try:
+            req = await pooling_request(request, RerankRequest)
+            texts = req.texts()
+            native = await core.task("classify", req.native([req.query] * len(texts), texts))
+            return rerank_response(native, req, core.model_name)
         except Exception as e:
             return _error(e)
 

@@ -10,6 +10,10 @@ Semantics follow vLLM (V1 sampler), step by step for every row of a batch:
 4. ``temperature < 1e-5`` means greedy: argmax of the penalised logits;
 5. otherwise ``logits / temperature``, then min_p, top_k, top_p filtering, then a draw.
 
+Structured outputs (seedoss/structured.py): a row whose ``SamplingState`` carries a grammar constraint has every
+token its grammar rejects set to -inf before step 2 (vLLM applies the grammar bitmask to the logits first too), so
+greedy, penalties and filters all choose among allowed tokens; unconstrained rows in the same batch are untouched.
+
 The draw is an exponential race, ``argmax(probs / q)`` with ``q ~ Exp(1)`` per token, which
 samples exactly from ``probs``. A request with a ``seed`` draws its ``q`` from its own
 ``torch.Generator`` (one per sequence, in :class:`SamplingState`), one vector of ``V`` numbers
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from .structured import StructuredOutputs
 
 SAMPLING_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below this are greedy
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs / OpenAI's top_logprobs limit
@@ -59,6 +65,8 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputs | None = None
+    thinking_token_budget: int | None = Field(None, ge=0)  # hard cap on thinking tokens (structured.ThinkingBudget)
 
     @field_validator("top_k")
     @classmethod
@@ -124,8 +132,10 @@ class SamplingState:
         eos_token_id: int | Sequence[int] | None,
         vocab_size: int,
         fork_index: int = 0,
+        constraint=None,
     ) -> None:
         self.params = params
+        self.constraint = constraint  # structured.GrammarConstraint / ThinkingBudget, fed every accepted token
         self.eos_token_id = eos_token_id  # one id, or all of a model's eos ids
         self.vocab_size = vocab_size
         self.fork_index = fork_index
@@ -150,6 +160,8 @@ class SamplingState:
         """Record an accepted output token."""
         n = len(self.output_token_ids)
         self.output_token_ids.append(token_id)
+        if self.constraint is not None:
+            self.constraint.accept(token_id)
         if self._out_buf is not None:
             if n == self._out_buf.numel():
                 self._out_buf = torch.cat([self._out_buf, torch.empty_like(self._out_buf)])
@@ -225,8 +237,8 @@ class Sampler:
         return out
 
     def _process(self, logits: torch.Tensor, requests: list[SamplingState]):
-        """Penalise all rows; returns (logits, greedy rows, random rows, random rows' probs)."""
-        logits = self.apply_penalties(logits, requests)
+        """Constrain and penalise all rows; returns (logits, greedy rows, random rows, random rows' probs)."""
+        logits = self.apply_penalties(self.apply_constraints(logits, requests), requests)
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
         random = [i for i, r in enumerate(requests) if not r.params.greedy]
         g = _index(greedy, logits.device) if greedy else None
@@ -242,6 +254,26 @@ class Sampler:
             if r.vocab_size != logits.shape[1]:
                 raise ValueError(f"vocab_size {r.vocab_size} != logits width {logits.shape[1]}")
         return logits.to(torch.float32, copy=True)  # a private float32 copy: edited in place below
+
+    @staticmethod
+    def apply_constraints(logits: torch.Tensor, requests: list[SamplingState]) -> torch.Tensor:
+        """-inf on every token a constrained row's grammar (or spent thinking budget) rejects, in place, one
+        masked_fill for all such rows; a constraint with nothing to restrict this step answers None."""
+        groups: dict[type, list[int]] = {}  # constraints of one kind compute their masks together
+        for i, r in enumerate(requests):
+            if r.constraint is not None:
+                groups.setdefault(type(r.constraint), []).append(i)
+        rows, masks = [], []
+        for kind, members in groups.items():
+            for i, mask in zip(members, kind.allowed_batch([requests[i].constraint for i in members], logits.shape[1])):
+                if mask is not None:
+                    rows.append(i)
+                    masks.append(mask)
+        if rows:
+            allowed = torch.stack(masks).to(logits.device)
+            idx = _index(rows, logits.device)
+            logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+        return logits
 
     @staticmethod
     def apply_penalties(logits: torch.Tensor, requests: list[SamplingState]) -> torch.Tensor:

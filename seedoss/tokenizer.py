@@ -36,6 +36,10 @@ SPECIAL_TOKENS = [
     "</seed:tool_call>",
 ]
 BOS_TOKEN, PAD_TOKEN, EOS_TOKEN = SPECIAL_TOKENS[:3]
+# The thinking, budget-note and tool-call tags are added tokens (one id each, never split) but not *special*: decoding
+# with `skip_special_tokens` keeps them, so the reasoning and tool parsers (ours and vLLM's `seed_oss`, which read
+# text) see them. Only the turn tokens above are special.
+TAG_TOKENS = SPECIAL_TOKENS[3:]
 MODEL_MAX_LENGTH = 524288  # Seed-OSS-36B's native context (512K)
 
 # GPT-4/Qwen2-style pre-tokenization: contractions, letter runs with one leading non-letter, single digits,
@@ -48,11 +52,14 @@ _SPLIT_PATTERN = (
 # `tokenizer.special_tokens_map` to the template).
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
-# Seed-OSS chat template for the demo tokenizer. It follows Seed-OSS-36B-Instruct's own template: an optional
-# system turn (system message and/or tool list as JSON, the template's `use_json_tooldef` form), a system turn
-# about the thinking budget (none for -1 = unlimited), one `<seed:bos>{role}\n{content}<seed:eos>` turn per
-# message, assistant reasoning in `<seed:think>...</seed:think>`, tool calls in Seed's XML-like format, and for
-# a budget of 0 a generation prompt that opens the think block with a budget reflection.
+# Seed-OSS chat template for the demo tokenizer. It follows Seed-OSS-36B-Instruct's released template: an optional
+# system turn (the system message and/or the tool list: by default each tool as a Python-style signature with its
+# docstring, with `use_json_tooldef` the JSON list), a system turn about the thinking budget (none for -1 =
+# unlimited), one `<seed:bos>{role}\n{content}<seed:eos>` turn per message (`tool` results included), assistant
+# reasoning in `<seed:think>...</seed:think>`, tool calls in Seed's XML-like format, and for a budget of 0 a
+# generation prompt that opens the think block with a budget reflection. Deviations, on purpose: English wording
+# where the released one is Chinese, and non-string tool-call arguments rendered as JSON (`tojson`, which the
+# tool parser reads back) where the released one writes Python's `str()`.
 CHAT_TEMPLATE = r"""{#- Seed-OSS chat format. -#}
 {%- if thinking_budget is not defined or thinking_budget is none %}
     {%- set thinking_budget = -1 %}
@@ -62,6 +69,13 @@ CHAT_TEMPLATE = r"""{#- Seed-OSS chat format. -#}
 {%- for tier, interval in [[16384, 1024], [8192, 1024], [4096, 512], [2048, 512], [1024, 256], [512, 128], [0, 0]] %}
     {%- if thinking_budget <= tier %}{% set ns.interval = interval %}{% endif %}
 {%- endfor %}
+{%- macro py_type(t) -%}
+    {%- if t == "string" -%}str
+    {%- elif t in ("number", "integer") -%}int
+    {%- elif t == "boolean" -%}bool
+    {%- elif t == "array" -%}list
+    {%- else -%}Any{%- endif -%}
+{%- endmacro -%}
 {%- if messages[0].role == "system" %}
     {%- set system_message = messages[0].content %}
     {%- set loop_messages = messages[1:] %}
@@ -75,11 +89,33 @@ CHAT_TEMPLATE = r"""{#- Seed-OSS chat format. -#}
     {%- else %}
         {{- "You are a helpful AI assistant. You may call one or more functions to assist with the user query." }}
     {%- endif %}
-    {%- if tools %}
+    {%- if tools and use_json_tooldef is defined and use_json_tooldef %}
         {{- "\n\nTool List:\nYou are authorized to use the following tools (described in JSON Schema format). " }}
         {{- "Before performing any task, you must decide how to call them based on the descriptions and parameters " }}
         {{- "of these tools.\n" }}
         {{- tools | tojson }}
+    {%- elif tools %}
+        {%- for item in tools if item.type == "function" %}
+            {%- set parameters = item.function.parameters or {} %}
+            {%- set properties = parameters.properties or {} %}
+            {{- "\n\nFunction:\ndef " + item.function.name + "(" }}
+            {%- for name, spec in properties.items() %}
+                {{- name + ": " + py_type(spec.type) }}{% if not loop.last %}{{ ", " }}{% endif %}
+            {%- endfor %}
+            {{- "):\n    \"\"\"\n    " + (item.function.description or "") | trim + "\n" }}
+            {%- if properties %}
+                {{- "\n    Args:" }}
+                {%- for name, spec in properties.items() %}
+                    {{- "\n    - " + name + " (" + py_type(spec.type) + ")" }}
+                    {{- " [required]:" if name in (parameters.required or []) else " [optional]:" }}
+                    {{- " " ~ (spec.description or "") }}
+                {%- endfor %}
+                {{- "\n" }}
+            {%- endif %}
+            {{- "    \"\"\"" }}
+        {%- endfor %}
+    {%- endif %}
+    {%- if tools %}
         {{- "\n\nCall tools in the following format:\n<seed:tool_call>\n<function=example_function_name>\n" }}
         {{- "<parameter=example_parameter_1>value_1</parameter>\n" }}
         {{- "<parameter=example_parameter_2>This is the value for the second parameter\nthat can span\n" }}
@@ -142,7 +178,7 @@ def train_demo_tokenizer(out_dir: str | Path, vocab_size: int = 4096) -> None:
     ``tokenizer_config.json`` (HF layout) to `out_dir`.
 
     The result is byte-identical on every call: BPE merge ties are broken by pair ids, and the trainer sees the
-    corpus as one sequence in a fixed order. Special tokens take ids 0.. in `SPECIAL_TOKENS` order, and the
+    corpus as one sequence in a fixed order. Added tokens take ids 0.. in `SPECIAL_TOKENS` order, and the
     post-processor prepends ``<seed:bos>`` when special tokens are added, so HF's ``AutoTokenizer`` encodes the same.
     """
     corpus = (Path(__file__).parent / "data" / "corpus.txt").read_text(encoding="utf-8")
@@ -165,6 +201,8 @@ def train_demo_tokenizer(out_dir: str | Path, vocab_size: int = 4096) -> None:
         raise ValueError(f"vocab_size={vocab_size}: the demo corpus gives {tokenizer.get_vocab_size()} tokens")
     tokenizer_json = json.loads(tokenizer.to_str())
     tokenizer_json["post_processor"] = _prepend_bos_processor(tokenizer.token_to_id(BOS_TOKEN))
+    for token in tokenizer_json["added_tokens"]:  # the trainer marks every added token special
+        token["special"] = token["content"] not in TAG_TOKENS
     tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
 
     added = tokenizer.get_added_tokens_decoder()
@@ -184,8 +222,6 @@ def train_demo_tokenizer(out_dir: str | Path, vocab_size: int = 4096) -> None:
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
         "eos_token": EOS_TOKEN,
-        # The list form both transformers 4.x and 5.x read (4.x takes `extra_special_tokens` as {name: token} only).
-        "additional_special_tokens": SPECIAL_TOKENS[3:],
         "model_max_length": MODEL_MAX_LENGTH,
         "pad_token": PAD_TOKEN,
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -31,6 +31,17 @@ class ClassificationRequest(ServiceModel):
     raw_scores: bool = False
     full_probabilities: bool = Field(False, validation_alias=AliasChoices("full_probabilities", "return_all_scores"))
     truncate: bool = False
+    text_pairs: list[str] | None = Field(
+        None, description="second texts: inputs[i] is scored together with text_pairs[i], encoded as HF's "
+                          "tokenizer(text, text_pair) does (a cross-encoder's query and document; vLLM's /score)")
+
+    @field_validator("text_pairs")
+    @classmethod
+    def _pairs_match_inputs(cls, pairs: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        inputs = info.data.get("inputs")
+        if pairs is not None and inputs is not None and len(pairs) != len(inputs):
+            raise ValueError(f"text_pairs has {len(pairs)} texts for {len(inputs)} inputs")
+        return pairs
 
     @field_validator("raw_scores")
     @classmethod
@@ -58,6 +69,9 @@ class ClassificationResponse(BaseModel):
 def preprocess(request: ClassificationRequest, tokenizer, max_length: int) -> list[list[int]]:
     prefix = special_prefix(tokenizer)
     contents = tokenizer.encode_batch(request.inputs, add_special_tokens=False)
+    if request.text_pairs is not None:  # the tokenizer's pair template: prefix A prefix B (SeedOss: <bos> A <bos> B)
+        seconds = tokenizer.encode_batch(request.text_pairs, add_special_tokens=False)
+        contents = [a + prefix + b for a, b in zip(contents, seconds)]
     return [fit_context(prefix, ids, max_length, request.truncate, i) for i, ids in enumerate(contents)]
 
 

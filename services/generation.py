@@ -13,6 +13,7 @@ from seedoss.sampling import SamplingParams
 from seedoss.tokenizer import SeedOssTokenizer
 
 from .errors import InvalidRequest
+from .structured import reject_guided, resolve
 
 SAMPLING_FIELDS = set(SamplingParams.model_fields)
 # What the validators below enforce, for the OpenAPI document (clients, schema-driven fuzzing): exactly one prompt.
@@ -34,6 +35,13 @@ class GenerateRequest(SamplingParams):
     add_special_tokens: bool = True
     stream: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_guided(cls, body):
+        if isinstance(body, dict):
+            reject_guided(body)
+        return body
+
     @model_validator(mode="after")
     def _one_prompt(self):
         given = [k for k in ("prompt", "prompt_token_ids", "messages") if getattr(self, k) is not None]
@@ -47,6 +55,9 @@ class GenerateRequest(SamplingParams):
         return SamplingParams(**{k: getattr(self, k) for k in SAMPLING_FIELDS})
 
     def prompt_ids(self, tokenizer: SeedOssTokenizer) -> list[int]:
+        """The prompt's token ids; also checks `structured_outputs` against the tokenizer (400 on a bad grammar)."""
+        if self.structured_outputs is not None:
+            resolve(tokenizer, structured_outputs=self.structured_outputs)
         if self.prompt_token_ids is not None:
             return list(self.prompt_token_ids)
         if self.prompt is not None:

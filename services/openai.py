@@ -7,9 +7,9 @@ Requests (`POST /v1/completions`, `POST /v1/chat/completions`) are validated her
 `text_completion`, `chat.completion` and `chat.completion.chunk`.
 
 Choices follow vLLM's OpenAI server where OpenAI leaves room:
-- sampling fields a request leaves out keep the native defaults (temperature 1, top_p 1, ...); the checkpoint's
-  `generation_config.json` is not applied (vLLM's `--generation-config vllm` behaviour), so the OpenAI routes and
-  `/v1/generate` give the same results for the same fields;
+- sampling fields a request leaves out get the checkpoint's `generation_config.json` defaults (vLLM's
+  `--generation-config auto`; AppConfig `generation_config: none` turns that off), applied by the Generation
+  deployment to every route alike, so the OpenAI routes and `/v1/generate` give the same results for the same fields;
 - `max_tokens` defaults to 16 for completions (OpenAI's and vLLM's default) and to "the rest of the context" for chat;
   `max_completion_tokens` wins over `max_tokens`;
 - several prompts in one completions request are served as one request each; choice `index` is
@@ -27,17 +27,29 @@ Choices follow vLLM's OpenAI server where OpenAI leaves room:
   adds `token_ids` to every choice/chunk and `prompt_token_ids` to the response/first chunk.
 
 Not supported, answered with 400 naming the field: `logit_bias` (non-empty), `suffix`, `best_of` other than n,
-`echo` together with `logprobs` (no prompt logprobs), `prompt_logprobs`, `tools` (non-empty), `tool_choice` other than
-none/auto, `functions`, `function_call`, `response_format` other than text, `audio`, `modalities` other than text,
+`echo` together with `logprobs` (no prompt logprobs), `prompt_logprobs`, `functions`, `function_call` (use `tools`),
+vLLM's removed `guided_*` fields (use `structured_outputs`), `audio`, `modalities` other than text,
 `prediction`, `reasoning_effort` (use `chat_template_kwargs.thinking_budget`), `web_search_options`, `verbosity`,
 `moderation`, `continue_final_message`, chat `echo`, non-text content parts, `stream_options` without `stream`,
 `stream_options.continuous_usage_stats`. Fields that cannot change results are accepted and ignored: `user`,
-`metadata`, `store`, `service_tier`, `parallel_tool_calls`, `prompt_cache_key`, `prompt_cache_options`,
-`prompt_cache_retention`, `safety_identifier`. Any other unknown field is a 400 naming it.
+`metadata`, `store`, `service_tier`, `prompt_cache_key`, `prompt_cache_options`, `prompt_cache_retention`,
+`safety_identifier` (and `parallel_tool_calls` on completions). Any other unknown field is a 400 naming it.
+
+Seed-OSS chat (services/reasoning.py, services/tool_calls.py): the thinking goes to `message.reasoning_content` and
+`message.reasoning` (both names are read by clients; streamed as deltas of both), the answer to `content`; with
+`tools` (and `tool_choice` not "none") generated calls become `message.tool_calls` (streamed as whole-call deltas) and
+`finish_reason` "tool_calls"; `parallel_tool_calls: false` keeps the first call only. `tool_choice` "required" or a
+named function constrains decoding to one call in the Seed-OSS format (services/tool_calls.call_grammar), so even a
+weak model returns a well-formed call whose arguments fit the schema.
+
+Structured outputs (both routes): `response_format` (text, json_object, json_schema) or vLLM's `structured_outputs`
+(json, regex, choice, grammar, json_object), at most one constraint per request; a constrained chat output has no
+thinking (it is the answer from its first token).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -51,6 +63,9 @@ from seedoss.tokenizer import SeedOssTokenizer
 
 from .errors import InvalidRequest, NotFound, ServiceError, from_exception
 from .generation import CHAT_MESSAGES_SCHEMA, GenerateRequest
+from .reasoning import ReasoningStream
+from .structured import reject_guided, resolve
+from .tool_calls import ToolCallStream, call_grammar, check_tools
 
 LOGPROB_FLOOR = -9999.0  # vLLM's stand-in for -inf (JSON cannot carry it)
 _TEXT_PARTS = {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
@@ -73,12 +88,10 @@ def _none_or(*allowed: Any) -> Callable[[Any], bool]:
 _UNSUPPORTED_COMMON: dict[str, Callable[[Any], bool]] = {
     "logit_bias": _empty,
     "prompt_logprobs": _none_or(),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text" and len(v) == 1),
 }
 _UNSUPPORTED_COMPLETION = {**_UNSUPPORTED_COMMON, "suffix": _empty}
 _UNSUPPORTED_CHAT = {
     **_UNSUPPORTED_COMMON,
-    "tools": _empty, "tool_choice": _none_or("none", "auto"),
     "functions": _empty, "function_call": _none_or("none", "auto"),
     "audio": _none_or(), "modalities": lambda v: v is None or v == ["text"], "prediction": _none_or(),
     "reasoning_effort": _none_or(), "web_search_options": _none_or(), "verbosity": _none_or(), "moderation": _none_or(),
@@ -95,11 +108,13 @@ def _parse(cls: type[BaseModel], body: dict[str, Any], unsupported: dict[str, Ca
     """Validate `body` as `cls`: unsupported fields with a value that matters, and unknown fields, are a 400 naming
     the field; harmless OpenAI fields (`_IGNORED`) are dropped."""
     body = dict(body)
+    reject_guided(body)
     for name, harmless in unsupported.items():
         if name in body and not harmless(body.pop(name)):
             raise InvalidRequest(f"{name} is not supported by this server", param=name)
     for name in _IGNORED:
-        body.pop(name, None)
+        if name not in cls.model_fields:
+            body.pop(name, None)
     for name in body:
         if name not in cls.model_fields:
             raise InvalidRequest(f"{name}: unknown field", param=name)
@@ -151,6 +166,10 @@ class _OpenAIRequest(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False
+    # structured outputs (services/structured.py): OpenAI's and vLLM's forms, at most one
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    thinking_token_budget: int | None = None  # hard cap on thinking tokens, then `</seed:think>` is forced
 
     @field_validator("n", mode="before")
     @classmethod
@@ -169,10 +188,16 @@ class _OpenAIRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def _constraint(self, tokenizer: SeedOssTokenizer, grammar: str | None = None) -> dict[str, Any]:
+        """`{"structured_outputs": ...}` for the native body when the output is constrained, else {}."""
+        spec = resolve(tokenizer, response_format=self.response_format, structured_outputs=self.structured_outputs,
+                       grammar=grammar)
+        return {} if spec is None else {"structured_outputs": spec}
+
     def _sampling(self) -> dict[str, Any]:
         fields = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k",
                   "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
-                  "include_stop_str_in_output")
+                  "include_stop_str_in_output", "thinking_token_budget")
         return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
 
 
@@ -217,7 +242,7 @@ class CompletionRequest(_OpenAIRequest):
         if self.echo and self.logprobs is not None:
             raise InvalidRequest("echo with logprobs is not supported (this server does not compute prompt logprobs)",
                                  param="echo")
-        base = {**self._sampling(), "max_tokens": self.max_tokens}
+        base = {**self._sampling(), "max_tokens": self.max_tokens, **self._constraint(tokenizer)}
         if self.logprobs is not None:
             base["logprobs"] = self.logprobs
         out = []
@@ -246,6 +271,9 @@ class ChatCompletionRequest(_OpenAIRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None
 
     @field_validator("messages")
     @classmethod
@@ -259,6 +287,10 @@ class ChatCompletionRequest(_OpenAIRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         return v
 
+    def tool_setup(self) -> tuple[list[dict], str | None]:
+        """(tools, choice): see services/tool_calls.check_tools."""
+        return check_tools(self.tools, self.tool_choice)
+
     def error_params(self) -> dict[str, str]:
         """Native field -> the field of this request to name in errors."""
         if self.max_completion_tokens is not None:
@@ -267,11 +299,18 @@ class ChatCompletionRequest(_OpenAIRequest):
 
     def native_bodies(self, tokenizer: SeedOssTokenizer) -> list["NativePrompt"]:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        base = {**self._sampling(), "max_tokens": max_tokens}
+        tools, choice = self.tool_setup()
+        grammar = None
+        if choice not in (None, "none"):  # required / named: decoding is constrained to one well-formed call
+            grammar = call_grammar(tools, None if choice == "required" else choice, tokenizer)
+        base = {**self._sampling(), "max_tokens": max_tokens, **self._constraint(tokenizer, grammar)}
         if self.logprobs:
             base["logprobs"] = self.top_logprobs or 0
         params = self.error_params()
-        native = {"messages": self.messages, "chat_template_kwargs": self.chat_template_kwargs or {},
+        template_kwargs = dict(self.chat_template_kwargs or {})
+        if tools:  # rendered into the system turn, as the released template does (also for tool_choice none, as vLLM)
+            template_kwargs["tools"] = tools
+        native = {"messages": self.messages, "chat_template_kwargs": template_kwargs,
                   "add_generation_prompt": self.add_generation_prompt}
         ids = _native_prompt_ids({**base, **native}, tokenizer, params)
         return [NativePrompt({**base, "prompt_token_ids": ids}, ids, None)]
@@ -347,7 +386,31 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             message["content"] = "\n".join(texts)
         elif content is not None and not isinstance(content, str):
             raise ValueError(f"message {i}: content must be a string, a list of text parts, or null")
+        if message.get("tool_calls"):
+            message["tool_calls"] = _parsed_tool_calls(i, message["tool_calls"])
         out.append(message)
+    return out
+
+
+def _parsed_tool_calls(i: int, calls: Any) -> list[dict[str, Any]]:
+    """OpenAI clients send an assistant turn's call arguments as a JSON string; the chat template renders each
+    argument as a parameter, so it needs the object (vLLM parses them the same way)."""
+    if not isinstance(calls, list):
+        raise ValueError(f"message {i}: tool_calls must be a list")
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(f"message {i}: each tool call needs function.name")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise ValueError(f"message {i}: tool call arguments are not valid JSON") from None
+        if not isinstance(arguments, dict):
+            raise ValueError(f"message {i}: tool call arguments must be a JSON object")
+        out.append({**call, "function": {**function, "arguments": arguments}})
     return out
 
 
@@ -548,12 +611,40 @@ class ChatMapper(_Mapper):
                              "top_logprobs": [item(t["token_id"], t["logprob"]) for t in e.get("top_logprobs") or []]}
                             for e in entries], "refusal": None}
 
+    def __init__(self, *args, tools: list[dict] | None = None, in_reasoning: bool = True,
+                 parallel_tool_calls: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tools, self.in_reasoning, self.parallel_tool_calls = tools, in_reasoning, parallel_tool_calls
+        self._parsers: dict[int, tuple[ReasoningStream, ToolCallStream | None]] = {}
+        self._calls_sent: dict[int, int] = {}
+
+    def _parse(self, index: int, text: str, final: bool) -> tuple[str, str, list[dict]]:
+        """(reasoning, content, new tool calls) of the next piece of choice `index`."""
+        if index not in self._parsers:
+            self._parsers[index] = (ReasoningStream(self.in_reasoning), ToolCallStream(self.tools) if self.tools else None)
+        thinking, tools = self._parsers[index]
+        reasoning, content = thinking.feed(text, final)
+        calls: list[dict] = []
+        if tools is not None:
+            content, calls = tools.feed(content, final)
+            if not self.parallel_tool_calls:
+                calls = calls[:max(0, 1 - self._calls_sent.get(index, 0))]
+        self._calls_sent[index] = self._calls_sent.get(index, 0) + len(calls)
+        return reasoning, content, calls
+
+    def _finish_reason(self, index: int, native_reason: str | None) -> str | None:
+        return "tool_calls" if native_reason == "stop" and self._calls_sent.get(index) else native_reason
+
     def response(self, result: dict[str, Any]) -> dict[str, Any]:
         self._record_usage(result)
         choices = []
         for c in result["choices"]:
-            choice = {"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                      "logprobs": self.logprobs(c.get("logprobs")), "finish_reason": c["finish_reason"],
+            reasoning, content, calls = self._parse(c["index"], c["text"], final=True)
+            message = {"role": "assistant", "content": content or None, "reasoning_content": reasoning or None,
+                       "reasoning": reasoning or None, "tool_calls": calls}
+            choice = {"index": c["index"], "message": message,
+                      "logprobs": self.logprobs(c.get("logprobs")),
+                      "finish_reason": self._finish_reason(c["index"], c["finish_reason"]),
                       "stop_reason": c["stop_reason"]}
             if self.return_token_ids:
                 choice["token_ids"] = c["token_ids"]
@@ -588,11 +679,21 @@ class ChatMapper(_Mapper):
         self._record_usage(native)
         out = []
         for c in native["choices"]:
-            if not (c["text"] or c["finish_reason"] or c.get("logprobs") or (self.return_token_ids and c["token_ids"])):
+            index = c["index"]
+            sent_before = self._calls_sent.get(index, 0)
+            reasoning, content, calls = self._parse(index, c["text"], final=bool(c["finish_reason"]))
+            if not (reasoning or content or calls or c["finish_reason"] or c.get("logprobs")
+                    or (self.return_token_ids and c["token_ids"])):
                 continue
-            delta = {"content": c["text"]} if c["text"] or not c["finish_reason"] else {}
-            choice = {"index": c["index"], "delta": delta, "logprobs": self.logprobs(c.get("logprobs")),
-                      "finish_reason": c["finish_reason"]}
+            delta: dict[str, Any] = {}
+            if reasoning:
+                delta["reasoning_content"] = delta["reasoning"] = reasoning
+            if content or not (reasoning or calls or c["finish_reason"]):
+                delta["content"] = content
+            if calls:
+                delta["tool_calls"] = [{"index": sent_before + k, **call} for k, call in enumerate(calls)]
+            choice = {"index": index, "delta": delta, "logprobs": self.logprobs(c.get("logprobs")),
+                      "finish_reason": self._finish_reason(index, c["finish_reason"])}
             if c["finish_reason"]:
                 choice["stop_reason"] = c["stop_reason"]
             if self.return_token_ids:
@@ -609,4 +710,8 @@ def completion_mapper(request: CompletionRequest, model: str, tokenizer: SeedOss
 
 def chat_mapper(request: ChatCompletionRequest, model: str, tokenizer: SeedOssTokenizer,
                 prompts: list[NativePrompt]) -> ChatMapper:
-    return ChatMapper(model, tokenizer, prompts, request.n, request.include_usage, request.return_token_ids)
+    tools, choice = request.tool_setup()
+    return ChatMapper(model, tokenizer, prompts, request.n, request.include_usage, request.return_token_ids,
+                      tools=tools if choice != "none" else None,
+                      in_reasoning="structured_outputs" not in prompts[0].body,  # constrained from the first token
+                      parallel_tool_calls=request.parallel_tool_calls is not False)

@@ -49,12 +49,14 @@ def test_demo_checkpoint_is_deterministic(demo_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("task", ["generate", "classify", "tag", "qa"])
 def test_tokenizer_config_loads_in_transformers_4(demo_checkpoint, task):
-    """transformers 4.x (4.56.2 still has the QA pipeline) fails on a list under `extra_special_tokens`: the extra
-    special tokens go under `additional_special_tokens`, which 4.x and 5.x both read (5.x: the test below;
-    4.56.2: bench/qa_reference.py loads the QA head's tokenizer)."""
+    """transformers 4.x (4.56.2 still has the QA pipeline) fails on a list under `extra_special_tokens`; the demo
+    config has none: its only special tokens are the named bos/pad/eos, and the tag tokens are plain added tokens
+    (5.x: the test below; 4.56.2: bench/qa_reference.py loads the QA head's tokenizer)."""
     config = json.loads((head_dir(demo_checkpoint, task) / "tokenizer_config.json").read_text(encoding="utf-8"))
-    assert "extra_special_tokens" not in config
-    assert config["additional_special_tokens"] == SPECIAL_TOKENS[3:]
+    assert "extra_special_tokens" not in config and "additional_special_tokens" not in config
+    decoder = config["added_tokens_decoder"]
+    assert [decoder[str(i)]["content"] for i in range(len(SPECIAL_TOKENS))] == SPECIAL_TOKENS
+    assert [decoder[str(i)]["special"] for i in range(len(SPECIAL_TOKENS))] == [True] * 3 + [False] * 6
 
 
 @pytest.mark.parametrize("task", ["generate", "classify", "tag", "qa"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import openai
 import pytest
 
 from seedoss.tokenizer import SeedOssTokenizer
+from services import reasoning
 
 pytestmark = pytest.mark.timeout(600)
 MODEL = "seedoss"
@@ -24,6 +26,25 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _single_label_head(demo_checkpoint, tmp_path_factory):
+    """The demo classification head cut to its first label: a cross-encoder-like single-label head (/score)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("single_label")
+    source = demo_checkpoint / "heads" / "classify"
+    for f in source.iterdir():
+        shutil.copy(f, out / f.name)
+    config = json.loads((source / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "relevant"}, {"relevant": 0}
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = load_file(source / "model.safetensors")
+    tensors["score.weight"] = tensors["score.weight"][:1].contiguous()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +60,9 @@ def server(demo_checkpoint, tmp_path_factory):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 1,
-                         "head_checkpoints": {"embed": str(demo_checkpoint)}, "model_name": MODEL}),
+                         "head_checkpoints": {"embed": str(demo_checkpoint),
+                                              "classify": str(_single_label_head(demo_checkpoint, tmp_path_factory))},
+                         "model_name": MODEL}),
               name="seedoss", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=120) as http:
@@ -70,6 +93,24 @@ def _joined_stream(chunks, index=0):
             ids += _extra(ch, "token_ids") or []
             finish = ch.finish_reason or finish
     return text, ids, finish
+
+
+def _message_parts(message):
+    """(reasoning, content) of a chat message; both reasoning names must agree."""
+    assert _extra(message, "reasoning_content") == _extra(message, "reasoning")
+    return _extra(message, "reasoning_content"), message.content
+
+
+def _streamed_parts(chunks, index=0):
+    """(reasoning, content) joined from chat chunks (None when empty, like a whole message)."""
+    thinking, content = "", ""
+    for c in chunks:
+        for ch in c.choices:
+            if ch.index == index:
+                assert _extra(ch.delta, "reasoning_content") == _extra(ch.delta, "reasoning")
+                thinking += _extra(ch.delta, "reasoning_content") or ""
+                content += ch.delta.content or ""
+    return thinking or None, content or None
 
 
 GREEDY = {"max_tokens": 10, "temperature": 0}
@@ -107,7 +148,8 @@ def test_chat_equal_native(server, sampling):
                                                 **sampling)
     assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
     choice = out.choices[0]
-    assert choice.message.role == "assistant" and choice.message.content == ref_choice["text"]
+    # the random model writes no tags: Seed-OSS output is thinking until `</seed:think>` (vLLM's seed_oss parser)
+    assert choice.message.role == "assistant" and _message_parts(choice.message) == reasoning.split(ref_choice["text"])
     assert _extra(choice, "token_ids") == ref_choice["token_ids"]
     assert choice.finish_reason == ref_choice["finish_reason"]
     assert out.usage.prompt_tokens == ref["usage"]["prompt_tokens"]
@@ -118,7 +160,8 @@ def test_chat_equal_native(server, sampling):
                                                         extra_body={"return_token_ids": True}, **sampling))
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
     assert all(c.usage is None for c in chunks)  # no include_usage: no usage chunk
-    assert _joined_stream(chunks) == (ref_choice["text"], ref_choice["token_ids"], ref_choice["finish_reason"])
+    assert _joined_stream(chunks)[1:] == (ref_choice["token_ids"], ref_choice["finish_reason"])
+    assert _streamed_parts(chunks) == reasoning.split(ref_choice["text"])
     assert chunks[-1].choices[0].finish_reason == ref_choice["finish_reason"]
 
 
@@ -137,7 +180,7 @@ def test_n2_seeded_and_usage_chunk(server):
                                                         stream_options={"include_usage": True}, **body))
     assert [c.choices[0].delta.role for c in chunks[:2]] == ["assistant", "assistant"]
     for i in range(2):
-        assert _joined_stream(chunks, i)[0] == refs[i]["text"]
+        assert _streamed_parts(chunks, i) == reasoning.split(refs[i]["text"])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ref["usage"]["completion_tokens"]
     assert chunks[-1].usage.prompt_tokens == ref["usage"]["prompt_tokens"]
 
@@ -199,7 +242,7 @@ def test_thinking_budget_changes_the_prompt_like_the_template(server):
     out = server.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0,
                                                 extra_body={"chat_template_kwargs": kwargs, "return_token_ids": True})
     assert _extra(out, "prompt_token_ids") == expected and out.usage.prompt_tokens == len(expected)
-    assert out.choices[0].message.content == ref["choices"][0]["text"]
+    assert _message_parts(out.choices[0].message) == reasoning.split(ref["choices"][0]["text"])
 
 
 def test_batch_token_and_echo_prompts(server):
@@ -262,10 +305,22 @@ def test_errors_name_the_field(server):
         (client.completions.create, dict(prompt=[5] * 5000, max_tokens=4), "prompt"),
         (client.completions.create, dict(prompt="x", stream_options={"include_usage": True}), "stream_options"),
         (client.completions.create, dict(prompt="x", extra_body={"bogus": 1}), "bogus"),
-        (client.chat.completions.create, dict(messages=CHAT, tools=[{"type": "function", "function": {"name": "f"}}]),
-         "tools"),
-        (client.chat.completions.create, dict(messages=CHAT, response_format={"type": "json_object"}),
-         "response_format"),
+        (client.chat.completions.create, dict(messages=CHAT, tools=[{"type": "function", "function": {"name": "f"}}],
+                                              tool_choice={"type": "function", "function": {"name": "g"}}),
+         "tool_choice"),
+        (client.chat.completions.create, dict(messages=CHAT, tools=[{"type": "function"}]), "tools"),
+        (client.chat.completions.create, dict(messages=CHAT, response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}), "response_format"),
+        (client.chat.completions.create, dict(messages=CHAT, response_format={"type": "xml"}), "response_format"),
+        (client.chat.completions.create, dict(messages=CHAT, extra_body={"guided_json": {"type": "object"}}),
+         "guided_json"),
+        (client.completions.create, dict(prompt="x", extra_body={"guided_choice": ["a"]}), "guided_choice"),
+        (client.completions.create, dict(prompt="x", extra_body={"structured_outputs": {"regex": "[a-"}}),
+         "structured_outputs"),
+        (client.completions.create, dict(prompt="x", extra_body={"structured_outputs": {"choice": ["a"], "regex": "a"}}),
+         "structured_outputs"),
+        (client.chat.completions.create, dict(messages=CHAT, response_format={"type": "json_object"},
+                                              extra_body={"structured_outputs": {"choice": ["a"]}}), "structured_outputs"),
         (client.chat.completions.create, dict(messages=CHAT, reasoning_effort="low"), "reasoning_effort"),
         (client.chat.completions.create, dict(messages=CHAT, top_logprobs=2), "top_logprobs"),
         (client.chat.completions.create, dict(messages=CHAT, max_completion_tokens=10**6, stream=True),
@@ -284,7 +339,7 @@ def test_errors_name_the_field(server):
                                          metadata={"k": "v"}, store=False, response_format={"type": "text"})
     ref = _native(server, {"messages": [{"role": "user", "content": "Tell me\nmore."}], "max_tokens": 3,
                            "temperature": 0})
-    assert out.choices[0].message.content == ref["choices"][0]["text"]
+    assert _message_parts(out.choices[0].message) == reasoning.split(ref["choices"][0]["text"])
 
     r = server.http.post("/v1/chat/completions", content=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
@@ -417,3 +472,214 @@ def test_many_concurrent_embedding_requests_each_get_their_own_answer(server, ba
 def test_embedding_errors_name_the_field(server, body, param):
     r = server.http.post("/v1/embeddings", json=body)
     assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
+
+
+WEATHER_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city", "parameters": {
+        "type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 16}, "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            "unit": {"enum": ["celsius", "fahrenheit"]}, "detailed": {"type": "boolean"}},
+        "required": ["city", "days"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "search", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string", "maxLength": 20}}, "required": ["query"]}}},
+]
+WEATHER = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+
+
+def test_named_tool_choice_returns_a_call_that_fits_the_schema(server):
+    import jsonschema
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    out = server.client.chat.completions.create(model=MODEL, messages=WEATHER, tools=WEATHER_TOOLS, tool_choice=named,
+                                                max_tokens=120, temperature=0.7, seed=1)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert _extra(choice.message, "reasoning_content") is None  # constrained from the first token: no thinking
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOLS[0]["function"]["parameters"])
+
+    # streamed: the call arrives as a tool-call delta, then finish_reason tool_calls
+    chunks = list(server.client.chat.completions.create(model=MODEL, messages=WEATHER, tools=WEATHER_TOOLS,
+                                                        tool_choice="required", max_tokens=120, temperature=0.7,
+                                                        seed=2, stream=True))
+    deltas = [tc for c in chunks for ch in c.choices for tc in (ch.delta.tool_calls or [])]
+    assert len(deltas) == 1 and deltas[0].index == 0 and deltas[0].function.name in ("get_weather", "search")
+    schema = next(t["function"]["parameters"] for t in WEATHER_TOOLS if t["function"]["name"] == deltas[0].function.name)
+    jsonschema.validate(json.loads(deltas[0].function.arguments), schema)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(ch.delta.content for c in chunks for ch in c.choices)
+
+
+def test_tool_results_render_back_and_auto_choice_parses_nothing_from_plain_text(server):
+    history = WEATHER + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris", "days": 3})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'}]
+    out = server.client.chat.completions.create(model=MODEL, messages=history, tools=WEATHER_TOOLS, max_tokens=6,
+                                                temperature=0, extra_body={"return_token_ids": True})
+    prompt = server.tokenizer.decode(_extra(out, "prompt_token_ids"), skip_special_tokens=False)
+    assert ("<seed:tool_call>\n<function=get_weather>\n<parameter=city>Paris</parameter>\n<parameter=days>3"
+            "</parameter>\n</function>\n</seed:tool_call><seed:eos><seed:bos>tool\n{\"temp_c\": 21}<seed:eos>") in prompt
+    assert "Function:\ndef get_weather(city: str, days: int, unit: Any, detailed: bool):" in prompt
+    assert out.choices[0].message.tool_calls == [] and out.choices[0].finish_reason == "length"
+
+
+def test_response_format_json_schema_validates(server):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                               "score": {"type": "number", "minimum": 0, "maximum": 1},
+                                               "ok": {"type": "boolean"}},
+              "required": ["name", "score", "ok"], "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "result", "schema": schema, "strict": True}}
+    out = server.client.chat.completions.create(model=MODEL, messages=CHAT, response_format=rf, max_tokens=80,
+                                                temperature=1.0, seed=4)
+    assert out.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+    streamed = list(server.client.chat.completions.create(model=MODEL, messages=CHAT, response_format=rf,
+                                                          max_tokens=80, temperature=1.0, seed=4, stream=True))
+    assert _streamed_parts(streamed) == (None, out.choices[0].message.content)
+    # the json_object form and a completions request
+    obj = server.client.chat.completions.create(model=MODEL, messages=CHAT, response_format={"type": "json_object"},
+                                                max_tokens=60, temperature=0)
+    assert obj.choices[0].finish_reason == "length" or isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_structured_outputs_choice_and_regex(server):
+    choices = ["red", "green", "deep blue"]
+    for seed in range(3):
+        out = server.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10, temperature=1.0,
+                                                    seed=seed, extra_body={"structured_outputs": {"choice": choices}})
+        assert out.choices[0].message.content in choices and out.choices[0].finish_reason == "stop"
+    out = server.client.completions.create(model=MODEL, prompt="Call me at", max_tokens=20, temperature=0,
+                                           extra_body={"structured_outputs": {"regex": r"\+1-[0-9]{3}-[0-9]{4}"}})
+    assert re.fullmatch(r"\+1-[0-9]{3}-[0-9]{4}", out.choices[0].text)
+    native = _native(server, {"prompt": "Call me at", "max_tokens": 20, "temperature": 0,
+                              "structured_outputs": {"regex": r"\+1-[0-9]{3}-[0-9]{4}"}})
+    assert native["choices"][0]["text"] == out.choices[0].text
+    r = server.http.post("/v1/generate", json={"prompt": "x", "guided_regex": "a"})
+    assert r.status_code == 400 and "structured_outputs.regex" in r.json()["error"]["message"]
+
+
+def test_streaming_reasoning_deltas(server):
+    """The random model writes no tags, so (as for Seed-OSS, whose template may open the block) it is all thinking:
+    several reasoning deltas, both names, no content."""
+    chunks = list(server.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0,
+                                                        stream=True))
+    deltas = [_extra(ch.delta, "reasoning_content") for c in chunks for ch in c.choices
+              if _extra(ch.delta, "reasoning_content")]
+    assert len(deltas) > 3
+    whole = server.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+    assert "".join(deltas) == _extra(whole.choices[0].message, "reasoning") and whole.choices[0].message.content is None
+
+
+def test_chat_mapping_of_reasoning_and_tool_calls_without_a_server(demo_checkpoint):
+    """Crafted native outputs through the chat mapper: reasoning and tool-call deltas, finish_reason tool_calls,
+    the whole response equal to the joined stream, parallel_tool_calls false keeping the first call."""
+    from services.openai import ChatCompletionRequest, chat_mapper
+
+    tok = SeedOssTokenizer.from_pretrained(demo_checkpoint)
+    text = ("<seed:think>Two cities.<seed:cot_budget_reflect>8 used</seed:cot_budget_reflect></seed:think>On it.\n"
+            "<seed:tool_call>\n<function=get_weather>\n<parameter=city>Paris</parameter>\n<parameter=days>3"
+            "</parameter>\n</function>\n</seed:tool_call>\n<seed:tool_call>\n<function=search>\n<parameter=query>"
+            "Rome</parameter>\n</function>\n</seed:tool_call>")
+
+    def native(pieces):
+        return [{"id": "r", "choices": [{"index": 0, "text": p, "token_ids": [9], "stop_reason": None,
+                                         "finish_reason": "stop" if k == len(pieces) - 1 else None}]}
+                for k, p in enumerate(pieces)]
+
+    def mapper(**extra):
+        req = ChatCompletionRequest.parse({"messages": WEATHER, "tools": WEATHER_TOOLS, "stream": True, **extra})
+        return chat_mapper(req, MODEL, tok, req.native_bodies(tok))
+
+    whole = mapper().response({"id": "r", "choices": native([text])[0]["choices"],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+    message = whole["choices"][0]["message"]
+    assert message["reasoning_content"] == message["reasoning"] == (
+        "Two cities.<seed:cot_budget_reflect>8 used</seed:cot_budget_reflect>")
+    assert message["content"] == "On it." and whole["choices"][0]["finish_reason"] == "tool_calls"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+        ("get_weather", {"city": "Paris", "days": 3}), ("search", {"query": "Rome"})]
+
+    for size in (1, 5, 17):  # streamed in pieces of `size` characters
+        m = mapper()
+        chunks = [c for n in native([text[i:i + size] for i in range(0, len(text), size)]) for c in m.chunks(n)]
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
+        assert all(d.get("reasoning_content") == d.get("reasoning") for d in deltas)
+        assert "".join(d.get("content", "") for d in deltas) == "On it."
+        calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+        assert [(tc["index"], tc["function"]["name"]) for tc in calls] == [(0, "get_weather"), (1, "search")]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+    m = mapper(parallel_tool_calls=False)
+    calls = [tc for n in native([text[i:i + 9] for i in range(0, len(text), 9)]) for c in m.chunks(n)
+             for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert [tc["function"]["name"] for tc in calls] == ["get_weather"]
+    none = mapper(tool_choice="none").response({"id": "r", "choices": native([text])[0]["choices"]})
+    assert none["choices"][0]["message"]["tool_calls"] == [] and "<seed:tool_call>" in none["choices"][0]["message"]["content"]
+    assert none["choices"][0]["finish_reason"] == "stop"
+
+
+def test_thinking_token_budget_splits_thinking_from_the_answer(server):
+    body = dict(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+    out = server.client.chat.completions.create(**body, extra_body={"thinking_token_budget": 4,
+                                                                    "return_token_ids": True})
+    ids = _extra(out.choices[0], "token_ids")
+    end = server.tokenizer.encode("</seed:think>", add_special_tokens=False)[0]
+    assert ids.index(end) == 4
+    thinking, answer = _message_parts(out.choices[0].message)
+    assert thinking == server.tokenizer.decode(ids[:4]) and answer == server.tokenizer.decode(ids[5:])
+    free = server.client.chat.completions.create(**body)
+    assert free.choices[0].message.content is None  # without the cap the random model never stops thinking
+
+
+
+def test_vllm_pooling_routes(server):
+    """vLLM's /classify, /score and /rerank shapes over the (single-label) classification head, equal to the
+    native /v1/classify answer for the same texts and pairs."""
+    texts = ["what a lovely day", "the weather is awful"]
+    native = server.http.post("/v1/classify", json={"inputs": texts, "full_probabilities": True}).json()
+    r = server.http.post("/classify", json={"model": MODEL, "input": texts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and body["model"] == MODEL and body["id"].startswith("classify-")
+    assert [(d["index"], d["label"], d["num_classes"]) for d in body["data"]] == [(0, "relevant", 1), (1, "relevant", 1)]
+    assert [d["probs"] for d in body["data"]] == [res["probs"] for res in native["results"]]
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == native["usage"]["prompt_tokens"]
+    assert server.http.post("/classify", json={"input": "one"}).json()["data"][0]["index"] == 0
+
+    query, docs = "weather today", ["sunny and warm", "a recipe for bread", "rain expected"]
+    pairs = server.http.post("/v1/classify", json={"inputs": [query] * 3, "text_pairs": docs,
+                                                   "full_probabilities": True}).json()
+    want = [res["probs"][0] for res in pairs["results"]]
+    for path in ("/score", "/v1/score"):
+        r = server.http.post(path, json={"model": MODEL, "text_1": query, "text_2": docs})
+        assert r.status_code == 200, r.text
+        assert [(d["index"], d["object"], d["score"]) for d in r.json()["data"]] == [
+            (i, "score", s) for i, s in enumerate(want)]
+    zipped = server.http.post("/score", json={"text_1": [query] * 3, "text_2": docs}).json()
+    assert [d["score"] for d in zipped["data"]] == want
+    # a pair is the tokenizer's pair encoding, not the texts glued together
+    glued = server.http.post("/v1/classify", json={"inputs": [query + docs[0]], "full_probabilities": True}).json()
+    assert glued["results"][0]["probs"][0] != want[0]
+
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        r = server.http.post(path, json={"model": MODEL, "query": query, "documents": [docs[0], {"text": docs[1]},
+                                                                                       docs[2]], "top_n": 2})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        best = sorted(range(3), key=lambda i: -want[i])[:2]
+        assert [(x["index"], x["relevance_score"], x["document"]["text"]) for x in results] == [
+            (i, want[i], docs[i]) for i in best]
+
+    for path, payload, param in [
+        ("/classify", {"input": []}, "input"), ("/classify", {"input": "x", "model": "gpt-4"}, "model"),
+        ("/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "text_2"),
+        ("/score", {"text_1": "a"}, "text_2"), ("/rerank", {"query": "q", "documents": [{"txt": 1}]}, "documents"),
+        ("/rerank", {"query": "q", "documents": ["d"], "bogus": 1}, "bogus"),
+    ]:
+        r = server.http.post(path, json=payload)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (path, r.text)

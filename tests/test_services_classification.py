@@ -124,3 +124,21 @@ def test_bad_requests_name_the_field(service_factory, request_, param):
         classify(service_factory(), request_)
     assert err.value.param == param
     assert err.value.to_openai_body()["error"]["param"] == param
+
+
+def test_text_pairs_match_hf_pair_encoding(service_factory, classify_dir):
+    """`text_pairs` scores each pair as HF's model does on `tokenizer(text, text_pair)` (a cross-encoder's input)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(classify_dir).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(classify_dir)
+    queries, docs = ["weather today", "weather today"], ["sunny and warm", "a recipe for bread"]
+    out = classify(service_factory(), {"inputs": queries, "text_pairs": docs, "function_to_apply": "none",
+                                       "full_probabilities": True})
+    for q, d, result in zip(queries, docs, out.results):
+        with torch.no_grad():
+            logits = model(**hf_tokenizer(q, d, return_tensors="pt")).logits[0]
+        np.testing.assert_allclose(result.probs, logits.numpy(), atol=1e-4)
+    with pytest.raises(InvalidRequest, match="text_pairs"):
+        classify(service_factory(), {"inputs": queries, "text_pairs": docs[:1]})

@@ -53,7 +53,15 @@ def test_special_tokens(ours, hf):
     assert (ours.bos_token_id, ours.pad_token_id, ours.eos_token_id) == (0, 1, 2)
     assert (hf.bos_token_id, hf.pad_token_id, hf.eos_token_id) == (0, 1, 2)
     assert ours.convert_ids_to_tokens(list(range(len(SPECIAL_TOKENS)))) == SPECIAL_TOKENS
-    assert ours.all_special_ids == set(hf.all_special_ids) == set(range(len(SPECIAL_TOKENS)))
+    assert ours.all_special_ids == set(hf.all_special_ids) == {0, 1, 2}  # the tags are added tokens, not special
+
+
+def test_tags_survive_skip_special_tokens(ours, hf):
+    """The reasoning and tool parsers read the tags from text decoded with skip_special_tokens (vLLM's default)."""
+    text = "<seed:think>a<seed:cot_budget_reflect>b</seed:cot_budget_reflect></seed:think>c<seed:tool_call>d</seed:tool_call>"
+    ids = ours.encode(text)
+    assert ids[0] == 0 and len(ids) < 14
+    assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True) == text
     assert ours.vocab_size == len(hf) == 4096
     assert ours.model_max_length == hf.model_max_length
 
@@ -173,6 +181,7 @@ BUDGETS = {
     "unlimited": {"thinking_budget": -1},
     "zero": {"thinking_budget": 0},
     "512": {"thinking_budget": 512},
+    "json_tooldef": {"use_json_tooldef": True},
 }
 
 
@@ -205,7 +214,12 @@ def test_chat_format(ours):
     )
     tool_turn = ours.apply_chat_template(CONVERSATIONS["tools"], tools=TOOLS, add_generation_prompt=False)
     assert tool_turn.startswith("<seed:bos>system\nYou are a helpful AI assistant.")
-    assert '"Current weather for a city (°C) — <b>fast</b> & cheap."' in tool_turn  # tojson: no HTML escaping
+    assert (  # the released template's default tool form: a Python signature and docstring per tool
+        'Function:\ndef get_weather(city: str, days: int):\n    """\n    Current weather for a city (°C) — <b>fast</b> '
+        "& cheap.\n\n    Args:\n    - city (str) [required]: \n    - days (int) [optional]: \n    \"\"\""
+    ) in tool_turn
+    json_turn = ours.apply_chat_template(CONVERSATIONS["tools"], tools=TOOLS, use_json_tooldef=True)
+    assert '"Current weather for a city (°C) — <b>fast</b> & cheap."' in json_turn  # tojson: no HTML escaping
     assert (
         "<seed:bos>assistant\n<seed:think>Call the tool.</seed:think>\n<seed:tool_call>\n<function=get_weather>\n"
         "<parameter=city>Zürich</parameter>\n<parameter=days>2</parameter>\n</function>\n</seed:tool_call><seed:eos>"
@@ -335,7 +349,7 @@ def test_config_is_hf_layout(tokenizer_dir):
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert (config["bos_token"], config["pad_token"], config["eos_token"]) == tuple(SPECIAL_TOKENS[:3])
     assert [config["added_tokens_decoder"][str(i)]["content"] for i in range(len(SPECIAL_TOKENS))] == SPECIAL_TOKENS
-    assert all(entry["special"] for entry in config["added_tokens_decoder"].values())
+    assert [entry["special"] for entry in config["added_tokens_decoder"].values()] == [True] * 3 + [False] * 6
 
 
 def test_missing_tokenizer_json(tmp_path):

@@ -28,6 +28,7 @@ from ..detokenizer import IncrementalDetokenizer, StopStringMatcher
 from ..heads import LMHead
 from ..kv_cache import KVCacheFull, MissingSequenceCache
 from ..sampling import Sampler, SamplingParams, SamplingState
+from ..structured import constraint_for
 from ..tokenizer import SeedOssTokenizer
 from .executor import LocalPipeline, LocalStageExecutor, Pipeline, StageUnavailable
 from .scheduler import MicroBatch, Scheduler
@@ -247,7 +248,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         seq = Sequence(
             seq_id=f"{key}:{index}", request_key=key, index=index, prompt_ids=list(prompt_ids), params=params,
-            sampling=SamplingState(params, prompt_ids, self.model_config.eos_token_ids, vocab, fork_index=index),
+            sampling=SamplingState(params, prompt_ids, self.model_config.eos_token_ids, vocab, fork_index=index,
+                                   constraint=constraint_for(params, self.tokenizer)),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
             stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
         )
