@@ -26,7 +26,8 @@ from seedoss.kv_cache import MissingSequenceCache
 from services.errors import NotFound
 
 from .faults import CallTimeout, RetryPolicy, Timeouts, backpressure, replica_lost
-from .wire import pack, unpack
+from .timing import StepTimings, now
+from .wire import pack, stamps, unpack
 
 log = logging.getLogger(__name__)
 LANE_PREFIX = "lane-"
@@ -118,6 +119,7 @@ class ServePipeline:
     def __init__(self, chain: StageChain, lane: int, num_blocks: int, block_size: int):
         self.chain, self.num_blocks, self.block_size = chain, num_blocks, block_size
         self.num_stages = chain.num_stages
+        self.timings = StepTimings(self.num_stages)
         self.set_lane(lane)
 
     @classmethod
@@ -132,9 +134,11 @@ class ServePipeline:
     async def run(self, tokens, seq_ids, query_lens, context_lens):
         retries = self.chain.retry.retries(f"lane {self.lane} step")
         while True:
+            sent, result = self.timings.sent(), None
             step = chained(self._handles, "forward", pack(tokens), seq_ids, query_lens, context_lens)
             try:
-                return unpack(await asyncio.wait_for(step, self.chain.timeout_s))
+                result = await asyncio.wait_for(step, self.chain.timeout_s)
+                return unpack(result)
             except MissingSequenceCache as e:  # Ray re-raises the replica's exception as a subclass of it
                 raise MissingSequenceCache(getattr(e, "cause", e).seq_ids) from None
             except TimeoutError:
@@ -148,6 +152,8 @@ class ServePipeline:
                     if replica_lost(e):
                         raise StageUnavailable("a stage replica is unavailable") from None
                     raise
+            finally:
+                self.timings.returned(sent, stamps(result) if result is not None else None)
             await asyncio.sleep(delay)
 
     def _free(self, seq_ids):
@@ -208,6 +214,7 @@ class GenerationStream:
         self.delivered: dict[int, list[int]] = {}
         self.finished: set[int] = set()
         self._retries = retry.retries("generation stream")
+        self._started = now()
         self._stream = self._start(None)
 
     def _start(self, resume: dict | None):
@@ -240,6 +247,8 @@ class GenerationStream:
                 await asyncio.sleep(delay)
                 self._stream = self._start(self._resume())
                 continue
+            if "timing" in chunk:  # the Generation replica was started with SEEDOSS_STREAM_TIMING=1
+                chunk["timing"].update(gateway_start=self._started, gateway=now())
             self.id = chunk["id"]
             for c in chunk["choices"]:
                 self.delivered.setdefault(c["index"], []).extend(c["token_ids"])
