@@ -143,7 +143,9 @@ async def run_served(url: str, prompts, max_tokens) -> dict:
         steps = await asyncio.to_thread(step_timing, before)
     row = summarize("served over HTTP (2 stage deployments)", len(prompts), wall, sum(r[2] for r in results),
                     [r[0] for r in results], [r[1] for r in results])
-    row["breakdown_ms"] = {**steps, **relay.means_ms()}
+    busy = {f"stage{k} busy, % of wall time": 100 * steps[f"step: stage{k}_compute"] * steps["steps timed"] / 1e3 / wall
+            for k in range(2)}  # how well the micro-batches keep both stages at work
+    row["breakdown_ms"] = {**steps, **busy, **relay.means_ms()}
     return row
 
 
@@ -174,7 +176,7 @@ def step_timing(before: dict | None = None) -> dict:
 
 def print_breakdown(rows: list[dict]) -> None:
     """One column per served concurrency: mean ms per step (the pipeline), per chunk (the stream relay) and per
-    request (the first token's path)."""
+    request (the first token's path); and each stage's compute as a share of the run's wall time."""
     served = [r for r in rows if "breakdown_ms" in r]
     if not served:
         return

@@ -137,7 +137,8 @@ class ServePipeline:
             sent, result = self.timings.sent(), None
             step = chained(self._handles, "forward", pack(tokens), seq_ids, query_lens, context_lens)
             try:
-                result = await asyncio.wait_for(step, self.chain.timeout_s)
+                async with asyncio.timeout(self.chain.timeout_s):  # no task per step, unlike wait_for
+                    result = await step
                 return unpack(result)
             except MissingSequenceCache as e:  # Ray re-raises the replica's exception as a subclass of it
                 raise MissingSequenceCache(getattr(e, "cause", e).seq_ids) from None
@@ -233,7 +234,8 @@ class GenerationStream:
     async def __anext__(self) -> dict:
         while True:
             try:
-                chunk = await asyncio.wait_for(self._stream.__anext__(), self.chunk_timeout_s)
+                async with asyncio.timeout(self.chunk_timeout_s):  # no task per chunk, unlike wait_for
+                    chunk = await self._stream.__anext__()
             except StopAsyncIteration:
                 raise
             except TimeoutError:

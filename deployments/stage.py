@@ -52,7 +52,9 @@ class SeedOssStage:
                                              [0] * len(lengths), use_cache=False)
         return list(hidden.split(lengths))
 
-    def free(self, seq_ids: list[str]) -> None:
+    async def free(self, seq_ids: list[str]) -> None:
+        """Async: Serve runs sync methods in a thread pool, a thread hop per call; this only queues the free on the
+        worker thread, behind the forwards already queued."""
         self.executor.free(seq_ids)
 
     def info(self) -> dict:
