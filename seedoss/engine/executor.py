@@ -59,7 +59,7 @@ class LocalStageExecutor:
         started = self._forward_started
         return 0.0 if started is None else time.monotonic() - started
 
-    def _forward(self, inputs, seq_ids, query_lens, context_lens, use_cache, clock):
+    def _forward(self, inputs, seq_ids, query_lens, context_lens, use_cache, clock=None):
         self._forward_started = time.monotonic()
         if clock is not None:
             clock.append(time.time())
