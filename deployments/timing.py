@@ -50,9 +50,9 @@ class StepTimings:
     """Per-component sums over the steps a pipeline ran (seconds), plus the number of steps timed."""
 
     def __init__(self, num_stages: int):
-        self.components = ["engine"] + [f"{part}" for k in range(num_stages) for part in (
-            f"hop{k}", f"stage{k}_unpack", f"stage{k}_queue", f"stage{k}_compute", f"stage{k}_pack")] + ["return"]
-        self.totals = dict.fromkeys(self.components, 0.0)
+        per_stage = [(f"hop{k}", f"stage{k}_unpack", f"stage{k}_queue", f"stage{k}_compute", f"stage{k}_pack")
+                     for k in range(num_stages)]
+        self.totals = dict.fromkeys(["engine", *(name for names in per_stage for name in names), "return"], 0.0)
         self.steps = 0
         self.engine_samples = 0
         self._in_flight = 0
