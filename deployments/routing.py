@@ -63,8 +63,13 @@ def detached(fn, *args):
 
 
 def chained(handles: list, method: str, x, *args):
-    """`method` on each stage in turn, each stage's DeploymentResponse passed straight into the next stage's call:
-    hidden states go stage to stage without the caller. Returns the last stage's response (made detached)."""
+    """`method` on each stage in turn, each stage's DeploymentResponse passed straight into the next stage's call.
+    Returns the last stage's response (made detached). What Ray 2.60 does with it (read in its source, measured as
+    `hop{k}` in deployments/timing.py): the caller's router waits until stage k-1's result is ready, then routes
+    stage k's call with its ObjectRef — so each hop still passes the caller's event loop; a result of up to 100 KB
+    (Ray's `max_direct_call_object_size`, e.g. a decode step's hidden states) comes back inline to the caller and
+    is inlined into the next call, a larger one (a prefill chunk) stays in the object store and goes from stage to
+    stage without the caller."""
     def chain():
         y = x
         for handle in handles:
