@@ -3,7 +3,16 @@
 `python -m bench.serving` deploys the Serve app (2 pipeline stages + the generation head + gateway) on a local
 Ray instance with the "small" demo preset, then for 1, 8 and 32 concurrent streaming clients (greedy, ignore_eos,
 the same prompts for both) measures output tokens/s, per-request latency p50/p99 and time to first token p50/p99
-— and the same numbers for the in-process engine with 2 stages, so the table shows what serving costs.
+— and the same numbers for the in-process engine with 2 stages, so the table shows what serving costs. The two run
+back to back per concurrency (`--repeats N`: alternately N times each, the best kept), so load on a shared machine
+hits both alike; each row notes the 1-minute load average.
+
+Then a breakdown: where a served token's time goes, per concurrency, from timestamps carried through every step and
+every stream chunk (deployments/timing.py): per pipeline step, the hop to each stage (Ray serialization, routing,
+transfer, scheduling in the replica), each stage's unpacking, queueing behind an earlier micro-batch, compute and
+packing, the return to the Generation replica, and the engine's own time between steps; per chunk, the relay from
+the Generation replica to the gateway and from the gateway through Serve's proxy to the client; per request, the
+first token's path.
 
 `--lanes 1 2 --lane-concurrency 32 64` adds lane rows: the app redeployed with 1, then 2 generation lanes (each an
 engine + one replica of each stage), the same streams, with each lane's share of the tokens (warm-up included), its mean sequences per
@@ -23,13 +32,35 @@ from pathlib import Path
 from bench.generation import DEFAULT_CHECKPOINT, ensure_checkpoint, log, make_prompts
 
 
+def machine() -> str:
+    """CPU model, cores, the vector flags that matter for the model's kernels, torch and Ray versions."""
+    import platform
+
+    import ray
+    import torch
+
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    vector = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+    return (f"{model}, {os.cpu_count()} cores, flags: {' '.join(vector) or 'n/a'}; torch {torch.__version__}, "
+            f"Ray {ray.__version__}")
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def summarize(name: str, concurrency: int, wall: float, tokens: int, latencies: list[float], ttfts: list[float]) -> dict:
-    return {"system": name, "concurrency": concurrency, "tokens_per_s": tokens / wall,
+    return {"system": name, "concurrency": concurrency, "load_1m": os.getloadavg()[0], "tokens_per_s": tokens / wall,
             "latency_p50_s": percentile(latencies, 0.5), "latency_p99_s": percentile(latencies, 0.99),
             "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p99_s": percentile(ttfts, 0.99)}
 
@@ -57,28 +88,102 @@ async def run_in_process(checkpoint, prompts, max_tokens) -> dict:
                      [r[0] for r in results], [r[1] for r in results])
 
 
+class Relay:
+    """Sums of the stream-relay legs over the chunks of a run (seconds), from the stamps each chunk carries
+    (deployments/timing.py) and the client's own clock."""
+
+    LEGS = ("generation→gateway", "gateway→client")
+    FIRST = ("client→gateway", "gateway→generation", "generation: prefill → first chunk")
+
+    def __init__(self):
+        self.legs, self.chunks = dict.fromkeys(self.LEGS, 0.0), 0
+        self.first, self.requests = dict.fromkeys(self.FIRST, 0.0), 0
+
+    def chunk(self, timing: dict, received: float, sent: float, first: bool) -> None:
+        self.legs["generation→gateway"] += timing["gateway"] - timing["generation"]
+        self.legs["gateway→client"] += received - timing["gateway"]
+        self.chunks += 1
+        if first:
+            self.first["client→gateway"] += timing["gateway_start"] - sent
+            self.first["gateway→generation"] += timing["generation_start"] - timing["gateway_start"]
+            self.first["generation: prefill → first chunk"] += timing["generation"] - timing["generation_start"]
+            self.requests += 1
+
+    def means_ms(self) -> dict:
+        return {**{k: 1e3 * v / max(self.chunks, 1) for k, v in self.legs.items()},
+                **{f"first token: {k}": 1e3 * v / max(self.requests, 1) for k, v in self.first.items()}}
+
+
 async def run_served(url: str, prompts, max_tokens) -> dict:
     import httpx
 
-    async def one(client, ids):
+    relay = Relay()
+
+    async def one(client, ids, timed):
         body = {"prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-        start, first, n = time.perf_counter(), None, 0
+        sent, start, first, n = time.time(), time.perf_counter(), None, 0
         async with client.stream("POST", "/v1/generate", json=body) as response:
             response.raise_for_status()
             async for line in response.aiter_lines():
                 if line.startswith("data: {"):
+                    received = time.time()
                     chunk = json.loads(line[6:])
                     n += sum(len(c["token_ids"]) for c in chunk["choices"])
+                    if timed and "timing" in chunk:
+                        relay.chunk(chunk["timing"], received, sent, first is None)
                     first = first or time.perf_counter()
         return time.perf_counter() - start, first - start, n
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        await asyncio.gather(*[one(client, p) for p in prompts[:2]])  # warm-up
+        await asyncio.gather(*[one(client, p, False) for p in prompts[:2]])  # warm-up
+        before = await asyncio.to_thread(step_timing)  # handle calls' .result() may not block this loop
         start = time.perf_counter()
-        results = await asyncio.gather(*[one(client, p) for p in prompts])
+        results = await asyncio.gather(*[one(client, p, True) for p in prompts])
         wall = time.perf_counter() - start
-    return summarize("served over HTTP (2 stage deployments)", len(prompts), wall, sum(r[2] for r in results),
-                     [r[0] for r in results], [r[1] for r in results])
+        steps = await asyncio.to_thread(step_timing, before)
+    row = summarize("served over HTTP (2 stage deployments)", len(prompts), wall, sum(r[2] for r in results),
+                    [r[0] for r in results], [r[1] for r in results])
+    busy = {f"stage{k} busy, % of wall time": 100 * steps[f"step: stage{k}_compute"] * steps["steps timed"] / 1e3 / wall
+            for k in range(2)}  # how well the micro-batches keep both stages at work
+    row["breakdown_ms"] = {**steps, **busy, **relay.means_ms()}
+    return row
+
+
+def step_timing(before: dict | None = None) -> dict:
+    """The Generation replicas' step timing sums (deployments/timing.py); given an earlier reading, the mean ms
+    per step of each component since then."""
+    totals: dict = {"steps": 0, "engine_samples": 0, "seconds": {}}
+    for s in lane_stats():
+        t = s["timing"]
+        totals["steps"] += t["steps"]
+        totals["engine_samples"] += t["engine_samples"]
+        for k, v in t["seconds"].items():
+            totals["seconds"][k] = totals["seconds"].get(k, 0.0) + v
+    if before is None:
+        return totals
+    steps = max(totals["steps"] - before["steps"], 1)
+    out = {}
+    for k, v in totals["seconds"].items():
+        if k == "engine":
+            n = max(totals["engine_samples"] - before["engine_samples"], 1)
+            out["step: engine between steps (pipeline idle)"] = 1e3 * (v - before["seconds"][k]) / n
+        else:
+            out[f"step: {k}"] = 1e3 * (v - before["seconds"][k]) / steps
+    out["step: pipeline (send → result)"] = sum(v for k, v in out.items() if "engine" not in k)
+    out["steps timed"] = steps
+    return out
+
+
+def print_breakdown(rows: list[dict]) -> None:
+    """One column per served concurrency: mean ms per step (the pipeline), per chunk (the stream relay) and per
+    request (the first token's path); and each stage's compute as a share of the run's wall time."""
+    served = [r for r in rows if "breakdown_ms" in r]
+    if not served:
+        return
+    names = list(served[0]["breakdown_ms"])
+    print(f"\n{'where a served token spends its time (mean ms)':58}" + "".join(f"{r['concurrency']:>10}" for r in served))
+    for name in names:
+        print(f"{name:58}" + "".join(f"{r['breakdown_ms'].get(name, float('nan')):>10.2f}" for r in served))
 
 
 def lane_stats(app: str = "seedoss") -> list[dict]:
@@ -115,6 +220,7 @@ def run_lanes(url: str, prompts, max_tokens, lanes: int) -> dict:
 def start_server(checkpoint) -> str:
     """A local Ray instance with Serve's HTTP proxy on a free port, running the app with one lane; its URL."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["SEEDOSS_STREAM_TIMING"] = "1"  # chunks carry their relay stamps; replicas inherit the environment
     import ray
     from ray import serve
 
@@ -142,27 +248,37 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each system per concurrency; the best is kept")
     parser.add_argument("--lanes", type=int, nargs="*", default=[], help="lane counts for the lane rows, e.g. 1 2")
     parser.add_argument("--lane-concurrency", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     checkpoint = ensure_checkpoint(Path(args.checkpoint))
+    log(f"machine: {machine()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     prompts = make_prompts(checkpoint, max(args.concurrency + args.lane_concurrency), 64, 128)
-    rows = []
-    for c in args.concurrency:
-        log(f"in-process engine, {c} concurrent …")
-        rows.append(asyncio.run(run_in_process(checkpoint, prompts[:c], args.max_tokens)))
     url = start_server(checkpoint)
-    for c in args.concurrency:
-        log(f"served, {c} concurrent streams …")
-        rows.append(asyncio.run(run_served(url, prompts[:c], args.max_tokens)))
-    print(f"\n{'system':42} {'conc':>4} {'tok/s':>8} {'lat p50':>8} {'lat p99':>8} {'ttft p50':>8} {'ttft p99':>8}")
+    local, served = [], []
+    for c in args.concurrency:  # the two systems back to back per concurrency: a shared machine's load drifts
+        runs = {"engine": [], "served": []}
+        for i in range(args.repeats):
+            log(f"in-process engine, {c} concurrent (run {i + 1}/{args.repeats}) …")
+            runs["engine"].append(asyncio.run(run_in_process(checkpoint, prompts[:c], args.max_tokens)))
+            log(f"served, {c} concurrent streams (run {i + 1}/{args.repeats}) …")
+            runs["served"].append(asyncio.run(run_served(url, prompts[:c], args.max_tokens)))
+        local.append(max(runs["engine"], key=lambda r: r["tokens_per_s"]))
+        served.append(max(runs["served"], key=lambda r: r["tokens_per_s"]))
+    rows = local + served
+    print(f"\n{'system':42} {'conc':>4} {'tok/s':>8} {'lat p50':>8} {'lat p99':>8} {'ttft p50':>8} {'ttft p99':>8} "
+          f"{'load 1m':>7}")
     for r in rows:
         print(f"{r['system']:42} {r['concurrency']:>4} {r['tokens_per_s']:>8.1f} {r['latency_p50_s']:>8.2f} "
-              f"{r['latency_p99_s']:>8.2f} {r['ttft_p50_s']:>8.3f} {r['ttft_p99_s']:>8.3f}")
-    by = {(r["system"].split(",")[0].split(" ")[0], r["concurrency"]): r["tokens_per_s"] for r in rows}
+              f"{r['latency_p99_s']:>8.2f} {r['ttft_p50_s']:>8.3f} {r['ttft_p99_s']:>8.3f} {r['load_1m']:>7.1f}")
+    by = {(r["system"].split(",")[0].split(" ")[0], r["concurrency"]): r for r in rows}
     for c in args.concurrency:
-        print(f"served / in-process throughput at {c:>2}: {by[('served', c)] / by[('engine', c)]:.2f}")
+        served, local = by[("served", c)], by[("engine", c)]
+        print(f"served / in-process throughput at {c:>2}: {served['tokens_per_s'] / local['tokens_per_s']:.2f}; "
+              f"TTFT p50 added by serving: {1e3 * (served['ttft_p50_s'] - local['ttft_p50_s']):.0f} ms")
+    print_breakdown(rows)
     lane_rows = []
     for lanes in args.lanes:
         deploy(checkpoint, lanes)

@@ -125,6 +125,24 @@ LANE_POLICY = "deployments.autoscaling:LanePolicy"
 FOLLOW_LANES_POLICY = "deployments.autoscaling:FollowLanes"
 LANE_ROUTER = "deployments.routing:LaneRouter"
 
+# The generation step path (Generation → each stage and back, every step) runs in replicas whose Serve machinery
+# shares one event loop with our code. By default Ray 2.60 runs a replica's user code on a second event-loop thread
+# and each handle's router on a third, so every call crosses threads — and the GIL, contended by the stage's compute
+# thread — twice more at each end (bench/RESULTS.md, issue 15). These are Serve's own switches (two of those that
+# `RAY_SERVE_THROUGHPUT_OPTIMIZED` flips); they are read when a replica's process starts, so they travel as the
+# deployment's runtime_env. Those replicas never block their loop: compute, sampling and sync methods run in
+# worker threads. (The gateway keeps Serve's defaults: its adapters are not ours to re-thread here.)
+SAME_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+def same_loop(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with `SAME_LOOP_ENV` in its ray_actor_options' runtime_env (env vars the user set win)."""
+    actor = dict(options.get("ray_actor_options", {}))
+    runtime_env = dict(actor.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**SAME_LOOP_ENV, **runtime_env.get("env_vars", {})}
+    actor["runtime_env"] = runtime_env
+    return {**options, "ray_actor_options": actor}
+
 
 class AppConfig(BaseModel):
     """`serve run deployments.app:build_app checkpoint=... num_stages=2` or a Serve config's `args:`."""
@@ -215,7 +233,7 @@ class AppConfig(BaseModel):
         options["logging_config"] = self.logs.serve_logging(access_log=name != "stage" or self.logs.stage_access_log)
         if "num_replicas" not in options and "autoscaling_config" not in options:
             options.update(self.lanes.scaling(policy, **policy_kwargs))
-        return options
+        return same_loop(options)
 
     def generation_options(self) -> dict[str, Any]:
         return self._lane_scaled("generation", LANE_POLICY, target_sequences=self.lanes.target_sequences,

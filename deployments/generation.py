@@ -19,6 +19,7 @@ from .autoscaling import LOAD_KV, LOAD_SEQUENCES
 from .faults import RetryPolicy, Timeouts
 from .metrics import GenerationMetrics
 from .routing import ServePipeline, StageChain
+from .timing import STREAM_TIMING, now
 
 GAUGE_INTERVAL_S = 1.0
 
@@ -90,6 +91,7 @@ class Generation:
 
         `resume` (from `GenerationStream`, never from a client) continues a stream that a lost lane started:
         `{"id": the stream's id, "choices": {index: {"token_ids": delivered, "finished": bool}}}`."""
+        started = now()
         request, ids = self._parse(body)
         engine = await self._engine()
         choices = (resume or {}).get("choices", {})
@@ -102,6 +104,8 @@ class Generation:
                 chunk = {"id": out.request_id, "choices": [choice_dict(o) for o in out.outputs]}
                 if out.finished:
                     chunk["usage"] = response_dict(out, completion)["usage"]
+                if STREAM_TIMING:
+                    chunk["timing"] = {"generation_start": started, "generation": now()}
                 yield chunk
         except Exception as e:
             raise from_exception(e) from None
@@ -121,7 +125,7 @@ class Generation:
                 "num_preemptions": s.num_preemptions, "generation_tokens": s.generation_tokens,
                 "prompt_tokens": s.prompt_tokens, "requests_finished": s.requests_finished, "batches": s.batches,
                 "steps": s.steps,
-                "cache_misses": s.cache_misses, "lane": self.lane,
+                "cache_misses": s.cache_misses, "lane": self.lane, "timing": self.engine.pipeline.timings.as_dict(),
                 "replica": serve.get_replica_context().replica_id.unique_id}
 
     async def max_model_len(self) -> int:

@@ -26,7 +26,8 @@ from seedoss.kv_cache import MissingSequenceCache
 from services.errors import NotFound
 
 from .faults import CallTimeout, RetryPolicy, Timeouts, backpressure, replica_lost
-from .wire import pack, unpack
+from .timing import StepTimings, now
+from .wire import pack, stamps, unpack
 
 log = logging.getLogger(__name__)
 LANE_PREFIX = "lane-"
@@ -62,8 +63,13 @@ def detached(fn, *args):
 
 
 def chained(handles: list, method: str, x, *args):
-    """`method` on each stage in turn, each stage's DeploymentResponse passed straight into the next stage's call:
-    hidden states go stage to stage without the caller. Returns the last stage's response (made detached)."""
+    """`method` on each stage in turn, each stage's DeploymentResponse passed straight into the next stage's call.
+    Returns the last stage's response (made detached). What Ray 2.60 does with it (read in its source, measured as
+    `hop{k}` in deployments/timing.py): the caller's router waits until stage k-1's result is ready, then routes
+    stage k's call with its ObjectRef — so each hop still passes the caller's event loop; a result of up to 100 KB
+    (Ray's `max_direct_call_object_size`, e.g. a decode step's hidden states) comes back inline to the caller and
+    is inlined into the next call, a larger one (a prefill chunk) stays in the object store and goes from stage to
+    stage without the caller."""
     def chain():
         y = x
         for handle in handles:
@@ -118,6 +124,7 @@ class ServePipeline:
     def __init__(self, chain: StageChain, lane: int, num_blocks: int, block_size: int):
         self.chain, self.num_blocks, self.block_size = chain, num_blocks, block_size
         self.num_stages = chain.num_stages
+        self.timings = StepTimings(self.num_stages)
         self.set_lane(lane)
 
     @classmethod
@@ -132,9 +139,12 @@ class ServePipeline:
     async def run(self, tokens, seq_ids, query_lens, context_lens):
         retries = self.chain.retry.retries(f"lane {self.lane} step")
         while True:
+            sent, result = self.timings.sent(), None
             step = chained(self._handles, "forward", pack(tokens), seq_ids, query_lens, context_lens)
             try:
-                return unpack(await asyncio.wait_for(step, self.chain.timeout_s))
+                async with asyncio.timeout(self.chain.timeout_s):  # no task per step, unlike wait_for
+                    result = await step
+                return unpack(result)
             except MissingSequenceCache as e:  # Ray re-raises the replica's exception as a subclass of it
                 raise MissingSequenceCache(getattr(e, "cause", e).seq_ids) from None
             except TimeoutError:
@@ -148,6 +158,8 @@ class ServePipeline:
                     if replica_lost(e):
                         raise StageUnavailable("a stage replica is unavailable") from None
                     raise
+            finally:
+                self.timings.returned(sent, stamps(result) if result is not None else None)
             await asyncio.sleep(delay)
 
     def _free(self, seq_ids):
@@ -208,6 +220,7 @@ class GenerationStream:
         self.delivered: dict[int, list[int]] = {}
         self.finished: set[int] = set()
         self._retries = retry.retries("generation stream")
+        self._started = now()
         self._stream = self._start(None)
 
     def _start(self, resume: dict | None):
@@ -226,7 +239,8 @@ class GenerationStream:
     async def __anext__(self) -> dict:
         while True:
             try:
-                chunk = await asyncio.wait_for(self._stream.__anext__(), self.chunk_timeout_s)
+                async with asyncio.timeout(self.chunk_timeout_s):  # no task per chunk, unlike wait_for
+                    chunk = await self._stream.__anext__()
             except StopAsyncIteration:
                 raise
             except TimeoutError:
@@ -240,6 +254,8 @@ class GenerationStream:
                 await asyncio.sleep(delay)
                 self._stream = self._start(self._resume())
                 continue
+            if "timing" in chunk:  # the Generation replica was started with SEEDOSS_STREAM_TIMING=1
+                chunk["timing"].update(gateway_start=self._started, gateway=now())
             self.id = chunk["id"]
             for c in chunk["choices"]:
                 self.delivered.setdefault(c["index"], []).extend(c["token_ids"])

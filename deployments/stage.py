@@ -17,7 +17,8 @@ from seedoss.engine import LocalStageExecutor
 from seedoss.loader import load_stage, parameter_bytes
 
 from .batching import TokenBatcher
-from .wire import pack, unpack
+from .timing import StageStamps, now
+from .wire import pack, stamps, unpack
 
 
 class SeedOssStage:
@@ -32,8 +33,14 @@ class SeedOssStage:
         self.prefill_batcher = TokenBatcher(self._prefill_batch, torch.cat, max_batch_tokens=max_batch_tokens)
 
     async def forward(self, inputs, seq_ids: list[str], query_lens: list[int], context_lens: list[int]):
-        """A generation step with the KV cache (inputs: packed ids or the previous stage's hidden states)."""
-        return pack(await self.executor.forward(unpack(inputs), seq_ids, query_lens, context_lens))
+        """A generation step with the KV cache (inputs: packed ids or the previous stage's hidden states). The output
+        carries the step's stage stamps with this stage's appended (deployments/timing.py)."""
+        entered = now()
+        x, clock = unpack(inputs), []
+        unpacked = now()
+        y = await self.executor.forward(x, seq_ids, query_lens, context_lens, clock=clock)
+        wire = pack(y)
+        return (*wire, (*stamps(inputs), StageStamps(entered, unpacked, clock[0], clock[1], now())))
 
     async def prefill(self, inputs, lengths: list[int]):
         """Cache-less forward of whole sequences (inputs: their packed ids or hidden states, `lengths` each)."""
@@ -45,7 +52,9 @@ class SeedOssStage:
                                              [0] * len(lengths), use_cache=False)
         return list(hidden.split(lengths))
 
-    def free(self, seq_ids: list[str]) -> None:
+    async def free(self, seq_ids: list[str]) -> None:
+        """Async: Serve runs sync methods in a thread pool, a thread hop per call; this only queues the free on the
+        worker thread, behind the forwards already queued."""
         self.executor.free(seq_ids)
 
     def info(self) -> dict:

@@ -59,12 +59,16 @@ class LocalStageExecutor:
         started = self._forward_started
         return 0.0 if started is None else time.monotonic() - started
 
-    def _forward(self, inputs, seq_ids, query_lens, context_lens, use_cache):
+    def _forward(self, inputs, seq_ids, query_lens, context_lens, use_cache, clock=None):
         self._forward_started = time.monotonic()
+        if clock is not None:
+            clock.append(time.time())
         try:
             return self._run(inputs, seq_ids, query_lens, context_lens, use_cache)
         finally:
             self._forward_started = None
+            if clock is not None:
+                clock.append(time.time())
 
     def _run(self, inputs, seq_ids, query_lens, context_lens, use_cache):
         batch = StepBatch(seq_ids, query_lens, context_lens)
@@ -80,11 +84,14 @@ class LocalStageExecutor:
             log.warning("stage %d-%d evicted %d idle sequences to make room", self.stage.start, self.stage.end, len(evicted))
             return self.stage(inputs, batch, self.cache)
 
-    async def forward(self, inputs, seq_ids, query_lens, context_lens, use_cache: bool = True):
-        """One step of these sequences through this stage (`use_cache=False`: a cache-less prefill)."""
+    async def forward(self, inputs, seq_ids, query_lens, context_lens, use_cache: bool = True,
+                      clock: list[float] | None = None):
+        """One step of these sequences through this stage (`use_cache=False`: a cache-less prefill). `clock`, when
+        given, gets the wall-clock times the worker thread started and ended the forward (the Serve stage reports
+        them per step: deployments/timing.py)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.worker, self._forward, inputs, seq_ids, query_lens, context_lens,
-                                          use_cache)
+                                          use_cache, clock)
 
     def _free(self, seq_ids):
         for s in seq_ids:
