@@ -22,15 +22,22 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     model_config = SeedOssConfig.from_pretrained(cfg.checkpoint)
     ranges = partition_layers(model_config, None if cfg.layers_per_stage else cfg.num_stages, cfg.layers_per_stage)
-    stages = [
+    stages = [] if not cfg.deploys_stages() else [
         serve.deployment(SeedOssStage, name=f"SeedOssStage{k}").options(**cfg.stage_options(k))
         .bind(cfg.checkpoint, start, end, cfg.dtype, cfg.engine.kv_budget_bytes, cfg.engine.block_size, cfg.device,
               cfg.timeouts.stage_s, cfg.batching.max_batch_tokens)
         for k, (start, end) in enumerate(ranges)
     ]
     retry, timeouts = cfg.retry.model_dump(), cfg.timeouts.model_dump()
-    generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation_options())
-                  .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, timeouts, *stages))
+    if cfg.generation.backend == "vllm":  # vLLM's AsyncLLM runs the whole pipeline; the stages serve only the heads
+        from .vllm_backend import VllmGeneration
+
+        generation = (serve.deployment(VllmGeneration, name="Generation").options(**cfg.generation_options())
+                      .bind(cfg.checkpoint, cfg.dtype, [end - start for start, end in ranges], cfg.engine.model_dump(),
+                            cfg.generation.vllm_options().model_dump()))
+    else:
+        generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation_options())
+                      .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, timeouts, *stages))
     heads = {
         task: serve.deployment(TaskHead, name=TASK_DEPLOYMENTS[task]).options(**cfg.head_options(task))
         .bind(task, path, cfg.dtype, retry, timeouts, cfg.batching.model_dump(), *stages, limits=cfg.limits)

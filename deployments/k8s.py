@@ -31,7 +31,7 @@ from seedoss.engine import EngineConfig
 from seedoss.planner import GiB, plan
 
 from .batching import BatchingConfig
-from .config import REQUEST_TIMEOUT_S, TASK_DEPLOYMENTS, AppConfig, DeploymentOptions, LaneConfig
+from .config import REQUEST_TIMEOUT_S, TASK_DEPLOYMENTS, AppConfig, DeploymentOptions, GenerationOptions, LaneConfig
 
 REPO = Path(__file__).resolve().parent.parent
 K8S_DIR = REPO / "k8s"
@@ -75,7 +75,7 @@ def cpu_demo_app(checkpoint: str = "/models/demo") -> AppConfig:
         engine=EngineConfig(max_num_seqs=64, max_batched_tokens=512, kv_budget_bytes=256 << 20),
         # the head runs no replica (num-cpus 0): every deployment asks for some CPU so it lands on the worker
         stage=DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.5}),
-        generation=DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512,
+        generation=GenerationOptions(max_ongoing_requests=256, max_queued_requests=512,
                                      ray_actor_options={"num_cpus": 0.5}),
         # a head replica batches its ongoing requests: it scales out only when 64 are ongoing on average
         classify=head(4, 64, 128, 64), tag=head(4, 64, 128, 64), qa=head(4, 64, 128, 64),
@@ -106,7 +106,7 @@ def gpu_pipeline_app(checkpoint: str = "/models/seed-oss-36b") -> AppConfig:
         lanes=GPU_LANES,
         stage=DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256,
                                 ray_actor_options={"num_cpus": 4, "num_gpus": 1}),
-        generation=DeploymentOptions(max_ongoing_requests=512, max_queued_requests=1024,
+        generation=GenerationOptions(max_ongoing_requests=512, max_queued_requests=1024,
                                      ray_actor_options={"num_cpus": 4, "resources": {LM_HEAD_RESOURCE: 1}}),
         # head batches no larger than an engine step; a replica batches its ongoing requests (scale at 64)
         batching=BatchingConfig(max_batch_tokens=4096),
