@@ -34,7 +34,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
 
         generation = (serve.deployment(VllmGeneration, name="Generation").options(**cfg.generation_options())
                       .bind(cfg.checkpoint, cfg.dtype, [end - start for start, end in ranges], cfg.engine.model_dump(),
-                            cfg.generation.vllm_options().model_dump()))
+                            cfg.generation.vllm_options().model_dump(), cfg.device))
     else:
         generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation_options())
                       .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, timeouts, *stages))

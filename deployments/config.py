@@ -250,9 +250,12 @@ class AppConfig(BaseModel):
         """Serve placement of a vLLM Generation replica on GPUs: one placement-group bundle per pipeline stage (each
         `tensor_parallel_size` GPUs; with `pin_stages` also the node's `stage{k}` resource, strictly spread), which
         vLLM's Ray executor finds as the replica's placement group and fills with one worker per GPU. The replica
-        itself sits in bundle 0 and asks for no GPU (its `ray_actor_options` must fit in that bundle)."""
+        itself runs in bundle 0, which therefore also holds what its `ray_actor_options` ask for."""
         gpus = self.generation.vllm_options().tensor_parallel_size
         bundles = [{"GPU": gpus, **({f"stage{k}": 1} if self.pin_stages else {})} for k in range(self.stage_count())]
+        actor = self.generation.ray_actor_options
+        own = {"CPU": actor.get("num_cpus", 0), "GPU": actor.get("num_gpus", 0), **actor.get("resources", {})}
+        bundles[0].update({k: bundles[0].get(k, 0) + v for k, v in own.items() if v})
         return {"placement_group_bundles": bundles,
                 "placement_group_strategy": "STRICT_SPREAD" if self.pin_stages else "PACK"}
 

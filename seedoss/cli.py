@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("k8s", help="KubeRay manifests (k8s/): render the overlays' generated serveConfigV2")
     k8s = p.add_subparsers(dest="k8s_command", required=True)
     p = k8s.add_parser("render", help="print each overlay's serve-config.yaml (from its AppConfig, deployments/k8s.py)")
-    p.add_argument("--overlay", help="cpu-demo or gpu-pipeline (default: all)")
+    p.add_argument("--overlay", help="cpu-demo, gpu-pipeline or gpu-vllm (default: all)")
     p.add_argument("--out", help="overlays directory to write <overlay>/serve-config.yaml into, e.g. k8s/overlays")
     p.set_defaults(func=_k8s_render)
 
