@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.v1.engine.async_llm")  # not plain "vllm": this directory is a namespace package of that name
 
 import grpc
 import httpx
