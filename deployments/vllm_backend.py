@@ -33,14 +33,7 @@ from ray import serve
 
 from seedoss.config import SeedOssConfig
 from seedoss.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from seedoss.engine import (
-    CompletionOutput,
-    EngineConfig,
-    EngineObserver,
-    EngineStats,
-    RequestError,
-    RequestOutput,
-)
+from seedoss.engine import CompletionOutput, EngineConfig, EngineObserver, EngineStats, RequestError, RequestOutput
 from seedoss.engine.sequence import TokenLogprob
 from seedoss.sampling import SamplingParams
 from seedoss.tokenizer import SeedOssTokenizer
