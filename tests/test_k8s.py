@@ -548,12 +548,18 @@ def place(name: str, scale: str) -> list[dict]:
     for deployment, options in deployment_options(app).items():
         scaling = options.get("autoscaling_config")
         count = options["num_replicas"] if not scaling else scaling[f"{scale}_replicas"]
-        replicas += [(deployment, replica_demand(options))] * count
-    for deployment, demand in sorted(replicas, key=lambda r: -len(r[1])):
-        pod = next((p for p in pods if all(p.get(k, 0) >= v for k, v in demand.items())), None)
-        assert pod is not None, f"{name} at {scale} scale: no worker pod fits a {deployment} replica {demand}"
-        for k, v in demand.items():
-            pod[k] -= v
+        # a replica with a placement group (the vLLM backend) needs every bundle placed (the replica is in bundle 0)
+        demands = options.get("placement_group_bundles") or [replica_demand(options)]
+        replicas += [(deployment, demands, options.get("placement_group_strategy"))] * count
+    for deployment, demands, strategy in sorted(replicas, key=lambda r: -max(len(d) for d in r[1])):
+        used = []
+        for demand in demands:
+            pod = next((p for p in pods if all(p.get(k, 0) >= v for k, v in demand.items())
+                        and not (strategy == "STRICT_SPREAD" and any(p is u for u in used))), None)
+            assert pod is not None, f"{name} at {scale} scale: no worker pod fits a {deployment} replica {demand}"
+            used.append(pod)
+            for k, v in demand.items():
+                pod[k] -= v
     return pods
 
 
