@@ -31,9 +31,12 @@ class SeedOssStage:
         self.forward_timeout_s = forward_timeout_s
         self.prefill_batcher = TokenBatcher(self._prefill_batch, torch.cat, max_batch_tokens=max_batch_tokens)
 
-    async def forward(self, inputs, seq_ids: list[str], query_lens: list[int], context_lens: list[int]):
-        """A generation step with the KV cache (inputs: packed ids or the previous stage's hidden states)."""
-        return pack(await self.executor.forward(unpack(inputs), seq_ids, query_lens, context_lens))
+    async def forward(self, inputs, seq_ids: list[str], query_lens: list[int], context_lens: list[int],
+                      block_hashes: list[tuple[int, list[bytes]]] | None = None):
+        """A generation step with the KV cache (inputs: packed ids or the previous stage's hidden states;
+        `block_hashes`: the engine's prefix-cache names of the blocks, see `StepBatch`)."""
+        return pack(await self.executor.forward(unpack(inputs), seq_ids, query_lens, context_lens,
+                                                block_hashes=block_hashes))
 
     async def prefill(self, inputs, lengths: list[int]):
         """Cache-less forward of whole sequences (inputs: their packed ids or hidden states, `lengths` each)."""
