@@ -91,7 +91,7 @@ class Generation:
         try:
             async for out in engine.generate(ids, request.sampling_params(), request_id=(resume or {}).get("id"),
                                              resume={int(i): None if c["finished"] else c["token_ids"]
-                                                     for i, c in choices.items()}):
+                                                     for i, c in choices.items()}, cache_salt=request.cache_salt):
                 completion += sum(len(o.token_ids) for o in out.outputs)
                 chunk = {"id": out.request_id, "choices": [choice_dict(o) for o in out.outputs]}
                 if out.finished:
@@ -104,7 +104,7 @@ class Generation:
         request, ids = self._parse(body)
         engine = await self._engine()
         try:
-            result = await collect(engine.generate(ids, request.sampling_params()))
+            result = await collect(engine.generate(ids, request.sampling_params(), cache_salt=request.cache_salt))
         except Exception as e:
             raise from_exception(e) from None
         return response_dict(result, sum(len(o.token_ids) for o in result.outputs))

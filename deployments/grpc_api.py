@@ -40,7 +40,7 @@ READY_CACHE_S = 1.0  # probes reuse a readiness answer this young instead of run
 _GENERATE_OPTIONAL = (
     "add_special_tokens", "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs", "skip_special_tokens",
-    "include_stop_str_in_output",
+    "include_stop_str_in_output", "cache_salt",
 )
 _ANSWER_OPTIONAL = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "handle_impossible_answer",
                     "align_to_words", "strip_whitespace")
