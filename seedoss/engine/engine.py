@@ -140,7 +140,8 @@ class LLMEngine:
         return EngineStats(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_usage=self.scheduler.kv_usage, num_preemptions=self.scheduler.num_preemptions,
-            prefix_cache_queries=self.scheduler.prefix_queries, prefix_cache_hits=self.scheduler.prefix_hits, ttft_s=list(self._ttft), inter_token_s=list(self._itl), **self._totals,
+            prefix_cache_queries=self.scheduler.prefix_queries, prefix_cache_hits=self.scheduler.prefix_hits,
+            ttft_s=list(self._ttft), inter_token_s=list(self._itl), **self._totals,
         )
 
     async def shutdown(self) -> None:
