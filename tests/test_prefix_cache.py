@@ -188,3 +188,54 @@ def test_block_manager_shares_by_reference_and_evicts_least_recently_freed():
     disabled = BlockManager(2, BLOCK, enable_prefix_caching=False)
     disabled.reserve({"a": 16})
     assert disabled.register("a", [ha]) == [] and disabled.cached_prefix([ha]) == []
+
+
+def test_a_stage_takes_a_cached_prefix_and_matches_transformers(demo_checkpoint):
+    """Stage level: sequence b names its first two blocks as a did; the stage gives b a's blocks (shared, not
+    copied) and computes only b's own tokens, whose logits equal transformers' over b's whole prompt. A stage that
+    never cached the prefix, or a step that does not ship the names from block 0, is told apart: missing."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from seedoss.engine.errors import MissingSequenceCache
+    from seedoss.loader import load_head, load_stage
+    from seedoss.model import StepBatch
+
+    stage, head = load_stage(demo_checkpoint), load_head(demo_checkpoint, "generate")
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(3, 4000, (40,), generator=g)
+    b = torch.cat([a[:32], torch.randint(3, 4000, (10,), generator=g)])
+    names_a, names_b = hash_blocks(a.tolist(), BLOCK, None, []), hash_blocks(b.tolist(), BLOCK, None, [])
+    assert names_a[:2] == names_b[:2]
+    cache = stage.new_kv_cache(1 << 20)
+    stage(a, StepBatch(["a"], [40], [0], [(0, names_a)]), cache)
+    logits = head(stage(b[32:], StepBatch(["b"], [10], [32], [(0, names_b)]), cache))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(demo_checkpoint).eval()(b[None]).logits[0, 32:]
+    assert (logits - ref).abs().max().item() <= 1e-4
+    assert cache.blocks.tables["b"][:2] == cache.blocks.tables["a"][:2] and cache.num_free_blocks < cache.num_blocks
+    for other, names in ((stage.new_kv_cache(1 << 20), [(0, names_b)]), (cache, [(2, [])])):
+        with pytest.raises(MissingSequenceCache) as e:
+            stage(b[32:], StepBatch(["c"], [10], [32], names), other)
+        assert e.value.seq_ids == ["c"]
+
+
+def test_retried_step_copies_a_shared_block_before_rewriting_it():
+    """A retried step truncates a sequence into a block another sequence took by name: the retrying sequence gets a
+    copy (same contents so far), the sharer keeps the named original untouched."""
+    import torch
+
+    from seedoss.kv_cache import PagedKVCache
+    from seedoss.model import StepBatch
+
+    cache = PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=6, block_size=4)
+    names = hash_blocks(list(range(3, 11)), 4, None, [])
+    write, _, _ = cache.bind(StepBatch(["a"], [8], [0], [(0, names)]))
+    cache.k[0, write] = torch.arange(16.0).view(8, 1, 2)
+    cache.bind(StepBatch(["b"], [1], [8], [(0, names)]))  # takes both of a's blocks
+    shared = cache.blocks.tables["a"][1]
+    assert cache.blocks.tables["b"][:2] == cache.blocks.tables["a"] and cache.blocks.ref_counts[shared] == 2
+    cache.bind(StepBatch(["a"], [3], [5], [(1, names[1:])]))  # a's step 5..8 again
+    mine = cache.blocks.tables["a"][1]
+    assert mine != shared and cache.blocks.tables["b"][1] == shared and cache.blocks.cached[names[1]] == shared
+    assert torch.equal(cache.k[0, mine * 4: mine * 4 + 1], cache.k[0, shared * 4: shared * 4 + 1])
