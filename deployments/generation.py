@@ -115,7 +115,8 @@ class Generation:
                 "num_preemptions": s.num_preemptions, "generation_tokens": s.generation_tokens,
                 "prompt_tokens": s.prompt_tokens, "requests_finished": s.requests_finished, "batches": s.batches,
                 "steps": s.steps,
-                "cache_misses": s.cache_misses, "lane": self.lane,
+                "cache_misses": s.cache_misses, "prefix_cache_queries": s.prefix_cache_queries,
+                "prefix_cache_hits": s.prefix_cache_hits, "lane": self.lane,
                 "replica": serve.get_replica_context().replica_id.unique_id}
 
     async def max_model_len(self) -> int:
