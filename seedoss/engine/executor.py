@@ -54,14 +54,14 @@ class LocalStageExecutor:
         started = self._forward_started
         return 0.0 if started is None else time.monotonic() - started
 
-    def _forward(self, inputs, seq_ids, query_lens, context_lens, use_cache, block_hashes):
+    def _forward(self, inputs, seq_ids, query_lens, context_lens, use_cache, block_hashes=None):
         self._forward_started = time.monotonic()
         try:
             return self._run(inputs, seq_ids, query_lens, context_lens, use_cache, block_hashes)
         finally:
             self._forward_started = None
 
-    def _run(self, inputs, seq_ids, query_lens, context_lens, use_cache, block_hashes):
+    def _run(self, inputs, seq_ids, query_lens, context_lens, use_cache, block_hashes=None):
         batch = StepBatch(seq_ids, query_lens, context_lens, block_hashes)
         if not use_cache:
             return self.stage(inputs, batch)
