@@ -99,7 +99,7 @@ class Generation:
         try:
             async for out in engine.generate(ids, request.sampling_params(), request_id=(resume or {}).get("id"),
                                              resume={int(i): None if c["finished"] else c["token_ids"]
-                                                     for i, c in choices.items()}):
+                                                     for i, c in choices.items()}, cache_salt=request.cache_salt):
                 completion += sum(len(o.token_ids) for o in out.outputs)
                 chunk = {"id": out.request_id, "choices": [choice_dict(o) for o in out.outputs]}
                 if out.finished:
@@ -114,7 +114,7 @@ class Generation:
         request, ids = self._parse(body)
         engine = await self._engine()
         try:
-            result = await collect(engine.generate(ids, request.sampling_params()))
+            result = await collect(engine.generate(ids, request.sampling_params(), cache_salt=request.cache_salt))
         except Exception as e:
             raise from_exception(e) from None
         return response_dict(result, sum(len(o.token_ids) for o in result.outputs))
@@ -125,7 +125,9 @@ class Generation:
                 "num_preemptions": s.num_preemptions, "generation_tokens": s.generation_tokens,
                 "prompt_tokens": s.prompt_tokens, "requests_finished": s.requests_finished, "batches": s.batches,
                 "steps": s.steps,
-                "cache_misses": s.cache_misses, "lane": self.lane, "timing": self.engine.pipeline.timings.as_dict(),
+                "cache_misses": s.cache_misses, "prefix_cache_queries": s.prefix_cache_queries,
+                "prefix_cache_hits": s.prefix_cache_hits, "lane": self.lane,
+                "timing": self.engine.pipeline.timings.as_dict(),
                 "replica": serve.get_replica_context().replica_id.unique_id}
 
     async def max_model_len(self) -> int:

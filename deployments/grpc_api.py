@@ -37,7 +37,7 @@ from .ingress import service_error
 _GENERATE_OPTIONAL = (
     "add_special_tokens", "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs", "skip_special_tokens",
-    "include_stop_str_in_output", "thinking_token_budget",
+    "include_stop_str_in_output", "thinking_token_budget", "cache_salt",
 )
 _ANSWER_OPTIONAL = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "handle_impossible_answer",
                     "align_to_words", "strip_whitespace")

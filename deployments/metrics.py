@@ -33,6 +33,9 @@ class GenerationMetrics(EngineObserver):
         self.steps = Counter("seedoss_sequence_steps", description="sequence-steps run through the stages")
         self.cache_misses = Counter("seedoss_kv_cache_misses", description="sequence-steps a stage replica "
                                     "answered without the sequence's KV cache (recomputed; lane moved or replica lost)")
+        self.prefix_queries = Counter("seedoss_prefix_cache_queries", description="prompt tokens looked up in the "
+                                      "prefix cache at admission")
+        self.prefix_hits = Counter("seedoss_prefix_cache_hits", description="of those, tokens whose KV was cached")
 
     def on_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -49,6 +52,11 @@ class GenerationMetrics(EngineObserver):
         self.steps.inc(sequences)
         if cache_misses:
             self.cache_misses.inc(cache_misses)
+
+    def on_prefix_cache(self, queries: int, hits: int) -> None:
+        self.prefix_queries.inc(queries)
+        if hits:
+            self.prefix_hits.inc(hits)
 
     def update_gauges(self, running: int, waiting: int, kv_usage: float) -> None:
         self.running.set(running)

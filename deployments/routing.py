@@ -22,7 +22,7 @@ import torch
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 
 from seedoss.engine import StageUnavailable
-from seedoss.kv_cache import MissingSequenceCache
+from seedoss.engine.errors import MissingSequenceCache
 from services.errors import NotFound
 
 from .faults import CallTimeout, RetryPolicy, Timeouts, backpressure, replica_lost
@@ -136,11 +136,11 @@ class ServePipeline:
         self.lane = lane
         self._handles = self.chain.for_lane(lane)
 
-    async def run(self, tokens, seq_ids, query_lens, context_lens):
+    async def run(self, tokens, seq_ids, query_lens, context_lens, block_hashes=None):
         retries = self.chain.retry.retries(f"lane {self.lane} step")
         while True:
             sent, result = self.timings.sent(), None
-            step = chained(self._handles, "forward", pack(tokens), seq_ids, query_lens, context_lens)
+            step = chained(self._handles, "forward", pack(tokens), seq_ids, query_lens, context_lens, block_hashes)
             try:
                 async with asyncio.timeout(self.chain.timeout_s):  # no task per step, unlike wait_for
                     result = await step

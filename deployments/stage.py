@@ -32,13 +32,15 @@ class SeedOssStage:
         self.forward_timeout_s = forward_timeout_s
         self.prefill_batcher = TokenBatcher(self._prefill_batch, torch.cat, max_batch_tokens=max_batch_tokens)
 
-    async def forward(self, inputs, seq_ids: list[str], query_lens: list[int], context_lens: list[int]):
-        """A generation step with the KV cache (inputs: packed ids or the previous stage's hidden states). The output
-        carries the step's stage stamps with this stage's appended (deployments/timing.py)."""
+    async def forward(self, inputs, seq_ids: list[str], query_lens: list[int], context_lens: list[int],
+                      block_hashes: list[tuple[int, list[bytes]]] | None = None):
+        """A generation step with the KV cache (inputs: packed ids or the previous stage's hidden states;
+        `block_hashes`: the engine's prefix-cache names of the blocks, see `StepBatch`). The output carries the
+        step's stage stamps with this stage's appended (deployments/timing.py)."""
         entered = now()
         x, clock = unpack(inputs), []
         unpacked = now()
-        y = await self.executor.forward(x, seq_ids, query_lens, context_lens, clock=clock)
+        y = await self.executor.forward(x, seq_ids, query_lens, context_lens, block_hashes=block_hashes, clock=clock)
         wire = pack(y)
         return (*wire, (*stamps(inputs), StageStamps(entered, unpacked, clock[0], clock[1], now())))
 

@@ -247,9 +247,11 @@ class VllmEngine:
             output_kind=RequestOutputKind.DELTA)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       resume: dict[int, list[int] | None] | None = None) -> AsyncIterator[RequestOutput]:
+                       resume: dict[int, list[int] | None] | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """`LLMEngine.generate`: the request's outputs as deltas, the last with `finished=True`; closing the
-        iterator early (client gone) aborts every choice's vLLM request."""
+        iterator early (client gone) aborts every choice's vLLM request. `cache_salt` goes to vLLM's own prefix
+        cache (its TokensPrompt field); the cached-token count is not reported back (usage says 0)."""
         params = self._check(prompt_ids, params)
         resume = resume or {}
         key = uuid.uuid4().hex
@@ -267,7 +269,7 @@ class VllmEngine:
         self.observer.on_prompt(len(prompt_ids))
         queue: asyncio.Queue = asyncio.Queue()
         vllm_ids = [f"{key}:{i}" for i in choices]
-        tasks = [asyncio.create_task(self._run(choice, vllm_id, prompt_ids + (resume.get(i) or []), queue))
+        tasks = [asyncio.create_task(self._run(choice, vllm_id, prompt_ids + (resume.get(i) or []), queue, cache_salt))
                  for (i, choice), vllm_id in zip(choices.items(), vllm_ids)]
         unfinished = len(choices)
         try:
@@ -286,13 +288,17 @@ class VllmEngine:
             with contextlib.suppress(Exception):
                 await self.llm.abort(vllm_ids)
 
-    async def _run(self, choice: _Choice, vllm_id: str, prompt: list[int], queue: asyncio.Queue) -> None:
+    async def _run(self, choice: _Choice, vllm_id: str, prompt: list[int], queue: asyncio.Queue,
+                   cache_salt: str | None = None) -> None:
         """Streams one choice's vLLM request into `queue` as our CompletionOutputs, the last with its finish
         reason; or an exception."""
         from vllm.inputs import TokensPrompt
 
         try:
-            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt),
+            tokens = TokensPrompt(prompt_token_ids=prompt)
+            if cache_salt is not None:
+                tokens["cache_salt"] = cache_salt
+            async for out in self.llm.generate(tokens,
                                                self._vllm_params(choice.params, choice.index, choice.num_output),
                                                vllm_id):
                 completion = out.outputs[0]

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from .config import SeedOssConfig
-from .kv_cache import MissingSequenceCache, PagedKVCache
+from .kv_cache import PagedKVCache
 from .native import paged_decode_attention
 from .rope import RotaryEmbedding, apply_rotary
 
@@ -89,6 +89,9 @@ class StepBatch:
     seq_ids: list[Hashable]
     query_lens: list[int]
     context_lens: list[int]
+    # per sequence (first block index, hashes of its blocks from there up to the last one this step fills): the
+    # engine's prefix-cache names for them (seedoss/engine/block_manager.py); None: no prefix caching
+    block_hashes: list[tuple[int, list[bytes]]] | None = None
 
     def __post_init__(self):
         if not (len(self.seq_ids) == len(self.query_lens) == len(self.context_lens)):
@@ -124,28 +127,6 @@ class StepBatch:
             if getattr(self, name) is not None:
                 setattr(moved, name, getattr(self, name).to(device))
         return moved
-
-    def bind_cache(self, cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Check the cache holds each sequence's context, reserve room for the new tokens, and return the slot
-        indices (write [T] for the new tokens, read [B, max_kv] for whole contexts) in that cache.
-
-        A sequence starting from position 0 replaces whatever the cache held for it; one whose cached length is
-        longer than its context is truncated (a retried step); one with less cached raises MissingSequenceCache.
-        """
-        missing = [s for s, c in zip(self.seq_ids, self.context_lens) if c > 0 and cache.length(s) < c]
-        if missing:
-            raise MissingSequenceCache(missing)
-        for s, c in zip(self.seq_ids, self.context_lens):
-            if c == 0:
-                cache.free(s)
-            elif cache.length(s) > c:
-                cache.truncate(s, c)
-        cache.reserve({s: c + q for s, q, c in zip(self.seq_ids, self.query_lens, self.context_lens)})
-        for s, q, c in zip(self.seq_ids, self.query_lens, self.context_lens):
-            cache.set_length(s, c + q)
-        read = cache.slot_table(self.seq_ids, self.max_kv)
-        write = read[self.token_rows, self.positions]
-        return write.to(cache.k.device), read.to(cache.k.device)
 
 
 class Attention(nn.Module):
@@ -279,7 +260,16 @@ class Stage(nn.Module):
         """
         if cache is None and any(batch.context_lens):
             raise ValueError("a step with cached context needs the stage's KV cache")
-        slots = batch.bind_cache(cache) if cache is not None else None
+        if cache is None:
+            return self._layers(inputs, batch, None)
+        write, read, named = cache.bind(batch)
+        try:
+            return self._layers(inputs, batch, cache, write, read)
+        except BaseException:
+            cache.blocks.unregister(named)  # what those blocks hold is not what their names say
+            raise
+
+    def _layers(self, inputs, batch, cache, *slots):
         if self.device.type != "cpu":
             batch = batch.to(self.device)
         x = self.embed_tokens(inputs.to(self.device)) if self.is_first else inputs.to(self.device, self.dtype)

@@ -25,10 +25,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import sys
 import uuid
 
 import pydantic
+
+from seedoss.engine.errors import RequestError, StageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -147,18 +148,15 @@ def server_error(error: ServiceError, cause: BaseException) -> ServiceError:
 
 def from_exception(exc: BaseException) -> ServiceError:
     """The `ServiceError` to answer `exc` with (returned, not raised)."""
-    # Not imported: the engine pulls in torch, and a process that never loaded it cannot have raised its errors.
-    engine = sys.modules.get("seedoss.engine.engine")
-    executor = sys.modules.get("seedoss.engine.executor")
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, pydantic.ValidationError):
         first = exc.errors(include_url=False)[0]
         param = ".".join(str(part) for part in first["loc"]) or None
         return InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param)
-    if engine is not None and isinstance(exc, engine.RequestError):
+    if isinstance(exc, RequestError):
         return InvalidRequest(str(exc), param=exc.field)
-    if executor is not None and isinstance(exc, executor.StageUnavailable):  # its text names actors and nodes
+    if isinstance(exc, StageUnavailable):  # its text names actors and nodes
         return server_error(Unavailable("a pipeline stage is unavailable; retry shortly", retry_after=5), exc)
     if isinstance(exc, UnicodeDecodeError):
         return InvalidRequest(f"request is not valid UTF-8 (byte {exc.start})")

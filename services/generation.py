@@ -34,6 +34,8 @@ class GenerateRequest(SamplingParams):
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
     stream: bool = False
+    cache_salt: str | None = Field(None, min_length=1, description="only requests with the same salt share "
+                                                                   "prefix-cache blocks (vLLM's field)")
 
     @model_validator(mode="before")
     @classmethod
@@ -89,7 +91,8 @@ def response_dict(result: RequestOutput, completion_tokens: int) -> dict[str, An
         "id": result.request_id,
         "choices": [choice_dict(o) for o in result.outputs],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+                  "total_tokens": prompt_tokens + completion_tokens,
+                  "prompt_tokens_details": {"cached_tokens": result.num_cached_tokens}},
     }
 
 

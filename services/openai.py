@@ -170,6 +170,7 @@ class _OpenAIRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
     thinking_token_budget: int | None = None  # hard cap on thinking tokens, then `</seed:think>` is forced
+    cache_salt: str | None = Field(None, min_length=1)  # prefix-cache isolation (vLLM's field)
 
     @field_validator("n", mode="before")
     @classmethod
@@ -197,7 +198,7 @@ class _OpenAIRequest(BaseModel):
     def _sampling(self) -> dict[str, Any]:
         fields = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k",
                   "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
-                  "include_stop_str_in_output", "thinking_token_budget")
+                  "include_stop_str_in_output", "thinking_token_budget", "cache_salt")
         return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
 
 
@@ -480,9 +481,10 @@ class DetokenizeRequest(BaseModel):
 
 # --- responses ------------------------------------------------------------------------------------------------
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 class _Mapper:
@@ -498,7 +500,7 @@ class _Mapper:
         self.include_usage, self.return_token_ids, self.echo = include_usage, return_token_ids, echo
         self._token_strs: dict[int, str] = {}
         self.text_len: dict[int, int] = {}  # choice index -> characters sent so far
-        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
         self._finished: set[int] = set()
 
     def token_str(self, token_id: int) -> str:
@@ -512,9 +514,10 @@ class _Mapper:
         if usage:
             self.usage["prompt_tokens"] += usage["prompt_tokens"]
             self.usage["completion_tokens"] += usage["completion_tokens"]
+            self.usage["cached_tokens"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
 
-    def usage_dict(self) -> dict[str, int]:
-        return _usage(self.usage["prompt_tokens"], self.usage["completion_tokens"])
+    def usage_dict(self) -> dict[str, Any]:
+        return _usage(self.usage["prompt_tokens"], self.usage["completion_tokens"], self.usage["cached_tokens"])
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}

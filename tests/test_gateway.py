@@ -142,7 +142,8 @@ def test_prometheus_metrics(server):
              "ray_seedoss_time_to_first_token_seconds_bucket", "ray_seedoss_inter_token_latency_seconds_bucket",
              "ray_seedoss_generation_tokens_total", "ray_seedoss_prompt_tokens_total", "ray_seedoss_kv_cache_usage",
              "ray_seedoss_running_sequences", "ray_seedoss_waiting_sequences", "ray_seedoss_head_requests_total",
-             "ray_seedoss_head_latency_seconds_bucket", "ray_seedoss_sequence_steps_total"]
+             "ray_seedoss_head_latency_seconds_bucket", "ray_seedoss_sequence_steps_total",
+             "ray_seedoss_prefix_cache_queries_total"]
     text = _scrape(server.metrics, names, needles=('route="/v1/answer"', 'task="tag"'))
     missing = [n for n in names if n not in text]
     assert not missing, missing

@@ -37,7 +37,7 @@ from deployments.k8s import (
     LM_HEAD_RESOURCE, OVERLAYS, PATCH_FILE, app_args, deployment_options, gpu_plan, render, serve_config,
     serve_config_errors,
 )
-from seedoss.cli import main
+from deployments.cli import main
 from seedoss.partition import partition_layers
 from seedoss.planner import GiB, KiB, OBJECT_STORE_GIB, pod_memory_gib
 

@@ -130,7 +130,8 @@ def test_completions_equal_native(server, sampling):
     assert choice.finish_reason == ref_choice["finish_reason"] and choice.logprobs is None
     assert _extra(choice, "prompt_token_ids") == server.tokenizer.encode(prompt)
     usage = out.usage
-    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == tuple(ref["usage"].values())
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == \
+        tuple(ref["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
 
     chunks = list(server.client.completions.create(model=MODEL, prompt=prompt, stream=True,
                                                    stream_options={"include_usage": True},
@@ -183,6 +184,31 @@ def test_n2_seeded_and_usage_chunk(server):
         assert _streamed_parts(chunks, i) == reasoning.split(refs[i]["text"])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ref["usage"]["completion_tokens"]
     assert chunks[-1].usage.prompt_tokens == ref["usage"]["prompt_tokens"]
+
+
+def test_second_chat_sharing_a_long_system_prompt_reports_cached_tokens(server):
+    """The second of two chats with the same long system prompt takes its KV from the prefix cache: usage says how
+    many prompt tokens (whole 16-token blocks of the shared part), natively too; a different `cache_salt` (vLLM's
+    field) shares nothing. The answers are those of an uncached run (tests/test_prefix_cache.py holds that)."""
+    system = {"role": "system", "content": "You are a patient guide to the history of old harbour towns. " * 8}
+    ask = [[system, {"role": "user", "content": q}] for q in ("When was the lighthouse built?", "Who built it?")]
+    first = server.client.chat.completions.create(model=MODEL, messages=ask[0], max_tokens=4, temperature=0)
+    second = server.client.chat.completions.create(model=MODEL, messages=ask[1], max_tokens=4, temperature=0)
+    a, b = (server.tokenizer.apply_chat_template(m, tokenize=True, add_generation_prompt=True) for m in ask)
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert shared > 64 and first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == shared // 16 * 16
+    chunks = list(server.client.chat.completions.create(model=MODEL, messages=ask[1], max_tokens=4, temperature=0,
+                                                        stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (second.usage.prompt_tokens - 1) // 16 * 16
+    salted = server.client.chat.completions.create(model=MODEL, messages=ask[1], max_tokens=4, temperature=0,
+                                                   extra_body={"cache_salt": "tenant-7"})
+    assert salted.usage.prompt_tokens_details.cached_tokens == 0
+    assert salted.choices[0].message.content == second.choices[0].message.content
+    native = _native(server, {"messages": ask[1], "max_tokens": 4, "temperature": 0, "cache_salt": "tenant-7"})
+    assert native["usage"]["prompt_tokens_details"] == {"cached_tokens": (second.usage.prompt_tokens - 1) // 16 * 16}
+    r = server.http.post("/v1/chat/completions", json={"model": MODEL, "messages": ask[1], "cache_salt": ""})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
 
 
 def test_stop_strings(server):

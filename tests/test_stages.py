@@ -11,7 +11,7 @@ from conftest import hf_config, save_hf_model
 from transformers import SeedOssForCausalLM
 
 from seedoss.config import SeedOssConfig
-from seedoss.kv_cache import KVCacheFull, MissingSequenceCache
+from seedoss.engine.errors import KVCacheFull, MissingSequenceCache
 from seedoss.loader import load_head, load_stage, parameter_bytes
 from seedoss.model import StepBatch, run_stages
 from seedoss.partition import partition_layers, stage_param_counts

@@ -1,8 +1,11 @@
-"""The generation engine: continuous batching over a pipeline of stage executors, sampling, streaming.
+"""The generation engine: admission, the loop, and what a finished micro-batch means for its requests.
 
 One asyncio loop keeps up to `num_stages` micro-batches in flight (each stage executor works on a different
-one), samples each finished micro-batch with the LM head, and streams per-request deltas. Correctness never
-depends on cache affinity: a stage that lacks a sequence's context raises, and the sequence is recomputed.
+one): the scheduler picks a micro-batch (seedoss/engine/scheduler.py), the runner takes it through the stages,
+LM head and sampler (runner.py), and `_process` applies the result — new tokens to their sequences
+(sequence.py decides when one stops), deltas to the requests' streams (outputs.py), and the failure policy.
+Correctness never depends on cache affinity: a stage that lacks a sequence's context raises, and the sequence
+is recomputed.
 """
 
 from __future__ import annotations
@@ -21,86 +24,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
 
 from ..config import SeedOssConfig
 from ..detokenizer import IncrementalDetokenizer, StopStringMatcher
 from ..heads import LMHead
-from ..kv_cache import KVCacheFull, MissingSequenceCache
 from ..sampling import Sampler, SamplingParams, SamplingState
 from ..structured import constraint_for
 from ..tokenizer import SeedOssTokenizer
-from .executor import LocalPipeline, LocalStageExecutor, Pipeline, StageUnavailable
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .errors import KVCacheFull, MissingSequenceCache, RequestError, StageUnavailable
+from .executor import LocalPipeline, LocalStageExecutor, Pipeline
+from .outputs import CompletionOutput, EngineObserver, EngineStats, RequestOutput
+from .runner import ModelRunner
 from .scheduler import MicroBatch, Scheduler
 from .sequence import Sequence, Status, TokenLogprob
 
 log = logging.getLogger(__name__)
-
-
-class EngineConfig(BaseModel):
-    max_num_seqs: int = Field(64, ge=1, description="sequences running at once")
-    max_batched_tokens: int = Field(512, ge=16, description="tokens per micro-batch (prompt chunk size bound)")
-    max_model_len: int | None = Field(None, ge=2, description="prompt + output limit; default: the model's")
-    kv_budget_bytes: int = Field(256 << 20, ge=1, description="KV cache bytes per stage")
-    block_size: int = Field(16, ge=1)
-    # In the Serve app the pipeline itself re-sends a step under `AppConfig.retry` and these are not used
-    # (deployments/generation.py sets max_step_retries to 0): they serve other pipelines.
-    max_step_retries: int = Field(20, ge=0, description="retries of a step whose stage is unavailable")
-    retry_backoff_s: float = Field(0.5, ge=0, description="wait before retrying such a step")
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve as asked; `field` names the offending parameter."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
-    def __reduce__(self):
-        return type(self), (str(self), self.field)
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str  # new text since the previous output of this request (full text from `collect`)
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    num_preemptions: int
-    prompt_tokens: int
-    generation_tokens: int
-    requests_finished: int
-    batches: int  # micro-batches the pipeline ran
-    steps: int  # sequence-steps the pipeline ran (one per sequence per micro-batch)
-    cache_misses: int  # of those, steps a stage answered without the sequence's cache (recomputed)
-    ttft_s: list[float]
-    inter_token_s: list[float]
-
-
-class EngineObserver:
-    """Hooks for exporting metrics (the Serve deployment forwards them to Ray's Prometheus metrics)."""
-
-    def on_first_token(self, seconds: float) -> None: ...
-    def on_next_token(self, seconds: float) -> None: ...
-    def on_prompt(self, tokens: int) -> None: ...
-    def on_step(self, sequences: int, cache_misses: int) -> None: ...
 
 
 @dataclass
@@ -111,6 +51,11 @@ class _Request:
     seqs: list[Sequence]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens the prefix cache supplied (to the first choice admitted; forks share its prompt)."""
+        return next((s.num_cached_tokens for s in self.seqs if s.num_cached_tokens is not None), 0)
+
 
 class LLMEngine:
     def __init__(self, pipeline: Pipeline, lm_head: LMHead, tokenizer: SeedOssTokenizer,
@@ -120,12 +65,14 @@ class LLMEngine:
         self.pipeline, self.lm_head, self.tokenizer, self.model_config = pipeline, lm_head, tokenizer, model_config
         self.config = config or EngineConfig()
         num_blocks, block_size = pipeline.num_blocks, pipeline.block_size
-        self.scheduler = Scheduler(num_blocks, block_size, max_num_seqs=self.config.max_num_seqs,
+        caching = self.config.enable_prefix_caching
+        self.scheduler = Scheduler(BlockManager(num_blocks, block_size, caching), max_num_seqs=self.config.max_num_seqs,
                                    max_batched_tokens=self.config.max_batched_tokens)
         self.max_model_len = min(self.config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings, num_blocks * block_size)
-        self.sampler = Sampler(torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**63)))
-        self._head_worker = pipeline.head_executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-head")
+        sampler = Sampler(torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**63)))
+        head_worker = pipeline.head_executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-head")
+        self.runner = ModelRunner(pipeline, lm_head, sampler, head_worker, caching)
         self._requests: dict[str, _Request] = {}  # by key
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -158,15 +105,17 @@ class LLMEngine:
 
     # --- public API --------------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       resume: dict[int, list[int] | None] | None = None) -> AsyncIterator[RequestOutput]:
+                       resume: dict[int, list[int] | None] | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs (deltas); the last one has `finished=True`. Closing the iterator early
         (client gone) aborts the request.
 
         `request_id` is only the id outputs carry (any string; the engine keys its state by an id of its own).
         `resume` continues a request another engine started and lost (a lane that died or drained): per choice
         index, the token ids already delivered (generation goes on after them, and the outputs carry only new
-        tokens and text), or None for a choice that already finished (it is not generated again)."""
-        request = self._add(prompt_ids, params, request_id, resume or {})
+        tokens and text), or None for a choice that already finished (it is not generated again).
+        `cache_salt` (vLLM's field): only requests with the same salt share prefix-cache blocks."""
+        request = self._add(prompt_ids, params, request_id, resume or {}, cache_salt)
         try:
             while True:
                 item = await request.queue.get()
@@ -192,6 +141,7 @@ class LLMEngine:
         return EngineStats(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_usage=self.scheduler.kv_usage, num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.scheduler.prefix_queries, prefix_cache_hits=self.scheduler.prefix_hits,
             ttft_s=list(self._ttft), inter_token_s=list(self._itl), **self._totals,
         )
 
@@ -205,7 +155,7 @@ class LLMEngine:
 
     # --- admission ---------------------------------------------------------------------------------------
     def _add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None,
-             resume: dict[int, list[int] | None]) -> _Request:
+             resume: dict[int, list[int] | None], cache_salt: str | None) -> _Request:
         key = uuid.uuid4().hex
         request_id = request_id or f"req-{key}"
         if not prompt_ids:
@@ -223,7 +173,7 @@ class LLMEngine:
         elif params.max_tokens > room:
             raise RequestError(f"max_tokens={params.max_tokens} exceeds the {room} tokens left after the "
                                f"{len(prompt_ids)}-token prompt (context {self.max_model_len})", "max_tokens")
-        seqs = [self._new_sequence(key, i, prompt_ids, params, resume.get(i, []))
+        seqs = [self._new_sequence(key, i, prompt_ids, params, resume.get(i, []), cache_salt)
                 for i in range(params.n) if resume.get(i, []) is not None]
         request = _Request(key, request_id, list(prompt_ids), seqs)
         self._requests[key] = request
@@ -244,14 +194,14 @@ class LLMEngine:
         return request
 
     def _new_sequence(self, key: str, index: int, prompt_ids: list[int], params: SamplingParams,
-                      delivered: list[int]) -> Sequence:
+                      delivered: list[int], cache_salt: str | None) -> Sequence:
         vocab = self.model_config.vocab_size
         seq = Sequence(
             seq_id=f"{key}:{index}", request_key=key, index=index, prompt_ids=list(prompt_ids), params=params,
             sampling=SamplingState(params, prompt_ids, self.model_config.eos_token_ids, vocab, fork_index=index,
                                    constraint=constraint_for(params, self.tokenizer)),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
-            stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
+            stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output), cache_salt=cache_salt,
         )
         if delivered:
             if len(delivered) >= params.max_tokens or any(not 0 <= t < vocab for t in delivered):
@@ -271,7 +221,11 @@ class LLMEngine:
         in_flight: dict[asyncio.Task, MicroBatch] = {}
         while True:
             while len(in_flight) < self.num_stages:
+                queries, hits = self.scheduler.prefix_queries, self.scheduler.prefix_hits
                 batch, preempted = self.scheduler.schedule(self.num_stages - len(in_flight))
+                if self.scheduler.prefix_queries > queries:
+                    self.observer.on_prefix_cache(self.scheduler.prefix_queries - queries,
+                                                  self.scheduler.prefix_hits - hits)
                 self._free_in_stages([s.seq_id for s in preempted])
                 if batch is None:
                     break
@@ -288,26 +242,11 @@ class LLMEngine:
             await asyncio.sleep(0)
 
     async def _run(self, batch: MicroBatch):
-        items = batch.items
-        tokens = torch.tensor([t for i in items for t in i.seq.token_slice(i.context, i.context + i.num_new)])
-        q = [i.num_new for i in items]
         try:
-            x = await self.pipeline.run(tokens, batch.seq_ids, q, [i.context for i in items])
+            return await self.runner.run(batch)
         except StageUnavailable:
             await asyncio.sleep(self.config.retry_backoff_s)  # back off while holding this pipeline slot
             raise
-        rows = [j for j, i in enumerate(items) if i.samples]
-        if not rows:
-            return None
-        last = torch.cumsum(torch.tensor(q), 0) - 1
-        hidden = x[last[rows]]
-        states = [items[j].seq.sampling for j in rows]
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._head_worker, self._sample, hidden, states)
-
-    @torch.inference_mode()
-    def _sample(self, hidden: torch.Tensor, states: list[SamplingState]):
-        return self.sampler(self.lm_head(hidden).float(), states)
 
     def _process(self, batch: MicroBatch, task: asyncio.Task) -> None:
         error = StageUnavailable("the step was cancelled") if task.cancelled() else task.exception()
@@ -365,28 +304,10 @@ class LLMEngine:
             self._itl.append(now - seq.last_token_time)
             self.observer.on_next_token(now - seq.last_token_time)
         seq.last_token_time = now
-        seq.output_ids.append(token)
-        seq.sampling.append(token)
         self._totals["generation_tokens"] += 1
-        seq.pending_ids.append(token)
         if seq.params.logprobs is not None:
             seq.pending_logprobs.append(TokenLogprob(token, logprob, top))
-        params = seq.params
-        text, stopped, matched = seq.stop_matcher.feed(seq.detokenizer.add(token))
-        seq.pending_text += text
-        if stopped:
-            seq.finish("stop", matched)
-        elif token in params.stop_token_ids:
-            seq.finish("stop", token)
-        elif not params.ignore_eos and token in self.model_config.eos_token_ids:
-            seq.finish("stop")
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish("length")
-        if seq.finished and not stopped:
-            text, stopped, matched = seq.stop_matcher.feed(seq.detokenizer.flush())
-            seq.pending_text += text + seq.stop_matcher.flush()
-            if stopped:
-                seq.finish("stop", matched)
+        seq.append_token(token, self.model_config.eos_token_ids, self.max_model_len)
 
     def _release(self, seq: Sequence) -> None:
         if seq.status is not Status.FINISHED:
@@ -411,20 +332,6 @@ class LLMEngine:
             self._requests.pop(request.key, None)
             self._totals["requests_finished"] += 1
         if outputs or finished:
-            request.queue.put_nowait(RequestOutput(request.request_id, request.prompt_ids, outputs, finished))
+            request.queue.put_nowait(RequestOutput(request.request_id, request.prompt_ids, outputs, finished,
+                                                   request.num_cached_tokens))
 
-
-async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    """Merge a request's streamed deltas into its final output (one CompletionOutput per choice)."""
-    merged: dict[int, CompletionOutput] = {}
-    last = None
-    async for out in stream:
-        last = out
-        for o in out.outputs:
-            m = merged.setdefault(o.index, CompletionOutput(o.index, "", [], [] if o.logprobs is not None else None))
-            m.text += o.text
-            m.token_ids += o.token_ids
-            if o.logprobs is not None:
-                m.logprobs += o.logprobs
-            m.finish_reason, m.stop_reason = o.finish_reason, o.stop_reason
-    return RequestOutput(last.request_id, last.prompt_token_ids, [merged[i] for i in sorted(merged)], last.finished)

@@ -17,15 +17,10 @@ from typing import Protocol
 
 import torch
 
-from ..kv_cache import KVCacheFull
 from ..model import Stage, StepBatch
+from .errors import KVCacheFull
 
 log = logging.getLogger(__name__)
-
-
-class StageUnavailable(RuntimeError):
-    """A stage could not run the step (replica died or is restarting). The engine retries the step a bounded
-    number of times; the restarted stage then reports missing caches and the sequences are recomputed."""
 
 
 class Pipeline(Protocol):
@@ -37,10 +32,10 @@ class Pipeline(Protocol):
     # each other between parallel regions: 30% slower decode at 32 sequences on 2 cores).
     head_executor: Executor | None
 
-    async def run(self, tokens: torch.Tensor, seq_ids: list[str], query_lens: list[int],
-                  context_lens: list[int]) -> torch.Tensor:
+    async def run(self, tokens: torch.Tensor, seq_ids: list[str], query_lens: list[int], context_lens: list[int],
+                  block_hashes: list[tuple[int, list[bytes]]] | None = None) -> torch.Tensor:
         """Packed token ids through every stage → final hidden states [T, hidden]. Raises MissingSequenceCache
-        when a stage lacks a sequence's cached context."""
+        when a stage lacks a sequence's cached context. `block_hashes`: `StepBatch.block_hashes`."""
 
     def free(self, seq_ids: list[str]) -> None:
         """Drop these sequences' KV cache in every stage. Submitted at once, ordered before any later step."""
@@ -59,19 +54,19 @@ class LocalStageExecutor:
         started = self._forward_started
         return 0.0 if started is None else time.monotonic() - started
 
-    def _forward(self, inputs, seq_ids, query_lens, context_lens, use_cache, clock=None):
+    def _forward(self, inputs, seq_ids, query_lens, context_lens, use_cache, block_hashes=None, clock=None):
         self._forward_started = time.monotonic()
         if clock is not None:
             clock.append(time.time())
         try:
-            return self._run(inputs, seq_ids, query_lens, context_lens, use_cache)
+            return self._run(inputs, seq_ids, query_lens, context_lens, use_cache, block_hashes)
         finally:
             self._forward_started = None
             if clock is not None:
                 clock.append(time.time())
 
-    def _run(self, inputs, seq_ids, query_lens, context_lens, use_cache):
-        batch = StepBatch(seq_ids, query_lens, context_lens)
+    def _run(self, inputs, seq_ids, query_lens, context_lens, use_cache, block_hashes=None):
+        batch = StepBatch(seq_ids, query_lens, context_lens, block_hashes)
         if not use_cache:
             return self.stage(inputs, batch)
         try:
@@ -84,14 +79,14 @@ class LocalStageExecutor:
             log.warning("stage %d-%d evicted %d idle sequences to make room", self.stage.start, self.stage.end, len(evicted))
             return self.stage(inputs, batch, self.cache)
 
-    async def forward(self, inputs, seq_ids, query_lens, context_lens, use_cache: bool = True,
+    async def forward(self, inputs, seq_ids, query_lens, context_lens, use_cache: bool = True, block_hashes=None,
                       clock: list[float] | None = None):
         """One step of these sequences through this stage (`use_cache=False`: a cache-less prefill). `clock`, when
         given, gets the wall-clock times the worker thread started and ended the forward (the Serve stage reports
         them per step: deployments/timing.py)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.worker, self._forward, inputs, seq_ids, query_lens, context_lens,
-                                          use_cache, clock)
+                                          use_cache, block_hashes, clock)
 
     def _free(self, seq_ids):
         for s in seq_ids:
@@ -104,7 +99,8 @@ class LocalStageExecutor:
         """KV usage as seen after every forward and free submitted so far."""
         def read():
             return {"blocks_in_use": self.cache.num_blocks - self.cache.num_free_blocks,
-                    "num_blocks": self.cache.num_blocks, "sequences": self.cache.num_sequences}
+                    "num_blocks": self.cache.num_blocks, "sequences": self.cache.num_sequences,
+                    "cached_blocks": len(self.cache.blocks.cached)}
         return self.worker.submit(read).result()
 
     def close(self) -> None:
@@ -121,10 +117,10 @@ class LocalPipeline:
         self.num_blocks = min(e.num_blocks for e in executors)
         self.head_executor = executors[-1].worker
 
-    async def run(self, tokens, seq_ids, query_lens, context_lens):
+    async def run(self, tokens, seq_ids, query_lens, context_lens, block_hashes=None):
         x = tokens
         for executor in self.executors:
-            x = await executor.forward(x, seq_ids, query_lens, context_lens)
+            x = await executor.forward(x, seq_ids, query_lens, context_lens, block_hashes=block_hashes)
         return x
 
     def free(self, seq_ids):

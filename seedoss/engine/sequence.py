@@ -1,4 +1,5 @@
-"""A sequence being generated: its tokens, how many of them every stage has cached, and its stream state."""
+"""A sequence being generated: its tokens, how many of them every stage has cached, the prefix-cache names of its
+full blocks, its stream state, and when it stops."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from enum import Enum
 
 from ..detokenizer import IncrementalDetokenizer, StopStringMatcher
 from ..sampling import SamplingParams, SamplingState
+from .block_manager import BlockHash, hash_blocks
 
 
 class Status(Enum):
@@ -33,8 +35,10 @@ class Sequence:
     sampling: SamplingState
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
+    cache_salt: str | None = None  # isolates this request's prefix-cache entries (tenants)
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose KV every stage holds
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache supplied at first admission
     retries: int = 0  # steps retried because a stage was unavailable
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
@@ -45,6 +49,7 @@ class Sequence:
     pending_text: str = ""
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    _hashes: list[BlockHash] = field(default_factory=list)  # hash chain of the full blocks seen so far
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +64,34 @@ class Sequence:
         if end <= n:
             return self.prompt_ids[start:end]
         return (self.prompt_ids[start:] if start < n else []) + self.output_ids[max(start - n, 0): end - n]
+
+    def block_hashes(self, start: int, end: int, block_size: int) -> list[BlockHash]:
+        """The prefix-cache names of full blocks [start, end) (hashed once, on first need)."""
+        if len(self._hashes) < end:
+            hash_blocks(self.token_slice(0, end * block_size), block_size, self.cache_salt, self._hashes)
+        return self._hashes[start:end]
+
+    def append_token(self, token: int, eos_token_ids, max_model_len: int) -> None:
+        """Take a sampled token: stream its text, and finish on a stop string, stop token, eos or length."""
+        params = self.params
+        self.output_ids.append(token)
+        self.sampling.append(token)
+        self.pending_ids.append(token)
+        text, stopped, matched = self.stop_matcher.feed(self.detokenizer.add(token))
+        self.pending_text += text
+        if stopped:
+            self.finish("stop", matched)
+        elif token in params.stop_token_ids:
+            self.finish("stop", token)
+        elif not params.ignore_eos and token in eos_token_ids:
+            self.finish("stop")
+        elif len(self.output_ids) >= params.max_tokens or self.num_tokens >= max_model_len:
+            self.finish("length")
+        if self.finished and not stopped:
+            text, stopped, matched = self.stop_matcher.feed(self.detokenizer.flush())
+            self.pending_text += text + self.stop_matcher.flush()
+            if stopped:
+                self.finish("stop", matched)
 
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.status, self.finish_reason, self.stop_reason = Status.FINISHED, reason, stop_reason
