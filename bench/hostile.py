@@ -66,6 +66,8 @@ HTTP_BAD_INPUTS = [
     # ... and the limits (services/limits.py), each naming its field
     ("/v1/generate", {"prompt": "x", "n": 10**9}, 400, "n"),
     ("/v1/generate", {"prompt": "x", "n": 17}, 400, "n"),
+    ("/v1/generate", {"prompt": "x", "n": 616941447.0}, 400, "n"),  # a float: lax mode would make it an int
+    ("/v1/completions", {"prompt": "x", "n": 1e9}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "n": 17}, 400, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 17}, 400, "n"),
     ("/v1/generate", {"prompt": "x", "stop": [f"s{i}" for i in range(17)]}, 400, "stop"),

@@ -72,7 +72,8 @@ class Limits(BaseModel):
         """`n`, `stop` and prompt text of a generation body (native `/v1/generate`, OpenAI completions or chat);
         fields of the wrong type are left to the request schema."""
         n = body.get("n")
-        if type(n) is int and n > self.max_n:
+        # a float counts too: the schema's lax mode turns 616941447.0 into an int after this check
+        if isinstance(n, (int, float)) and not isinstance(n, bool) and n > self.max_n:
             raise InvalidRequest(f"n: {n} is more than the limit of {self.max_n}", param="n")
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
