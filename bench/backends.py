@@ -65,7 +65,7 @@ def deploy(backend: str, checkpoint: Path, port: int, args) -> str:
     vLLM takes one GPU per stage through its placement group."""
     from ray import serve
 
-    from deployments.app import build_app
+    from seedoss.deployments.app import build_app
 
     log(f"deploying backend {backend} ({args.num_stages} stages, {args.dtype}, {args.device}) …")
     gpus = {"num_gpus": round(1 / args.num_stages, 3)} if args.device == "cuda" else {}

@@ -185,8 +185,8 @@ def fuzz_grpc(target: str, seconds: float, *, examples: int = 10, metadata=()) -
     import grpc
     from hypothesis import HealthCheck, Phase, given, seed, settings
 
-    from proto.seedoss.v1 import seedoss_pb2 as pb
-    from proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
+    from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
+    from seedoss.proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
 
     channel = grpc.insecure_channel(target)
     stub = pb_grpc.SeedOssStub(channel)
@@ -244,8 +244,8 @@ def still_serving(http_url: str, grpc_target: str, headers: dict | None = None, 
     import grpc
     import httpx
 
-    from proto.seedoss.v1 import seedoss_pb2 as pb
-    from proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
+    from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
+    from seedoss.proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
 
     problems = []
     r = httpx.post(f"{http_url}/v1/generate", json={"prompt": "Hello", "max_tokens": 4}, headers=headers,

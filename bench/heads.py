@@ -81,7 +81,7 @@ def start_server(checkpoint: Path) -> tuple[str, str]:
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from seedoss.deployments.app import build_app
 
     port, grpc_port = free_port(), free_port()
     # a Ray instance of our own ("local"), never one another process on this machine started
@@ -89,7 +89,7 @@ def start_server(checkpoint: Path) -> tuple[str, str]:
              _temp_dir=tempfile.mkdtemp(prefix="bench-heads-ray-"))
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly",
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
+                    "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
     log("deploying the Serve app (2 stages + heads + generation + gateway) …")
     serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": 2}), name=APP, route_prefix="/")
     return f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
@@ -166,7 +166,7 @@ def http_sender(session, url: str, task: str):
 def grpc_sender(stub, task: str):
     import grpc
 
-    from proto.seedoss.v1 import seedoss_pb2 as pb
+    from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
 
     metadata = (("application", APP),)
 
@@ -214,7 +214,7 @@ async def run_served(task: str, url: str, grpc_target: str, items: list, concurr
     import aiohttp
     import grpc
 
-    from proto.seedoss.v1 import seedoss_pb2_grpc
+    from seedoss.proto.seedoss.v1 import seedoss_pb2_grpc
 
     rows = []
     connector = aiohttp.TCPConnector(limit=0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from google.protobuf import struct_pb2
 
-from proto.seedoss.v1 import seedoss_pb2 as pb
+from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
 
 # (route, body: dict | raw bytes, HTTP status, text the error message or param must contain)
 HTTP_BAD_INPUTS = [

@@ -1,6 +1,6 @@
 """Reference answers for the QA service: transformers 4.56.2's question-answering pipeline (the last release line
 with that pipeline) on the demo checkpoint's QA head, written to ``tests/data/qa_reference.json``, which
-``tests/test_qa_reference.py`` replays against ``services.qa.QAService``.
+``tests/test_qa_reference.py`` replays against ``seedoss.services.qa.QAService``.
 
 Runs in its own venv, not the project's (which has transformers 5, without the pipeline)::
 

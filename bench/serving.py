@@ -236,7 +236,7 @@ def start_server(checkpoint) -> str:
 def deploy(checkpoint, lanes: int) -> None:
     from ray import serve
 
-    from deployments.app import build_app
+    from seedoss.deployments.app import build_app
 
     log(f"deploying the Serve app (2 stages x {lanes} lane(s) + gateway) …")
     serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": 2, "head_checkpoints": {},

@@ -239,7 +239,7 @@ class Soak:
         import grpc
         import httpx
 
-        from proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
+        from seedoss.proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
 
         limits = httpx.Limits(max_connections=self.clients * 2 + 8, max_keepalive_connections=self.clients * 2)
         async with httpx.AsyncClient(base_url=self.http_url, timeout=self.request_timeout, limits=limits) as http, \
@@ -341,7 +341,7 @@ class Soak:
             inputs = [" ".join(rng.sample(TEXTS, 4)) for _ in range(8)] if heavy else rng.sample(TEXTS, rng.randint(1, 3))
             if protocol == "http":
                 return await self._http_unary(http, "/v1/classify", {"inputs": inputs}, "results", len(inputs))
-            from proto.seedoss.v1 import seedoss_pb2 as pb
+            from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
             return await self._grpc_unary(stub.Classify(pb.ClassifyRequest(inputs=inputs), metadata=GRPC_METADATA,
                                                         timeout=self.request_timeout), "results", len(inputs))
         if task == "tag":
@@ -349,7 +349,7 @@ class Soak:
             if protocol == "http":
                 return await self._http_unary(http, "/v1/tag", {"inputs": inputs, "aggregation_strategy": "simple"},
                                               "results", len(inputs))
-            from proto.seedoss.v1 import seedoss_pb2 as pb
+            from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
             return await self._grpc_unary(stub.TagTokens(pb.TagRequest(inputs=inputs), metadata=GRPC_METADATA,
                                                          timeout=self.request_timeout), "results", len(inputs))
         question, context = rng.choice(QA)
@@ -358,7 +358,7 @@ class Soak:
         if protocol == "http":
             return await self._http_unary(http, "/v1/answer", {"question": question, "context": context},
                                           "answers", None)
-        from proto.seedoss.v1 import seedoss_pb2 as pb
+        from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
         return await self._grpc_unary(stub.AnswerQuestion(pb.AnswerRequest(question=question, context=context),
                                                           metadata=GRPC_METADATA, timeout=self.request_timeout),
                                       "answers", None)
@@ -436,7 +436,7 @@ class Soak:
     async def _grpc_stream(stub, body: dict, disconnect: bool) -> str:
         import grpc
 
-        from proto.seedoss.v1 import seedoss_pb2 as pb
+        from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
 
         request = pb.GenerateRequest(prompt=body["prompt"], max_tokens=body["max_tokens"],
                                      temperature=body["temperature"], seed=body["seed"],
@@ -585,13 +585,13 @@ def start_server(checkpoint, temp_dir: str, num_cpus: int = 2) -> SimpleNamespac
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from seedoss.deployments.app import build_app
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
     http_port, grpc_port = _free_port(), _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly",
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
+                    "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
     serve.run(build_app(app_config(checkpoint)), name=APP, route_prefix="/")
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     grpc.channel_ready_future(channel).result(timeout=120)
@@ -643,7 +643,7 @@ async def warm_up(server, rounds: int = 2, timeout: float = 120.0) -> None:
     import grpc
     import httpx
 
-    from proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
+    from seedoss.proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
 
     async with httpx.AsyncClient(base_url=server.http_url, timeout=timeout) as http, \
             grpc.aio.insecure_channel(server.grpc_target) as channel:

@@ -1,4 +1,4 @@
-"""The Serve application builder: `serve run deployments.app:build_app checkpoint=DIR num_stages=2`, or the
+"""The Serve application builder: `serve run seedoss.deployments.app:build_app checkpoint=DIR num_stages=2`, or the
 `import_path` of a Serve config (`deployments/serve_config.yaml`)."""
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def _serve(args) -> None:
     serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": REQUEST_TIMEOUT_S},
                 proxy_location="HeadOnly",
                 grpc_options={"port": args.grpc_port,
-                              "grpc_servicer_functions": ["proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
+                              "grpc_servicer_functions": ["seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
     low, _, high = args.lanes.partition(":")
     lanes = {"min": int(low), "max": int(high or low)}
     print(f"deploying {args.num_stages} stages x {args.lanes} lane(s) + heads from {checkpoint} (first start takes a "

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from seedoss.engine import EngineConfig
-from services.limits import Limits
+from seedoss.services.limits import Limits
 
 from .batching import BatchingConfig
 from .faults import RetryPolicy, Timeouts
@@ -150,9 +150,9 @@ class LaneConfig(BaseModel):
         return {"autoscaling_config": {k: v for k, v in autoscaling.items() if v is not None}}
 
 
-LANE_POLICY = "deployments.autoscaling:LanePolicy"
-FOLLOW_LANES_POLICY = "deployments.autoscaling:FollowLanes"
-LANE_ROUTER = "deployments.routing:LaneRouter"
+LANE_POLICY = "seedoss.deployments.autoscaling:LanePolicy"
+FOLLOW_LANES_POLICY = "seedoss.deployments.autoscaling:FollowLanes"
+LANE_ROUTER = "seedoss.deployments.routing:LaneRouter"
 
 # The generation step path (Generation → each stage and back, every step) runs in replicas whose Serve machinery
 # shares one event loop with our code. By default Ray 2.60 runs a replica's user code on a second event-loop thread
@@ -174,7 +174,7 @@ def same_loop(options: dict[str, Any]) -> dict[str, Any]:
 
 
 class AppConfig(BaseModel):
-    """`serve run deployments.app:build_app checkpoint=... num_stages=2` or a Serve config's `args:`."""
+    """`serve run seedoss.deployments.app:build_app checkpoint=... num_stages=2` or a Serve config's `args:`."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -25,8 +25,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seedoss.tokenizer import SeedOssTokenizer
-from services.errors import InvalidRequest, NotFound, ServiceError
-from services.limits import Limits
+from seedoss.services.errors import InvalidRequest, NotFound, ServiceError
+from seedoss.services.limits import Limits
 
 from . import native_api, openai_api
 from .config import resolve_api_keys

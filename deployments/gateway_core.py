@@ -12,7 +12,7 @@ so that each of them is a thin adapter from its wire format to these calls and b
   engine's context length (`max_model_len`, asked once).
 
 Errors are raised as `ServiceError`s (services/errors.py); each adapter maps them to its transport with
-`deployments.ingress.service_error`.
+`seedoss.deployments.ingress.service_error`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from seedoss.tokenizer import SeedOssTokenizer
-from services.errors import InvalidRequest, Unauthenticated, from_exception
-from services.generation import SAMPLING_FIELDS, GenerateRequest
-from services.limits import Limits
+from seedoss.services.errors import InvalidRequest, Unauthenticated, from_exception
+from seedoss.services.generation import SAMPLING_FIELDS, GenerateRequest
+from seedoss.services.limits import Limits
 
 from .ingress import lone_surrogate, service_error
 from .routing import GenerationStream, Heads
@@ -136,7 +136,7 @@ class GatewayCore:
         return await self.heads.call(task, body)
 
     def check_model(self, requested: str | None) -> None:
-        from services.openai import check_model
+        from seedoss.services.openai import check_model
 
         check_model(requested, self.model_name)
 

@@ -11,9 +11,9 @@ from seedoss.config import SeedOssConfig
 from seedoss.engine import EngineConfig, LLMEngine, collect
 from seedoss.loader import load_head
 from seedoss.tokenizer import SeedOssTokenizer
-from services.defaults import apply_defaults, generation_defaults
-from services.errors import InvalidRequest, from_exception
-from services.generation import GenerateRequest, choice_dict, response_dict
+from seedoss.services.defaults import apply_defaults, generation_defaults
+from seedoss.services.errors import InvalidRequest, from_exception
+from seedoss.services.generation import GenerateRequest, choice_dict, response_dict
 
 from .autoscaling import LOAD_KV, LOAD_SEQUENCES
 from .faults import RetryPolicy, Timeouts

@@ -26,9 +26,9 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from proto.seedoss.v1 import seedoss_pb2 as pb
-from services.errors import InvalidRequest, ServiceError, Unavailable
-from services.reasoning import ChoiceSplitter
+from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
+from seedoss.services.errors import InvalidRequest, ServiceError, Unavailable
+from seedoss.services.reasoning import ChoiceSplitter
 
 from .gateway_core import GatewayCore
 from .ingress import service_error

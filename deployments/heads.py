@@ -13,12 +13,12 @@ import torch
 from seedoss.config import SeedOssConfig
 from seedoss.loader import load_head
 from seedoss.tokenizer import SeedOssTokenizer
-from services.classification import ClassificationService
-from services.embeddings import EmbeddingService, PoolingConfig
-from services.errors import from_exception
-from services.limits import Limits
-from services.qa import QAService
-from services.tagging import TaggingService
+from seedoss.services.classification import ClassificationService
+from seedoss.services.embeddings import EmbeddingService, PoolingConfig
+from seedoss.services.errors import from_exception
+from seedoss.services.limits import Limits
+from seedoss.services.qa import QAService
+from seedoss.services.tagging import TaggingService
 
 from .batching import BatchedHead, BatchingConfig
 from .faults import RetryPolicy, Timeouts

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import RequestCancelledError
 
-from services.errors import (
+from seedoss.services.errors import (
     Cancelled,
     Overloaded,
     ServiceError,
@@ -18,7 +18,7 @@ from services.errors import (
     from_exception,
     server_error,
 )
-from services.generation import sse
+from seedoss.services.generation import sse
 
 from .faults import CallTimeout, PoisonRequest, backpressure, replica_lost
 

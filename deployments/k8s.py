@@ -1,7 +1,7 @@
 """KubeRay `serveConfigV2`, generated from `AppConfig` (the one source of truth), and its checker.
 
 Each kustomize overlay under `k8s/overlays/` has an `AppConfig` here (`OVERLAYS`). `seedoss k8s render` turns it
-into the Serve config that `serve deploy` takes (applications → `deployments.app:build_app` with the AppConfig as
+into the Serve config that `serve deploy` takes (applications → `seedoss.deployments.app:build_app` with the AppConfig as
 `args`, HTTP on 8000, gRPC on 9000, proxies on every node) and writes it as the overlay's `serve-config.yaml`, a
 strategic-merge patch of the base `RayService`; tests/test_k8s.py fails when the committed file differs.
 
@@ -40,10 +40,10 @@ PATCH_FILE = "serve-config.yaml"
 
 RAYSERVICE_NAME = "seedoss"
 APP_NAME = "seedoss"
-IMPORT_PATH = "deployments.app:build_app"
+IMPORT_PATH = "seedoss.deployments.app:build_app"
 HTTP_PORT = 8000
 GRPC_PORT = 9000
-GRPC_SERVICER = "proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"
+GRPC_SERVICER = "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"
 
 # gpu-pipeline: Seed-OSS-36B (its config.json is k8s/overlays/gpu-pipeline/model-config.json) in 4 stages, one
 # 80 GiB GPU each, 90% of it for weights + KV cache. k8s/overlays/gpu-pipeline/workers.yaml is sized from this plan.

@@ -8,11 +8,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from services.classification import ClassificationRequest
-from services.errors import Unavailable
-from services.generation import GenerateRequest
-from services.qa import QARequest
-from services.tagging import TaggingRequest
+from seedoss.services.classification import ClassificationRequest
+from seedoss.services.errors import Unavailable
+from seedoss.services.generation import GenerateRequest
+from seedoss.services.qa import QARequest
+from seedoss.services.tagging import TaggingRequest
 
 from .gateway_core import GatewayCore
 from .ingress import body_schema, error_response, json_body, service_error, sse_response

@@ -22,9 +22,9 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from services.embeddings import EmbeddingRequest
-from services.errors import InvalidRequest
-from services.openai import (
+from seedoss.services.embeddings import EmbeddingRequest
+from seedoss.services.errors import InvalidRequest
+from seedoss.services.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -35,11 +35,11 @@ from services.openai import (
     rename_param,
     tokenize_response,
 )
-from services.schemas import parse
+from seedoss.services.schemas import parse
 
-from services.pooling_api import ClassifyRequest as PoolingClassifyRequest
-from services.pooling_api import RerankRequest, ScoreRequest, classify_response, rerank_response, score_response
-from services.pooling_api import parse as parse_pooling
+from seedoss.services.pooling_api import ClassifyRequest as PoolingClassifyRequest
+from seedoss.services.pooling_api import RerankRequest, ScoreRequest, classify_response, rerank_response, score_response
+from seedoss.services.pooling_api import parse as parse_pooling
 
 from .gateway_core import GatewayCore
 from .ingress import body_schema, error_response, json_body, service_error, sse_response

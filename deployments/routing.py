@@ -23,7 +23,7 @@ from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 
 from seedoss.engine import StageUnavailable
 from seedoss.engine.errors import MissingSequenceCache
-from services.errors import NotFound
+from seedoss.services.errors import NotFound
 
 from .faults import CallTimeout, RetryPolicy, Timeouts, backpressure, replica_lost
 from .timing import StepTimings, now

@@ -37,7 +37,7 @@ from seedoss.engine import CompletionOutput, EngineConfig, EngineObserver, Engin
 from seedoss.engine.sequence import TokenLogprob
 from seedoss.sampling import SamplingParams
 from seedoss.tokenizer import SeedOssTokenizer
-from services.defaults import generation_defaults
+from seedoss.services.defaults import generation_defaults
 
 from .generation import Generation, _rank
 

@@ -27,6 +27,6 @@ printf '%s\n' "torch==2.13.0" "transformers<5.20" "fastapi<0.137" >"$constraints
 "$venv/bin/python" - <<'PY'
 import torch, transformers, vllm
 from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401  (the Generation deployment's vLLM backend)
-from deployments.vllm_backend import VllmEngine  # noqa: F401
+from seedoss.deployments.vllm_backend import VllmEngine  # noqa: F401
 print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
 PY

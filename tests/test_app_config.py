@@ -8,8 +8,8 @@ from pydantic import ValidationError
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.app import build_app
-from deployments.config import AppConfig, DeploymentOptions
+from seedoss.deployments.app import build_app
+from seedoss.deployments.config import AppConfig, DeploymentOptions
 
 SERVE_CONFIG = "deployments/serve_config.yaml"
 

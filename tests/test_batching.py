@@ -9,16 +9,16 @@ import asyncio
 import pytest
 import torch
 
-from deployments.batching import BatchedHead, BatchingConfig, TokenBatcher
+from seedoss.deployments.batching import BatchedHead, BatchingConfig, TokenBatcher
 from seedoss.config import SeedOssConfig
 from seedoss.demo import head_dir
 from seedoss.loader import load_head, load_stage
 from seedoss.model import StepBatch
 from seedoss.tokenizer import SeedOssTokenizer
-from services.classification import ClassificationService
-from services.qa import QAService
-from services.schemas import local_forward
-from services.tagging import TaggingService
+from seedoss.services.classification import ClassificationService
+from seedoss.services.qa import QAService
+from seedoss.services.schemas import local_forward
+from seedoss.services.tagging import TaggingService
 
 CONTEXT = ("Ada Lovelace met Charles Babbage in London in 1833. They wrote about the Analytical Engine, a machine "
            "Babbage designed. Lovelace published notes on it in 1843, including an algorithm. ") * 3

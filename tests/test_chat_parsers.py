@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from services import reasoning, tool_calls
-from services.errors import InvalidRequest
+from seedoss.services import reasoning, tool_calls
+from seedoss.services.errors import InvalidRequest
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {

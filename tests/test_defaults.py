@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from services.defaults import apply_defaults, generation_defaults
+from seedoss.services.defaults import apply_defaults, generation_defaults
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_none_mode_and_missing_file(checkpoint, tmp_path_factory):
 
 
 def test_app_config_field(demo_checkpoint):
-    from deployments.config import AppConfig
+    from seedoss.deployments.config import AppConfig
 
     assert AppConfig(checkpoint=str(demo_checkpoint)).generation_config == "auto"
     assert AppConfig(checkpoint=str(demo_checkpoint), generation_config="none").generation_config == "none"

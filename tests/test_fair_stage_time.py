@@ -44,7 +44,7 @@ def server(demo_checkpoint, tmp_path_factory):
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from seedoss.deployments.app import build_app
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     port = _free_port()

@@ -15,8 +15,8 @@ import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError
 
-from deployments.faults import CallTimeout, PoisonRequest, RetryPolicy
-from deployments.ingress import service_error
+from seedoss.deployments.faults import CallTimeout, PoisonRequest, RetryPolicy
+from seedoss.deployments.ingress import service_error
 
 FAST = RetryPolicy(attempts=5, total_s=10, backoff_s=0.001, max_backoff_s=0.001)
 
@@ -100,7 +100,7 @@ def test_a_stage_health_check_answers_during_a_forward_and_fails_a_hung_one(demo
 
     import torch
 
-    from deployments.stage import SeedOssStage
+    from seedoss.deployments.stage import SeedOssStage
 
     stage = SeedOssStage(str(demo_checkpoint), 0, 2, "float32", 1 << 20, 16, "cpu", forward_timeout_s=0.5)
     release = threading.Event()
@@ -127,7 +127,7 @@ POISON = "please crash this replica"
 def _poisonable_head():
     """The real Classification head, except that an input equal to POISON kills its replica process (a stand-in for
     an input that crashes a replica)."""
-    from deployments.heads import TaskHead
+    from seedoss.deployments.heads import TaskHead
 
     class PoisonableHead(TaskHead):
         async def __call__(self, body: dict) -> dict:
@@ -144,7 +144,7 @@ def poison_server(demo_checkpoint, tmp_path_factory):
     import ray
     from ray import cloudpickle, serve
 
-    import deployments.app as app_module
+    import seedoss.deployments.app as app_module
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))

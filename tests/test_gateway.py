@@ -29,7 +29,7 @@ def server(demo_checkpoint, tmp_path_factory):
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from seedoss.deployments.app import build_app
 
     metrics_port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
@@ -37,7 +37,7 @@ def server(demo_checkpoint, tmp_path_factory):
     port, grpc_port = _free_port(), _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly",
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
+                    "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
     serve.run(build_app({
         "checkpoint": str(demo_checkpoint), "num_stages": 2, "api_keys": [KEY],
         "limits": {"max_body_bytes": 64 * 1024},
@@ -70,8 +70,8 @@ def test_auth_required_except_probes(server):
 def test_grpc_auth(server):
     import grpc
 
-    from proto.seedoss.v1 import seedoss_pb2 as pb
-    from proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
+    from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
+    from seedoss.proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
 
     stub = pb_grpc.SeedOssStub(grpc.insecure_channel(server.grpc))
     request = pb.ClassifyRequest(inputs=["hello"])

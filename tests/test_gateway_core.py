@@ -13,12 +13,12 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.faults import RetryPolicy, Timeouts
-from deployments.gateway import http_app
-from deployments.gateway_core import GatewayCore
-from deployments.grpc_api import GrpcMethods
-from deployments.routing import Heads
-from proto.seedoss.v1 import seedoss_pb2 as pb
+from seedoss.deployments.faults import RetryPolicy, Timeouts
+from seedoss.deployments.gateway import http_app
+from seedoss.deployments.gateway_core import GatewayCore
+from seedoss.deployments.grpc_api import GrpcMethods
+from seedoss.deployments.routing import Heads
+from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
 
 CHUNK = {"id": "r", "choices": [{"index": 0, "text": "a", "token_ids": [5], "finish_reason": "length",
                                  "stop_reason": None}], "usage": {"prompt_tokens": 3, "completion_tokens": 1,

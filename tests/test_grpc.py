@@ -16,9 +16,9 @@ import grpc
 import httpx
 import pytest
 
-from proto.seedoss.v1 import seedoss_pb2 as pb
-from proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
-from services import reasoning
+from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
+from seedoss.proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
+from seedoss.services import reasoning
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ is not an installed package
@@ -41,7 +41,8 @@ def test_committed_stubs_are_what_the_script_generates(tmp_path):
     assert version("grpcio-tools") == generated_with, (
         f"grpcio-tools {version('grpcio-tools')} is installed but the stubs come from {generated_with}: install "
         f"grpcio-tools=={generated_with}, or regenerate with scripts/gen_proto.sh and bump the pin")
-    subprocess.run([str(ROOT / "scripts/gen_proto.sh"), str(tmp_path)], check=True, capture_output=True)
+    subprocess.run([str(ROOT / "scripts/gen_proto.sh"), str(tmp_path)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHON": sys.executable})
     for name in STUBS:
         fresh = (tmp_path / "proto/seedoss/v1" / name).read_bytes()
         assert (ROOT / "proto/seedoss/v1" / name).read_bytes() == fresh, f"{name} is stale: run scripts/gen_proto.sh"
@@ -100,10 +101,10 @@ class _Handle:
 
 def _gateway(api_key=None, tokenizer=None, **handles):
     """The gRPC adapter over a real `GatewayCore` whose heads are `_Handle`s."""
-    from deployments.faults import RetryPolicy, Timeouts
-    from deployments.gateway_core import GatewayCore
-    from deployments.grpc_api import GrpcMethods
-    from deployments.routing import Heads
+    from seedoss.deployments.faults import RetryPolicy, Timeouts
+    from seedoss.deployments.gateway_core import GatewayCore
+    from seedoss.deployments.grpc_api import GrpcMethods
+    from seedoss.deployments.routing import Heads
 
     class FakeGateway(GrpcMethods):
         core = GatewayCore(Heads({"generate": handles.get("generate", _Handle()), "classify": handles.get("classify"),
@@ -114,8 +115,8 @@ def _gateway(api_key=None, tokenizer=None, **handles):
 
 
 def test_answer_request_maps_the_fields_it_sets():
-    from deployments.grpc_api import answer_body
-    from services.qa import QARequest
+    from seedoss.deployments.grpc_api import answer_body
+    from seedoss.services.qa import QARequest
 
     assert answer_body(pb.AnswerRequest(question="q", context="c")) == {"question": "q", "context": "c"}
     message = pb.AnswerRequest(question="q", context="c", top_k=3, max_answer_len=5, max_seq_len=128, doc_stride=32,
@@ -134,7 +135,7 @@ def test_errors_become_grpc_statuses_without_a_cluster(demo_checkpoint):
     from ray.serve._private.common import DeploymentID
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    from services.errors import InvalidRequest
+    from seedoss.services.errors import InvalidRequest
 
     def classify(gateway, metadata=()):
         context = _Context(metadata)
@@ -197,7 +198,7 @@ def test_replica_failures_reach_clients_with_an_error_id_and_no_ray_detail(caplo
 
     detail = "The actor 5f2a9c01 died; pid=4242, ip=10.0.0.7, worker /tmp/ray/session_x/logs"
     context = _Context()
-    with caplog.at_level(logging.ERROR, logger="services.errors"):
+    with caplog.at_level(logging.ERROR, logger="seedoss.services.errors"):
         asyncio.run(_gateway(classify=_Handle(RayActorError("5f2a9c01", detail))).Classify(
             pb.ClassifyRequest(inputs=["a"]), grpc_context=context))
     trailers = dict(context.trailers)
@@ -248,14 +249,14 @@ def server(demo_checkpoint, tmp_path_factory):
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from seedoss.deployments.app import build_app
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     http_port, grpc_port = _free_port(), _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly",
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
+                    "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
     serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 2, "limits": LIMITS}), name=APP,
               route_prefix="/")
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")

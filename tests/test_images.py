@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from deployments.k8s import cpu_demo_app
+from seedoss.deployments.k8s import cpu_demo_app
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile.*"))
@@ -212,7 +212,9 @@ def test_cpu_image_install_steps_in_a_clean_venv(tmp_path):
     assert sum("pip install" in c for c in ran) == 2 and any("seedoss demo-checkpoint" in c for c in ran)
     assert cpu_demo_app().checkpoint == image_env(image)["SEEDOSS_DEMO_CHECKPOINT"]
 
-    probe = ("import pathlib, sys, torch, ray, seedoss, services, deployments.app, proto.seedoss.v1.seedoss_pb2_grpc\n"
+    probe = ("import importlib.util, pathlib, sys, torch, ray, seedoss, seedoss.services.qa, seedoss.deployments.app, "
+             "seedoss.proto.seedoss.v1.seedoss_pb2_grpc\n"
+             "assert importlib.util.find_spec('services') is None\n"
              "from seedoss.loader import load_stage\n"
              "assert '/site-packages/' in seedoss.__file__, seedoss.__file__\n"
              "assert torch.__version__ == '2.13.0+cpu' and ray.__version__.startswith('2.60.'), "

@@ -31,13 +31,13 @@ import jsonschema
 import pytest
 import yaml
 
-from deployments.config import AppConfig
-from deployments.k8s import (
+from seedoss.deployments.config import AppConfig
+from seedoss.deployments.k8s import (
     GPU_MEM_GIB, GPU_MEM_UTIL, GRPC_PORT, GRPC_SERVICER, HEAD_SERVICES_RESOURCE, HTTP_PORT, IMPORT_PATH,
     LM_HEAD_RESOURCE, OVERLAYS, PATCH_FILE, app_args, deployment_options, gpu_plan, render, serve_config,
     serve_config_errors,
 )
-from deployments.cli import main
+from seedoss.deployments.cli import main
 from seedoss.partition import partition_layers
 from seedoss.planner import GiB, KiB, OBJECT_STORE_GIB, pod_memory_gib
 
@@ -363,13 +363,13 @@ def test_serve_config_is_valid_and_is_the_overlays_app_config(name):
     assert serve_config_errors(config) == []
     assert config == serve_config(OVERLAYS[name].app())
     (application,) = config["applications"]
-    assert application["import_path"] == IMPORT_PATH == "deployments.app:build_app"
+    assert application["import_path"] == IMPORT_PATH == "seedoss.deployments.app:build_app"
     assert application["route_prefix"] == "/"
     app = AppConfig.model_validate(application["args"])  # one source of truth: round-trips exactly
     assert app == OVERLAYS[name].app() and app_args(app) == application["args"]
     assert config["http_options"]["port"] == HTTP_PORT == 8000
     assert config["grpc_options"] == {"port": 9000, "grpc_servicer_functions": [GRPC_SERVICER]}
-    assert GRPC_SERVICER == "proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server" and GRPC_PORT == 9000
+    assert GRPC_SERVICER == "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server" and GRPC_PORT == 9000
     module, _, function = GRPC_SERVICER.rpartition(".")  # every node's gRPC proxy imports it from the package
     assert callable(getattr(importlib.import_module(module), function))
     assert config["proxy_location"] == "EveryNode"
@@ -463,7 +463,7 @@ def ray_containers(doc):
 
 
 def health_routes() -> set[str]:
-    from deployments.gateway import http_app
+    from seedoss.deployments.gateway import http_app
 
     return set(http_app(None).openapi()["paths"])  # the routes, not a served app: no core needed
 

@@ -39,10 +39,10 @@ import httpx
 import pytest
 import yaml
 
-from deployments.config import TASK_DEPLOYMENTS, AppConfig
-from deployments.k8s import APP_NAME, GRPC_PORT, HTTP_PORT, OVERLAYS_DIR, PATCH_FILE, deployment_options
-from proto.seedoss.v1 import seedoss_pb2 as pb
-from proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
+from seedoss.deployments.config import TASK_DEPLOYMENTS, AppConfig
+from seedoss.deployments.k8s import APP_NAME, GRPC_PORT, HTTP_PORT, OVERLAYS_DIR, PATCH_FILE, deployment_options
+from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
+from seedoss.proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
 from seedoss.config import SeedOssConfig
 from seedoss.demo import head_dir
 

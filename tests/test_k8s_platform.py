@@ -11,7 +11,7 @@ import copy
 import pytest
 from test_k8s import OVERLAY_NAMES, needs_kuberay, rayservice, rayservice_errors, rendered
 
-from deployments.k8s import GRPC_PORT, HTTP_PORT
+from seedoss.deployments.k8s import GRPC_PORT, HTTP_PORT
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[test]'")
 

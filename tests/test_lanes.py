@@ -52,7 +52,7 @@ def cluster(demo_checkpoint, tmp_path_factory):
 def _deploy(cluster, name: str, **config):
     from ray import serve
 
-    from deployments.app import build_app
+    from seedoss.deployments.app import build_app
 
     app = {"checkpoint": str(cluster.checkpoint), "num_stages": 2, "head_checkpoints": {},
            "retry": {"attempts": 200, "total_s": 120, "backoff_s": 0.5, "max_backoff_s": 0.5}, **config}

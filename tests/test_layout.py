@@ -22,7 +22,7 @@ def test_seedoss_imports_nothing_from_deployments():
 
 
 def test_engine_errors_map_without_torch():
-    code = ("import sys; from services.errors import from_exception; from seedoss.engine import RequestError; "
+    code = ("import sys; from seedoss.services.errors import from_exception; from seedoss.engine import RequestError; "
             "e = from_exception(RequestError('bad', 'max_tokens')); "
             "assert e.param == 'max_tokens', e; assert 'torch' not in sys.modules, 'torch was imported'")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from services.errors import InvalidRequest, PayloadTooLarge
-from services.limits import Limits
+from seedoss.services.errors import InvalidRequest, PayloadTooLarge
+from seedoss.services.limits import Limits
 
 LIMITS = Limits(max_n=4, max_stop_strings=2, max_stop_string_chars=5, max_prompt_chars=100, max_client_batch_size=3,
                 max_task_tokens=50, max_json_depth=4, max_body_bytes=2048)
@@ -79,7 +79,7 @@ def test_defaults_and_validation():
 
 
 def test_app_config_embeds_the_limits_and_rejects_blank_keys():
-    from deployments.config import AppConfig
+    from seedoss.deployments.config import AppConfig
 
     cfg = AppConfig.model_validate({"checkpoint": "/m", "limits": {"max_n": 2}, "api_keys": ["k1"]})
     assert cfg.limits == Limits(max_n=2) and cfg.api_keys == ["k1"]
@@ -93,7 +93,7 @@ def test_app_config_embeds_the_limits_and_rejects_blank_keys():
 
 def test_env_keys_fail_closed():
     """The gateway's SEEDOSS_API_KEYS parse: an empty item stops it (never `Authorization: Bearer ` admitted)."""
-    from deployments.config import resolve_api_keys
+    from seedoss.deployments.config import resolve_api_keys
 
     for env in ("a,,b", "a, ", " , ", ","):
         with pytest.raises(ValueError, match="SEEDOSS_API_KEYS"):
@@ -109,9 +109,9 @@ def test_task_services_refuse_before_any_forward(demo_checkpoint):
     import asyncio
 
     from seedoss.tokenizer import SeedOssTokenizer
-    from services.classification import ClassificationService
-    from services.qa import QAService
-    from services.tagging import TaggingService
+    from seedoss.services.classification import ClassificationService
+    from seedoss.services.qa import QAService
+    from seedoss.services.tagging import TaggingService
 
     def forward(sequences):
         raise AssertionError("the forward must not run")
@@ -148,7 +148,7 @@ def test_qa_window_tokens_are_computed_exactly_before_the_windows_exist(demo_che
                                                                          doc_stride):
     """The QA token check (services/qa.py:window_tokens) counts what `tokenizers` will make, without making it."""
     from seedoss.tokenizer import SeedOssTokenizer
-    from services.qa import QARequest, preprocess
+    from seedoss.services.qa import QARequest, preprocess
 
     tokenizer = SeedOssTokenizer.from_pretrained(demo_checkpoint)
     request = QARequest(question="where is it", context=" ".join(f"w{i}" for i in range(words)),

@@ -9,9 +9,9 @@ import logging
 import pytest
 from ray.serve.schema import LoggingConfig
 
-from deployments.config import AppConfig
-from deployments.k8s import deployment_options
-from deployments.logs import SERVE_LOGGER
+from seedoss.deployments.config import AppConfig
+from seedoss.deployments.k8s import deployment_options
+from seedoss.deployments.logs import SERVE_LOGGER
 from seedoss.loader import load_stage
 
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from seedoss.tokenizer import SeedOssTokenizer
-from services import reasoning
+from seedoss.services import reasoning
 
 pytestmark = pytest.mark.timeout(600)
 MODEL = "seedoss"
@@ -53,7 +53,7 @@ def server(demo_checkpoint, tmp_path_factory):
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from seedoss.deployments.app import build_app
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
@@ -378,8 +378,8 @@ def test_errors_name_the_field(server):
 # --- the mapping alone (no server) ----------------------------------------------------------------------------
 
 def test_request_parsing_without_a_server(demo_checkpoint):
-    from services.errors import InvalidRequest
-    from services.openai import ChatCompletionRequest, CompletionRequest
+    from seedoss.services.errors import InvalidRequest
+    from seedoss.services.openai import ChatCompletionRequest, CompletionRequest
 
     tok = SeedOssTokenizer.from_pretrained(demo_checkpoint)
     req = CompletionRequest.parse({"model": MODEL, "prompt": [[5, 6], [7]], "n": None, "user": "u", "best_of": 1,
@@ -408,7 +408,7 @@ def test_request_parsing_without_a_server(demo_checkpoint):
 
 
 def test_stream_mapping_without_a_server(demo_checkpoint):
-    from services.openai import ChatCompletionRequest, CompletionRequest, chat_mapper, completion_mapper
+    from seedoss.services.openai import ChatCompletionRequest, CompletionRequest, chat_mapper, completion_mapper
 
     tok = SeedOssTokenizer.from_pretrained(demo_checkpoint)
     req = CompletionRequest.parse({"prompt": ["ab", "cd"], "n": 2, "echo": True, "stream": True,
@@ -603,7 +603,7 @@ def test_streaming_reasoning_deltas(server):
 def test_chat_mapping_of_reasoning_and_tool_calls_without_a_server(demo_checkpoint):
     """Crafted native outputs through the chat mapper: reasoning and tool-call deltas, finish_reason tool_calls,
     the whole response equal to the joined stream, parallel_tool_calls false keeping the first call."""
-    from services.openai import ChatCompletionRequest, chat_mapper
+    from seedoss.services.openai import ChatCompletionRequest, chat_mapper
 
     tok = SeedOssTokenizer.from_pretrained(demo_checkpoint)
     text = ("<seed:think>Two cities.<seed:cot_budget_reflect>8 used</seed:cot_budget_reflect></seed:think>On it.\n"

@@ -13,8 +13,8 @@ import pytest
 from seedoss.demo import head_dir
 from seedoss.loader import load_head, load_stage
 from seedoss.tokenizer import SeedOssTokenizer
-from services.qa import QARequest, QAService, preprocess
-from services.schemas import local_forward
+from seedoss.services.qa import QARequest, QAService, preprocess
+from seedoss.services.schemas import local_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = json.loads((ROOT / "tests" / "data" / "qa_reference.json").read_text(encoding="utf-8"))

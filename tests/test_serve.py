@@ -19,10 +19,10 @@ from seedoss.engine import LLMEngine, collect
 from seedoss.loader import load_head, load_stage, parameter_bytes
 from seedoss.sampling import SamplingParams
 from seedoss.tokenizer import SeedOssTokenizer
-from services.classification import ClassificationService
-from services.qa import QAService
-from services.schemas import local_forward
-from services.tagging import TaggingService
+from seedoss.services.classification import ClassificationService
+from seedoss.services.qa import QAService
+from seedoss.services.schemas import local_forward
+from seedoss.services.tagging import TaggingService
 
 pytestmark = pytest.mark.timeout(900)
 APP = "seedoss"
@@ -41,7 +41,7 @@ def server(demo_checkpoint, tmp_path_factory):
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from deployments.app import build_app
+    from seedoss.deployments.app import build_app
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": False, "temp_dir": str(tmp_path_factory.mktemp("ray"))})

@@ -12,9 +12,9 @@ from seedoss.config import SeedOssConfig
 from seedoss.demo import head_dir
 from seedoss.loader import load_head, load_stage
 from seedoss.tokenizer import SeedOssTokenizer
-from services.classification import ClassificationService
-from services.errors import InvalidRequest
-from services.schemas import local_forward
+from seedoss.services.classification import ClassificationService
+from seedoss.services.errors import InvalidRequest
+from seedoss.services.schemas import local_forward
 
 TEXTS = ["I loved this film.", "Terrible service — never again!", "Ça va, 東京 est loin 🚄", "ok"]
 

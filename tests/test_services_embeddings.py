@@ -15,9 +15,9 @@ from transformers import SeedOssModel
 from seedoss.config import SeedOssConfig
 from seedoss.loader import load_stage
 from seedoss.tokenizer import SeedOssTokenizer
-from services.embeddings import EmbeddingService, PoolingConfig
-from services.errors import InvalidRequest
-from services.schemas import local_forward
+from seedoss.services.embeddings import EmbeddingService, PoolingConfig
+from seedoss.services.errors import InvalidRequest
+from seedoss.services.schemas import local_forward
 
 TEXTS = ["Hello world", "The history of the city is long and full of surprises, wars and bridges", "a",
          "Ελληνικά και 日本語 mixed with English words"]
@@ -111,7 +111,7 @@ def test_per_token_hidden_states_equal_transformers(service, reference):
 
 
 def test_the_limits_of_the_other_heads_apply(demo_checkpoint):
-    from services.limits import Limits
+    from seedoss.services.limits import Limits
 
     config = SeedOssConfig.from_pretrained(demo_checkpoint)
     limited = EmbeddingService(SeedOssTokenizer.from_pretrained(demo_checkpoint), lambda s: None,

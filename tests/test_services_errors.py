@@ -10,9 +10,9 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from seedoss.engine import RequestError
-from services import errors
-from services.classification import ClassificationRequest
-from services.schemas import parse
+from seedoss.services import errors
+from seedoss.services.classification import ClassificationRequest
+from seedoss.services.schemas import parse
 
 EXPECTED = {  # class: (HTTP status, gRPC code, OpenAI type)
     errors.InvalidRequest: (400, "INVALID_ARGUMENT", "invalid_request_error"),
@@ -75,7 +75,7 @@ def test_server_errors_carry_an_id_the_log_shares(caplog):
         body = error.to_openai_body()["error"]
         assert len(body["id"]) == 16 and body["id"] == error.error_id == error.http_headers()["X-Error-Id"]
     cause = RuntimeError("Actor ActorID(5f2a) on node 10.0.0.7 pid=4242 died: /srv/models/x.safetensors")
-    with caplog.at_level(logging.ERROR, logger="services.errors"):
+    with caplog.at_level(logging.ERROR, logger="seedoss.services.errors"):
         error = errors.server_error(errors.Unavailable("a replica is unavailable; retry shortly"), cause)
     assert "10.0.0.7" not in str(error.to_openai_body()) and error.error_id in caplog.text
     assert "10.0.0.7" in caplog.text  # the full detail is in the log under the id
@@ -121,7 +121,7 @@ def test_unexpected_errors_leak_nothing(caplog):
     try:
         raise RuntimeError(secret)
     except RuntimeError as exc:
-        with caplog.at_level(logging.ERROR, logger="services.errors"):
+        with caplog.at_level(logging.ERROR, logger="seedoss.services.errors"):
             error = errors.from_exception(exc)
     assert isinstance(error, errors.InternalError)
     body = error.to_openai_body()["error"]

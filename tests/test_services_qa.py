@@ -14,9 +14,9 @@ from seedoss.demo import head_dir
 from seedoss.loader import load_head, load_stage
 from seedoss.model import StepBatch
 from seedoss.tokenizer import SeedOssTokenizer
-from services.errors import InvalidRequest
-from services.qa import Answer, QARequest, QAService, preprocess
-from services.schemas import local_forward
+from seedoss.services.errors import InvalidRequest
+from seedoss.services.qa import Answer, QARequest, QAService, preprocess
+from seedoss.services.schemas import local_forward
 
 WORDS = ["the", "river", "Paris", "city", "was", "founded", "in", "1066", "by", "Normans", "café", "Zürich",
          "東京", "タワー", "🎉", "naïve", "Ångström", "bridge", "north", "of", "and", "its", "mayor", "Müller", ","]

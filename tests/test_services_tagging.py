@@ -11,9 +11,9 @@ from seedoss.config import SeedOssConfig
 from seedoss.demo import head_dir
 from seedoss.loader import load_head, load_stage
 from seedoss.tokenizer import SeedOssTokenizer
-from services.errors import InvalidRequest
-from services.schemas import local_forward
-from services.tagging import TaggingRequest, TaggingService, preprocess
+from seedoss.services.errors import InvalidRequest
+from seedoss.services.schemas import local_forward
+from seedoss.services.tagging import TaggingRequest, TaggingService, preprocess
 
 STRATEGIES = ["none", "simple", "first", "average", "max"]
 TEXTS = [

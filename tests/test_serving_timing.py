@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from deployments.config import SAME_LOOP_ENV, same_loop
-from deployments.stage import SeedOssStage
-from deployments.timing import StageStamps, StepTimings
-from deployments.wire import pack, stamps, unpack
+from seedoss.deployments.config import SAME_LOOP_ENV, same_loop
+from seedoss.deployments.stage import SeedOssStage
+from seedoss.deployments.timing import StageStamps, StepTimings
+from seedoss.deployments.wire import pack, stamps, unpack
 from seedoss.config import SeedOssConfig
 from seedoss.loader import load_stage
 from seedoss.model import StepBatch, run_stages

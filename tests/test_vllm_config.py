@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 from ray.serve.schema import DeploymentSchema
 
-from deployments.config import AppConfig
-from deployments.vllm_backend import engine_args
+from seedoss.deployments.config import AppConfig
+from seedoss.deployments.vllm_backend import engine_args
 from seedoss.engine import EngineConfig
 
 
@@ -66,7 +66,7 @@ def test_gpu_vllm_overlay_runs_one_placement_group_per_lane_on_the_stage_nodes()
     tests/test_k8s*.py): Seed-OSS-36B on vLLM over gpu-pipeline's four GPU groups, no stage deployment, no head."""
     import yaml
 
-    from deployments.k8s import OVERLAYS, OVERLAYS_DIR, deployment_options
+    from seedoss.deployments.k8s import OVERLAYS, OVERLAYS_DIR, deployment_options
 
     app = OVERLAYS["gpu-vllm"].app()
     assert app.generation.backend == "vllm" and app.device == "cuda" and app.pin_stages

@@ -20,8 +20,8 @@ pytest.importorskip("vllm.v1.engine.async_llm")  # not plain "vllm": this direct
 import grpc
 import httpx
 
-from proto.seedoss.v1 import seedoss_pb2 as pb
-from proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
+from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
+from seedoss.proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(600)
 APPS = {"ours": {"num_stages": 2}, "vllm2": {"num_stages": 2, "generation": {"backend": "vllm"}},
@@ -45,14 +45,14 @@ def apps(demo_checkpoint, tmp_path_factory):
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from seedoss.deployments.app import build_app
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     http_port, grpc_port = _free_port(), _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly",
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
+                    "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
     for name, args in APPS.items():
         if "generation" in args:
             args = {**args, "generation": {**args["generation"], "vllm": VLLM_CPU}}

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.seedoss.v1 import seedoss_pb2 as proto_dot_seedoss_dot_v1_dot_seedoss__pb2
+from seedoss.proto.seedoss.v1 import seedoss_pb2 as seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/seedoss/v1/seedoss_pb2_grpc.py depends on'
+        + ' but the generated code in seedoss/proto/seedoss/v1/seedoss_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,43 +36,43 @@ class SeedOssStub:
         """
         self.Generate = channel.unary_stream(
                 '/seedoss.v1.SeedOss/Generate',
-                request_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.GenerateResponse.FromString,
+                request_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Classify = channel.unary_unary(
                 '/seedoss.v1.SeedOss/Classify',
-                request_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ClassifyResponse.FromString,
+                request_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.TagTokens = channel.unary_unary(
                 '/seedoss.v1.SeedOss/TagTokens',
-                request_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TagRequest.SerializeToString,
-                response_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TagResponse.FromString,
+                request_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TagRequest.SerializeToString,
+                response_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TagResponse.FromString,
                 _registered_method=True)
         self.AnswerQuestion = channel.unary_unary(
                 '/seedoss.v1.SeedOss/AnswerQuestion',
-                request_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerRequest.SerializeToString,
-                response_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerResponse.FromString,
+                request_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerRequest.SerializeToString,
+                response_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerResponse.FromString,
                 _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/seedoss.v1.SeedOss/Embed',
-                request_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedRequest.SerializeToString,
-                response_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedResponse.FromString,
+                request_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/seedoss.v1.SeedOss/Tokenize',
-                request_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TokenizeResponse.FromString,
+                request_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/seedoss.v1.SeedOss/ListModels',
-                request_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ListModelsResponse.FromString,
+                request_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/seedoss.v1.SeedOss/Health',
-                request_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.HealthRequest.SerializeToString,
-                response_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.HealthResponse.FromString,
+                request_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.HealthRequest.SerializeToString,
+                response_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.HealthResponse.FromString,
                 _registered_method=True)
 
 
@@ -141,43 +141,43 @@ def add_SeedOssServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.GenerateRequest.FromString,
-                    response_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.GenerateRequest.FromString,
+                    response_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.GenerateResponse.SerializeToString,
             ),
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
-                    request_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ClassifyRequest.FromString,
-                    response_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ClassifyRequest.FromString,
+                    response_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ClassifyResponse.SerializeToString,
             ),
             'TagTokens': grpc.unary_unary_rpc_method_handler(
                     servicer.TagTokens,
-                    request_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TagRequest.FromString,
-                    response_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TagResponse.SerializeToString,
+                    request_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TagRequest.FromString,
+                    response_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TagResponse.SerializeToString,
             ),
             'AnswerQuestion': grpc.unary_unary_rpc_method_handler(
                     servicer.AnswerQuestion,
-                    request_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerRequest.FromString,
-                    response_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerResponse.SerializeToString,
+                    request_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerRequest.FromString,
+                    response_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerResponse.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
-                    request_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedRequest.FromString,
-                    response_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedResponse.SerializeToString,
+                    request_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedRequest.FromString,
+                    response_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TokenizeRequest.FromString,
-                    response_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TokenizeRequest.FromString,
+                    response_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TokenizeResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ListModelsRequest.FromString,
-                    response_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ListModelsRequest.FromString,
+                    response_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ListModelsResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.HealthRequest.FromString,
-                    response_serializer=proto_dot_seedoss_dot_v1_dot_seedoss__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.HealthRequest.FromString,
+                    response_serializer=seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.HealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -205,8 +205,8 @@ class SeedOss:
             request,
             target,
             '/seedoss.v1.SeedOss/Generate',
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.GenerateRequest.SerializeToString,
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.GenerateResponse.FromString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.GenerateRequest.SerializeToString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -232,8 +232,8 @@ class SeedOss:
             request,
             target,
             '/seedoss.v1.SeedOss/Classify',
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ClassifyRequest.SerializeToString,
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ClassifyResponse.FromString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ClassifyRequest.SerializeToString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -259,8 +259,8 @@ class SeedOss:
             request,
             target,
             '/seedoss.v1.SeedOss/TagTokens',
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TagRequest.SerializeToString,
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TagResponse.FromString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TagRequest.SerializeToString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TagResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -286,8 +286,8 @@ class SeedOss:
             request,
             target,
             '/seedoss.v1.SeedOss/AnswerQuestion',
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerRequest.SerializeToString,
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerResponse.FromString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerRequest.SerializeToString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.AnswerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -313,8 +313,8 @@ class SeedOss:
             request,
             target,
             '/seedoss.v1.SeedOss/Embed',
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedRequest.SerializeToString,
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedResponse.FromString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedRequest.SerializeToString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -340,8 +340,8 @@ class SeedOss:
             request,
             target,
             '/seedoss.v1.SeedOss/Tokenize',
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TokenizeRequest.SerializeToString,
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TokenizeResponse.FromString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TokenizeRequest.SerializeToString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -367,8 +367,8 @@ class SeedOss:
             request,
             target,
             '/seedoss.v1.SeedOss/ListModels',
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ListModelsRequest.SerializeToString,
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ListModelsResponse.FromString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ListModelsRequest.SerializeToString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -394,8 +394,8 @@ class SeedOss:
             request,
             target,
             '/seedoss.v1.SeedOss/Health',
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.HealthRequest.SerializeToString,
-            proto_dot_seedoss_dot_v1_dot_seedoss__pb2.HealthResponse.FromString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.HealthRequest.SerializeToString,
+            seedoss_dot_proto_dot_seedoss_dot_v1_dot_seedoss__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
