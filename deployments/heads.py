@@ -7,6 +7,7 @@ per batch, not per request."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -43,15 +44,20 @@ class TaskHead:
         # embeddings have no head weights: the final hidden states themselves are pooled by the service
         head = torch.nn.Identity() if task == "embed" else load_head(head_checkpoint, task, dtype=dtype)
         self.forward = BatchedHead(self.stages.prefill, head, BatchingConfig.model_validate(batching))
+        # Tokenization (and tagging's offset alignment) off the event loop that every concurrent request of this
+        # replica shares, in one bounded thread: one is enough beside a backbone forward per batch, and QA's
+        # windowing sets the tokenizer's truncation for its call, so two must not overlap.
+        self.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{task}-tokenize")
         if task == "embed":
             self._handle = EmbeddingService(
                 tokenizer, forward=self.forward, max_length=config.max_position_embeddings,
-                vocab_size=config.vocab_size, pooling=PoolingConfig.from_checkpoint(head_checkpoint), limits=limits).embed
+                vocab_size=config.vocab_size, pooling=PoolingConfig.from_checkpoint(head_checkpoint), limits=limits,
+                executor=self.tokenize_pool).embed
             return
         service_cls, method = SERVICES[task]
         kwargs = {} if task == "qa" else {"labels": config.labels}
         service = service_cls(tokenizer, forward=self.forward, max_length=config.max_position_embeddings,
-                              limits=limits, **kwargs)
+                              limits=limits, executor=self.tokenize_pool, **kwargs)
         self._handle = getattr(service, method)
 
     async def __call__(self, body: dict) -> dict:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from typing import Literal
 
 import numpy as np
@@ -20,7 +21,7 @@ from pydantic import AliasChoices, BaseModel, Field, ValidationInfo, field_valid
 
 from .limits import Limits
 from .schemas import (
-    Forward, ServiceModel, Texts, Usage, as_numpy, fit_context, parse, run_forward, sigmoid, softmax, special_prefix,
+    Forward, ServiceModel, Texts, Usage, as_numpy, fit_context, off_loop, parse, run_forward, sigmoid, softmax, special_prefix,
 )
 
 
@@ -93,8 +94,9 @@ def postprocess(logits, request: ClassificationRequest, labels: list[str]) -> li
 
 class ClassificationService:
     def __init__(self, tokenizer, labels: list[str], forward: Forward, *, max_length: int,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, executor: Executor | None = None):
         self.tokenizer = tokenizer
+        self.executor = executor  # where tokenization runs (`off_loop`)
         self.labels = list(labels)
         self.forward = forward
         self.max_length = max_length  # the model's context (max_position_embeddings)
@@ -103,7 +105,7 @@ class ClassificationService:
     async def classify(self, request: ClassificationRequest | dict) -> ClassificationResponse:
         request = parse(ClassificationRequest, request)
         self.limits.check_texts("inputs", request.inputs)
-        sequences = preprocess(request, self.tokenizer, self.max_length)
+        sequences = await off_loop(self.executor, preprocess, request, self.tokenizer, self.max_length)
         self.limits.check_task_tokens("inputs", sum(map(len, sequences)))
         logits = await run_forward(self.forward, sequences)
         return ClassificationResponse(results=postprocess(logits, request, self.labels),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,7 +28,7 @@ from pydantic import BaseModel, BeforeValidator, Field
 
 from .errors import InvalidRequest
 from .limits import Limits
-from .schemas import Forward, ServiceModel, Usage, as_numpy, fit_context, parse, run_forward, special_prefix
+from .schemas import Forward, ServiceModel, Usage, as_numpy, fit_context, off_loop, parse, run_forward, special_prefix
 
 Pooling = Literal["last", "mean", "cls"]
 
@@ -141,8 +142,9 @@ class EmbeddingService:
     """`forward(sequences)` returns the backbone's final hidden states, packed [sum(len), hidden]."""
 
     def __init__(self, tokenizer, forward: Forward, *, max_length: int, vocab_size: int,
-                 pooling: PoolingConfig | None = None, limits: Limits | None = None):
+                 pooling: PoolingConfig | None = None, limits: Limits | None = None, executor: Executor | None = None):
         self.tokenizer, self.forward = tokenizer, forward
+        self.executor = executor  # where tokenization runs (`off_loop`)
         self.max_length, self.vocab_size = max_length, vocab_size
         self.pooling = pooling or PoolingConfig()
         self.limits = limits or Limits()
@@ -176,7 +178,7 @@ class EmbeddingService:
 
     async def embed(self, request: EmbeddingRequest | dict) -> EmbeddingResponse:
         request = parse(EmbeddingRequest, request)
-        sequences = self.sequences(request)
+        sequences = await off_loop(self.executor, self.sequences, request)
         hidden = await self.hidden_states(sequences)
         lengths = [len(s) for s in sequences]
         normalize = self.pooling.normalize if request.normalize is None else request.normalize

@@ -33,6 +33,7 @@ Opt-in, off by default: ``strip_whitespace`` trims the whitespace around each sp
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,7 @@ from pydantic import BaseModel, Field
 
 from .errors import InvalidRequest
 from .limits import Limits
-from .schemas import Forward, ServiceModel, Text, Usage, as_numpy, parse, run_forward
+from .schemas import Forward, ServiceModel, Text, Usage, as_numpy, off_loop, parse, run_forward
 
 DEFAULT_MAX_SEQ_LEN = 384
 DEFAULT_DOC_STRIDE = 128
@@ -195,8 +196,12 @@ def _strip(context: str, start: int, end: int) -> tuple[int, int]:
 
 
 class QAService:
-    def __init__(self, tokenizer, forward: Forward, *, max_length: int, limits: Limits | None = None):
+    def __init__(self, tokenizer, forward: Forward, *, max_length: int, limits: Limits | None = None,
+                 executor: Executor | None = None):
         self.tokenizer = tokenizer
+        # where the windows are tokenized (`off_loop`); one thread at most: `encode_pair_windows` sets the
+        # tokenizer's truncation for its call, so two windowings must not overlap
+        self.executor = executor
         self.forward = forward
         self.max_length = max_length  # the model's context
         self.limits = limits or Limits()
@@ -204,7 +209,8 @@ class QAService:
     async def answer(self, request: QARequest | dict) -> QAResponse:
         request = parse(QARequest, request)
         self.limits.check_chars("context", len(request.question) + len(request.context))
-        windows = preprocess(request, self.tokenizer, self.max_length, self.limits)
+        windows = await off_loop(self.executor, preprocess, request, self.tokenizer, self.max_length, self.limits)
         start_logits, end_logits = await run_forward(self.forward, [w.ids for w in windows])
-        return QAResponse(answers=postprocess(start_logits, end_logits, windows, request),
+        answers = await off_loop(self.executor, postprocess, start_logits, end_logits, windows, request)
+        return QAResponse(answers=answers,
                           usage=Usage(prompt_tokens=sum(len(w.ids) for w in windows)))

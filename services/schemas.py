@@ -12,8 +12,10 @@ of it (a Ray deployment passes an async function calling the remote stages; `loc
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -37,6 +39,7 @@ class Usage(BaseModel):
 
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def parse(model: type[M], request: M | dict) -> M:
@@ -47,6 +50,15 @@ def parse(model: type[M], request: M | dict) -> M:
         return model.model_validate(request)
     except ValidationError as exc:
         raise from_exception(exc) from None
+
+
+async def off_loop(executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in `executor`: tokenization and its post-processing (offsets, word alignment) are CPU work that
+    would otherwise stall every other request on the replica's event loop (a head replica serves many concurrently).
+    `None`: inline, for in-process use and tests."""
+    if executor is None:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
 
 
 async def run_forward(forward: Forward, sequences: list[list[int]]) -> Any:

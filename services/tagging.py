@@ -21,6 +21,7 @@ step for step: the parity tests compare against the pipeline itself.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,7 +31,7 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from .errors import InvalidRequest
 from .limits import Limits
 from .schemas import (
-    Forward, ServiceModel, Texts, Usage, as_numpy, fit_context, parse, run_forward, softmax, special_prefix,
+    Forward, ServiceModel, Texts, Usage, as_numpy, fit_context, off_loop, parse, run_forward, softmax, special_prefix,
     window_ranges,
 )
 
@@ -226,8 +227,9 @@ def _merge_overlapping(entities: list[Entity]) -> list[Entity]:
 
 class TaggingService:
     def __init__(self, tokenizer, labels: list[str], forward: Forward, *, max_length: int,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, executor: Executor | None = None):
         self.tokenizer = tokenizer
+        self.executor = executor  # where tokenization and offset alignment run (`off_loop`)
         self.labels = list(labels)
         self.forward = forward
         self.max_length = max_length  # the model's context: the window size
@@ -236,7 +238,8 @@ class TaggingService:
     async def tag(self, request: TaggingRequest | dict) -> TaggingResponse:
         request = parse(TaggingRequest, request)
         self.limits.check_texts("inputs", request.inputs)
-        windows = preprocess(request, self.tokenizer, self.max_length, self.limits)
+        windows = await off_loop(self.executor, preprocess, request, self.tokenizer, self.max_length, self.limits)
         logits = await run_forward(self.forward, [w.ids for w in windows])
-        return TaggingResponse(results=postprocess(logits, windows, request, self.tokenizer, self.labels),
+        results = await off_loop(self.executor, postprocess, logits, windows, request, self.tokenizer, self.labels)
+        return TaggingResponse(results=results,
                                usage=Usage(prompt_tokens=sum(len(w.ids) for w in windows)))

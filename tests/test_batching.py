@@ -5,6 +5,8 @@ get without batching."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from seedoss.loader import load_head, load_stage
 from seedoss.model import StepBatch
 from seedoss.tokenizer import SeedOssTokenizer
 from seedoss.services.classification import ClassificationService
+from seedoss.services.embeddings import EmbeddingService
 from seedoss.services.qa import QAService
 from seedoss.services.schemas import local_forward
 from seedoss.services.tagging import TaggingService
@@ -165,3 +168,53 @@ def test_waves_of_concurrent_requests_all_complete(loop_factory):
         loop_factory = pytest.importorskip("uvloop").new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         assert runner.run(main()) == [[[f"{n}-{k}"] for k in range(1 + n % 3)] for n in range(300)]
+
+
+class ThreadRecordingTokenizer:
+    """The real tokenizer, noting the thread of every method call (encode, windows, offsets, decode)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.threads = tokenizer, []
+
+    def __getattr__(self, name):
+        value = getattr(self._tokenizer, name)
+        if not callable(value):
+            return value
+
+        def call(*args, **kwargs):
+            self.threads.append(threading.current_thread().name)
+            return value(*args, **kwargs)
+
+        return call
+
+
+def test_head_services_tokenize_off_the_event_loop(heads, stage, demo_checkpoint):
+    """With an executor (a head replica's one tokenize thread) every tokenizer call of every task runs there, not
+    on the event loop the replica's concurrent requests share, and the answers are what they are inline."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-tokenize")
+    recorded = {task: (cls, method, ThreadRecordingTokenizer(tok), head, kwargs)
+                for task, (cls, method, tok, head, kwargs) in heads.items()}
+    offloaded = {task: getattr(cls(tok, forward=local_forward(stage, head), max_length=4096, executor=pool, **kwargs),
+                               method)
+                 for task, (cls, method, tok, head, kwargs) in recorded.items()}
+    plain = services(heads, lambda head: local_forward(stage, head))
+    embed_tokenizer = ThreadRecordingTokenizer(SeedOssTokenizer.from_pretrained(demo_checkpoint))
+    config = SeedOssConfig.from_pretrained(demo_checkpoint)
+    embed = EmbeddingService(embed_tokenizer, local_forward(stage, lambda hidden: hidden), max_length=4096,
+                             vocab_size=config.vocab_size, executor=pool).embed
+    embed_inline = EmbeddingService(SeedOssTokenizer.from_pretrained(demo_checkpoint),
+                                    local_forward(stage, lambda hidden: hidden), max_length=4096,
+                                    vocab_size=config.vocab_size).embed
+    texts = {"input": ["Ada Lovelace met Charles Babbage.", CONTEXT]}
+
+    async def run(table, embedding):
+        return await asyncio.gather(*[table[task](body) for task, body in REQUESTS], embedding(texts))
+
+    try:
+        got = [dumped(r) for r in asyncio.run(run(offloaded, embed))]
+    finally:
+        pool.shutdown()
+    assert got == [dumped(r) for r in asyncio.run(run(plain, embed_inline))]
+    threads = [name for _, _, tok, _, _ in recorded.values() for name in tok.threads] + embed_tokenizer.threads
+    assert len(threads) >= len(REQUESTS) + 1
+    assert all(name.startswith("head-tokenize") for name in threads), set(threads)
