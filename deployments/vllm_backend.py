@@ -34,6 +34,7 @@ from ray import serve
 from seedoss.config import SeedOssConfig
 from seedoss.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from seedoss.engine import CompletionOutput, EngineConfig, EngineObserver, EngineStats, RequestError, RequestOutput
+from seedoss.engine.engine import admit
 from seedoss.engine.sequence import TokenLogprob
 from seedoss.sampling import SamplingParams
 from seedoss.tokenizer import SeedOssTokenizer
@@ -210,26 +211,12 @@ class VllmEngine:
         (self.observer.on_first_token if first else self.observer.on_next_token)(seconds)
 
     def _check(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """The same admission checks and messages as `LLMEngine._add`; `max_tokens` filled in when None."""
-        if not prompt_ids:
-            raise RequestError("the prompt is empty", "prompt")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
-        room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model accepts at most "
-                               f"{self.max_model_len - 1} so one can be generated", "prompt")
+        """`LLMEngine`'s admission checks (the same messages), then the fields this backend cannot honour."""
+        params = admit(prompt_ids, params, self.model_config.vocab_size, self.max_model_len)
         for field in UNSUPPORTED:
             if getattr(params, field):
                 raise RequestError(f"{field} is not supported by the vLLM generation backend (generation.backend: "
                                    "vllm); use the seedoss backend for it", field)
-        if params.max_tokens is None:
-            return params.model_copy(update={"max_tokens": room})
-        if params.max_tokens > room:
-            raise RequestError(f"max_tokens={params.max_tokens} exceeds the {room} tokens left after the "
-                               f"{len(prompt_ids)}-token prompt (context {self.max_model_len})", "max_tokens")
         return params
 
     def _vllm_params(self, params: SamplingParams, index: int, delivered: int):

@@ -57,6 +57,26 @@ class _Request:
         return next((s.num_cached_tokens for s in self.seqs if s.num_cached_tokens is not None), 0)
 
 
+def admit(prompt_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> SamplingParams:
+    """A request's admission checks, shared by every generation backend so they answer alike: a non-empty prompt of
+    ids inside the vocabulary, room for one generated token, and `max_tokens` within the context (filled in with
+    all the room left when None)."""
+    if not prompt_ids:
+        raise RequestError("the prompt is empty", "prompt")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", "prompt")
+    room = max_model_len - len(prompt_ids)
+    if room < 1:
+        raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model accepts at most "
+                           f"{max_model_len - 1} so one can be generated", "prompt")
+    if params.max_tokens is None:
+        return params.model_copy(update={"max_tokens": room})
+    if params.max_tokens > room:
+        raise RequestError(f"max_tokens={params.max_tokens} exceeds the {room} tokens left after the "
+                           f"{len(prompt_ids)}-token prompt (context {max_model_len})", "max_tokens")
+    return params
+
 class LLMEngine:
     def __init__(self, pipeline: Pipeline, lm_head: LMHead, tokenizer: SeedOssTokenizer,
                  model_config: SeedOssConfig, config: EngineConfig | None = None, seed: int | None = None,
@@ -158,21 +178,7 @@ class LLMEngine:
              resume: dict[int, list[int] | None], cache_salt: str | None) -> _Request:
         key = uuid.uuid4().hex
         request_id = request_id or f"req-{key}"
-        if not prompt_ids:
-            raise RequestError("the prompt is empty", "prompt")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
-        room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model accepts at most "
-                               f"{self.max_model_len - 1} so one can be generated", "prompt")
-        if params.max_tokens is None:
-            params = params.model_copy(update={"max_tokens": room})
-        elif params.max_tokens > room:
-            raise RequestError(f"max_tokens={params.max_tokens} exceeds the {room} tokens left after the "
-                               f"{len(prompt_ids)}-token prompt (context {self.max_model_len})", "max_tokens")
+        params = admit(prompt_ids, params, self.model_config.vocab_size, self.max_model_len)
         seqs = [self._new_sequence(key, i, prompt_ids, params, resume.get(i, []), cache_salt)
                 for i in range(params.n) if resume.get(i, []) is not None]
         request = _Request(key, request_id, list(prompt_ids), seqs)
