@@ -43,16 +43,22 @@ def hf_probs(head):
 
 @pytest.fixture(scope="module")
 def vllm_probs(head, hf_probs):
+    saved = {key: os.environ.get(key) for key in CPU_ENV}
     for key, value in CPU_ENV.items():
         os.environ.setdefault(key, value)
-    from vllm import LLM
-
-    llm = LLM(model=head, tokenizer=head, runner="pooling", dtype="float32", gpu_memory_utilization=0.3,
-              max_model_len=256, max_num_seqs=8, seed=0, enforce_eager=True)
     try:
+        from vllm import LLM
+
+        llm = LLM(model=head, tokenizer=head, runner="pooling", dtype="float32", gpu_memory_utilization=0.3,
+                  max_model_len=256, max_num_seqs=8, seed=0, enforce_eager=True)
         yield [list(out.outputs.probs) for out in llm.classify(INPUTS)]
-    finally:
         del llm
+    finally:  # the later modules (test_vllm_serve's Ray workers inherit this environment) see it as it was
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def test_classify_probabilities_equal_transformers(hf_probs, vllm_probs):
