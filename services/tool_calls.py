@@ -10,8 +10,8 @@ asserts each difference), a block that names no function, a function that is not
 malformed block (unclosed `<function=` or `<parameter=` tag) or `<function=` without the wrapper is not a call: its
 text stays content (clients never get a call to a function they did not offer); text after a call stays content;
 a parameter cut off at the end keeps its value so far; Python-literal objects/arrays are parsed (vLLM 0.32 keeps
-the string; its earlier seed_oss parser parsed them too). Content is the text outside the call blocks, less the whitespace right before a call
-and, when there are calls, at the end.
+the string; its earlier seed_oss parser parsed them too). Content is the text outside the call blocks, less the
+whitespace right before a call and, when there are calls, at the end.
 
 As with reasoning (services/reasoning.py), one state machine serves streaming and whole outputs, so both agree at
 any split of the text. A call is emitted whole once its block closes (one tool-call delta carrying id, name and
