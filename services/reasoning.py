@@ -7,8 +7,9 @@ Seed-OSS's does for `thinking_budget: 0`), so an output with no closing tag is a
 
 One state machine serves both forms, so a streamed response always adds up to the non-streamed one: `split` is a
 single `feed(text, final=True)`. A tag cut across deltas is held back until it is complete or ruled out.
-Deliberate difference from vLLM: text before the opening tag stays reasoning (vLLM drops it when not streaming but
-streams it as reasoning; we keep the streamed behaviour in both).
+Text before the opening tag stays reasoning (as in vLLM 0.32; earlier vLLM dropped it when not streaming).
+Deliberate difference from vLLM: a second `</seed:think>` in the answer stays text (vLLM drops it). Checked against
+vLLM's parser by tests/vllm/test_parsers_match_vllm.py.
 """
 
 from __future__ import annotations

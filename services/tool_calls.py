@@ -5,10 +5,13 @@ The model writes calls as
 blocks for parallel calls, several functions per block allowed). Parsing follows vLLM's `seed_oss` tool parser:
 a value loses one leading and one trailing newline, `null` is None, and values are cast by the JSON-schema type of
 the tool's parameter (integer, number, boolean, object/array via JSON then Python-literal syntax, else string);
-a parameter the schema does not know stays a string. Unlike vLLM, a block that names no function, or a function
-that is not among the request's tools, is not a call: its text stays content (clients never get a call to a
-function they did not offer). Content is the text outside the call blocks, less the whitespace right before a call
-and, when there are calls, at the end.
+a parameter the schema does not know stays a string. Unlike vLLM (0.32; tests/vllm/test_parsers_match_vllm.py
+asserts each difference), a block that names no function, a function that is not among the request's tools, a
+malformed block (unclosed `<function=` or `<parameter=` tag) or `<function=` without the wrapper is not a call: its
+text stays content (clients never get a call to a function they did not offer); text after a call stays content;
+a parameter cut off at the end keeps its value so far; Python-literal objects/arrays are parsed (vLLM 0.32 keeps
+the string; its earlier seed_oss parser parsed them too). Content is the text outside the call blocks, less the
+whitespace right before a call and, when there are calls, at the end.
 
 As with reasoning (services/reasoning.py), one state machine serves streaming and whole outputs, so both agree at
 any split of the text. A call is emitted whole once its block closes (one tool-call delta carrying id, name and
