@@ -111,7 +111,8 @@ class LaneConfig(BaseModel):
     (`deployments/autoscaling.py`): enough lanes that each has at most `target_sequences` sequences running or
     waiting and at most `target_kv_usage` of its KV cache in use, averaged over `look_back_period_s`; changes wait
     `upscale_delay_s` / `downscale_delay_s`. A lane being removed finishes its streams within the Generation
-    deployment's `graceful_shutdown_timeout_s`; streams still running then continue on another lane."""
+    deployment's `graceful_shutdown_timeout_s`; streams still running then continue on another lane. The `prefix_*`
+    fields: which lane a request goes to (`deployments/prefix_routing.py`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -123,6 +124,14 @@ class LaneConfig(BaseModel):
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(120.0, ge=0)
     look_back_period_s: float = Field(10.0, gt=0)
+    prefix_affinity: bool = Field(True, description="send a request to the lane recently sent the longest run of "
+                                  "its prompt's leading KV blocks (deployments/prefix_routing.py); off: Serve's "
+                                  "power-of-two-choices on ongoing requests")
+    prefix_imbalance: int = Field(8, ge=0, description="ongoing requests a lane may carry above the least loaded "
+                                  "lane and still get its prefixes' requests")
+    prefix_min_blocks: int = Field(1, ge=1, description="leading full KV blocks a lane must share with a prompt "
+                                   "for affinity")
+    prefix_blocks_per_lane: int = Field(65536, ge=1, description="block names the router remembers per lane (LRU)")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -153,6 +162,7 @@ class LaneConfig(BaseModel):
 LANE_POLICY = "seedoss.deployments.autoscaling:LanePolicy"
 FOLLOW_LANES_POLICY = "seedoss.deployments.autoscaling:FollowLanes"
 LANE_ROUTER = "seedoss.deployments.routing:LaneRouter"
+PREFIX_ROUTER = "seedoss.deployments.prefix_routing:PrefixAffinityRouter"
 
 # The generation step path (Generation → each stage and back, every step) runs in replicas whose Serve machinery
 # shares one event loop with our code. By default Ray 2.60 runs a replica's user code on a second event-loop thread
@@ -269,6 +279,10 @@ class AppConfig(BaseModel):
                                     target_kv_usage=self.lanes.target_kv_usage)
         if self.generation.backend == "vllm" and self.device == "cuda":
             options.update(self.vllm_placement())
+        if self.lanes.prefix_affinity and self.lanes.max > 1:  # one lane: nothing to choose
+            options["request_router_config"] = {"request_router_class": PREFIX_ROUTER, "request_router_kwargs": {
+                "block_size": self.engine.block_size, "imbalance": self.lanes.prefix_imbalance,
+                "min_blocks": self.lanes.prefix_min_blocks, "blocks_per_lane": self.lanes.prefix_blocks_per_lane}}
         return options
 
     def vllm_placement(self) -> dict[str, Any]:

@@ -173,9 +173,11 @@ class ServePipeline:
 class Heads:
     """The gateway's handles of the head services, by task ("generate", "classify", "tag", "qa"), and the one way
     it calls them: unary calls (idempotent) are sent again while their replica was lost, and generation streams
-    continue on another lane when theirs is lost (`GenerationStream`). Lane choice for a request is Serve's default
-    power-of-two-choices on ongoing requests per Generation replica: a request is a sequence (or `n`), so a lane's
-    ongoing requests track its running + waiting sequences, the same load the lane autoscaler reads."""
+    continue on another lane when theirs is lost (`GenerationStream`). Which lane a request reaches is the Generation
+    deployment's router's choice: `prefix_routing.PrefixAffinityRouter` (with `lanes.prefix_affinity`, more than one
+    lane) or Serve's power-of-two-choices, both on ongoing requests per Generation replica: a request is a sequence
+    (or `n`), so a lane's ongoing requests track its running + waiting sequences, the same load the lane autoscaler
+    reads."""
 
     def __init__(self, handles: dict, retry: RetryPolicy, timeouts: Timeouts):
         self.handles, self.retry, self.timeouts = handles, retry, timeouts
