@@ -321,6 +321,7 @@ class VllmEngine:
             num_running=s.num_running_reqs if s else 0, num_waiting=s.num_waiting_reqs if s else 0,
             kv_usage=float(s.kv_cache_usage) if s else 0.0, num_preemptions=self.gauges.preemptions,
             batches=0, steps=0, cache_misses=0,
+            prefix_cache_queries=0, prefix_cache_hits=0,  # vLLM keeps its own prefix cache; not reported here
             ttft_s=list(self._ttft), inter_token_s=list(self._itl), **self._totals)
 
     async def shutdown(self) -> None:
