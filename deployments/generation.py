@@ -127,8 +127,11 @@ class Generation:
                 "steps": s.steps,
                 "cache_misses": s.cache_misses, "prefix_cache_queries": s.prefix_cache_queries,
                 "prefix_cache_hits": s.prefix_cache_hits, "lane": self.lane,
-                "timing": self.engine.pipeline.timings.as_dict(),
-                "replica": serve.get_replica_context().replica_id.unique_id}
+                "timing": self._timing(), "replica": serve.get_replica_context().replica_id.unique_id}
+
+    def _timing(self) -> dict:
+        """Where a step's time went, per component (deployments/timing.py: hops, queues, compute)."""
+        return self.engine.pipeline.timings.as_dict()
 
     async def max_model_len(self) -> int:
         return (await self._engine()).max_model_len

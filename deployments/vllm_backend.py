@@ -360,6 +360,10 @@ class VllmGeneration(Generation):
                 self._gauges = asyncio.get_running_loop().create_task(self._update_gauges())
         return self.engine
 
+    def _timing(self) -> dict:
+        """No per-hop breakdown: vLLM's pipeline runs inside its own worker processes."""
+        return {}
+
     async def stats(self) -> dict:
         """`Generation.stats` plus the tokens vLLM's engine core generated (`engine_generation_tokens`)."""
         engine = await self._engine()
