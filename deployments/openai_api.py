@@ -101,21 +101,26 @@ async def _merged(streams: list, firsts: list[dict]) -> AsyncIterator[tuple[int,
 def router(core: GatewayCore) -> APIRouter:
     api = APIRouter()
 
+    async def prepared(request: Request, request_cls, mapper_of, params: dict[str, str]):
+        """Completions' and chat's common start: body, limits, parse, model check, tokenization in the core's
+        pool, the response mapper. `params` gets the request's error-field renames as soon as they are known."""
+        body = await json_body(request, core)
+        core.limits.check_generation(body)
+        req = request_cls.parse(body)
+        params.update(req.error_params())
+        core.check_model(req.model)
+        prompts = await core.tokenized(req.native_bodies, core.tokenizer)
+        return req, prompts, mapper_of(req, core.model_name, core.tokenizer, prompts)
+
     @api.get("/v1/models")
     async def list_models():
         return model_list(core.model_name, await core.max_model_len(), _CREATED)
 
     @api.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
     async def completions(request: Request):
-        params = None
+        params = {}
         try:
-            body = await json_body(request, core)
-            core.limits.check_generation(body)
-            req = CompletionRequest.parse(body)
-            params = req.error_params()
-            core.check_model(req.model)
-            prompts = await core.tokenized(req.native_bodies, core.tokenizer)
-            mapper = completion_mapper(req, core.model_name, core.tokenizer, prompts)
+            req, prompts, mapper = await prepared(request, CompletionRequest, completion_mapper, params)
             if not req.stream:
                 calls = [asyncio.ensure_future(core.complete(p.body)) for p in prompts]
                 try:
@@ -136,19 +141,13 @@ def router(core: GatewayCore) -> APIRouter:
             if mapper.include_usage:
                 yield mapper.usage_chunk()
 
-        return sse_response(chunks(), streams, lambda e: rename_param(e, params or {}))
+        return sse_response(chunks(), streams, lambda e: rename_param(e, params))
 
     @api.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request):
-        params = None
+        params = {}
         try:
-            body = await json_body(request, core)
-            core.limits.check_generation(body)
-            req = ChatCompletionRequest.parse(body)
-            params = req.error_params()
-            core.check_model(req.model)
-            prompts = await core.tokenized(req.native_bodies, core.tokenizer)
-            mapper = chat_mapper(req, core.model_name, core.tokenizer, prompts)
+            req, prompts, mapper = await prepared(request, ChatCompletionRequest, chat_mapper, params)
             if not req.stream:
                 return mapper.response(await core.complete(prompts[0].body))
             streams, firsts = await core.open_streams([p.body for p in prompts])
@@ -164,7 +163,7 @@ def router(core: GatewayCore) -> APIRouter:
             if mapper.include_usage:
                 yield mapper.usage_chunk()
 
-        return sse_response(chunks(), streams, lambda e: rename_param(e, params or {}))
+        return sse_response(chunks(), streams, lambda e: rename_param(e, params))
 
     @api.post("/tokenize", openapi_extra=body_schema(TokenizeRequest))
     @api.post("/v1/tokenize", openapi_extra=body_schema(TokenizeRequest))
