@@ -54,6 +54,9 @@ def start_ray(args) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    from seedoss.deployments import serve_env
+
+    serve_env.apply()  # the switches `seedoss serve` starts Ray with
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              **({} if args.device == "cuda" else {"num_cpus": 2}))
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")

@@ -20,10 +20,10 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import tempfile
 import time
 from pathlib import Path
+from seedoss.deployments.serve_env import free_port
 
 APP = "seedoss"
 TASKS = ("classify", "tag", "qa")
@@ -70,28 +70,26 @@ def make_inputs(n: int = 256) -> dict[str, list]:
 # --------------------------------------------------------------------------------------------------- the server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(checkpoint: Path) -> tuple[str, str]:
+def start_server(checkpoint: Path, head_placement: str) -> tuple[str, str]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
 
+    from seedoss.deployments import serve_env
     from seedoss.deployments.app import build_app
 
     port, grpc_port = free_port(), free_port()
-    # a Ray instance of our own ("local"), never one another process on this machine started
+    # a Ray instance of our own ("local"), never one another process on this machine started, with the switches
+    # `seedoss serve` starts Ray with (switches set in the environment win; RAY_SERVE_ENABLE_HA_PROXY=1 adds HAProxy)
+    serve_env.apply()
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="bench-heads-ray-"))
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly",
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
                     "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
-    log("deploying the Serve app (2 stages + heads + generation + gateway) …")
-    serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": 2}), name=APP, route_prefix="/")
+    log(f"deploying the Serve app (2 stages + heads + generation + gateway, heads in the {head_placement}) …")
+    serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": 2, "head_placement": head_placement}),
+              name=APP, route_prefix="/")
     return f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
 
 
@@ -104,7 +102,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def server_processes() -> dict[int, str]:
-    """pid → role ("proxy", "Gateway", "Classification", "SeedOssStage0", …) of the Ray workers this process
+    """pid → role ("proxy", "Gateway", "SeedOssStage0", …) of the Ray workers (and HAProxy) this process
     started (its descendants: other Ray instances on the machine are not counted)."""
     parents, names = {}, {}
     for entry in Path("/proc").iterdir():
@@ -119,7 +117,9 @@ def server_processes() -> dict[int, str]:
         ancestor = parents.get(pid)
         while ancestor not in (None, 0, 1, os.getpid()):
             ancestor = parents.get(ancestor)
-        if ancestor == os.getpid() and name.startswith("ray::"):
+        if ancestor == os.getpid() and Path(name).name == "haproxy":  # Serve's HAProxy ingress (serve_env)
+            roles[pid] = "proxy"
+        elif ancestor == os.getpid() and name.startswith("ray::"):
             role = name.removeprefix("ray::").split(".")[0]
             roles[pid] = "proxy" if "proxy" in role.lower() else role.rsplit(":", 1)[-1].strip()
     return roles
@@ -301,7 +301,9 @@ def report(served: list[dict], hf: list[dict], concurrency: list[int]) -> str:
                          f"{g['requests_per_s']:.0f} | {g['p50_ms']:.1f} | {g['p95_ms']:.1f} | "
                          f"{h['requests_per_s'] / reference['inputs_per_s']:.2f}x | {h['not_ok'] + g['not_ok']} |")
         lines.append("")
-    roles = ["proxy", "Gateway", "Classification", "SeedOssStage0", "SeedOssStage1", "clients"]
+    seen = {role for row in served for role in row["cpu_ms_per_request"]}  # Classification: only as a deployment
+    roles = [r for r in ("proxy", "Gateway", "Classification", "SeedOssStage0", "SeedOssStage1", "clients")
+             if r in seen]
     lines += ["#### CPU ms per classify request, by process", "",
               "| front end | clients | " + " | ".join(roles) + " | server total |",
               "|---|---:|" + "---:|" * (len(roles) + 1)]
@@ -320,6 +322,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per cell")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
+    parser.add_argument("--head-placement", choices=["gateway", "deployments"], default="gateway",
+                        help="AppConfig.head_placement (deployments: a Serve call more per request)")
     parser.add_argument("--json", help="also write every row to this file")
     args = parser.parse_args()
 
@@ -329,7 +333,7 @@ def main() -> None:
     log(f"CPU: {cpu_info()}")
     log(f"load average at start: {load()}")
     inputs = make_inputs()
-    url, grpc_target = start_server(checkpoint)
+    url, grpc_target = start_server(checkpoint, args.head_placement)
     hf, served = [], []
     for task in TASKS:  # HF right before the task's served cells: both under much the same machine load
         hf.append(run_hf(checkpoint, task, inputs[task]))

@@ -227,6 +227,9 @@ def start_server(checkpoint) -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    from seedoss.deployments import serve_env
+
+    serve_env.apply()  # the switches `seedoss serve` starts Ray with
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a running cluster
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     deploy(checkpoint, lanes=1)

@@ -46,7 +46,6 @@ import json
 import os
 import random
 import re
-import socket
 import sys
 import threading
 import time
@@ -54,6 +53,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from seedoss.deployments.serve_env import free_port
 
 APP = "seedoss"
 GRPC_METADATA = (("application", APP),)
@@ -564,16 +564,11 @@ def rss_growth(before: dict, after: dict) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- the server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def app_config(checkpoint, engine_retry_s: float = 120.0) -> dict:
     """The soak's app: 2 stages, 2 Classification replicas (one survives the kill), an engine that rides out a stage
     replica restart (retries of 0.5 s up to `engine_retry_s`)."""
     return {"checkpoint": str(checkpoint), "num_stages": 2, "classify": {"num_replicas": 2},
+            "head_placement": "deployments",
             "retry": {"attempts": int(engine_retry_s / 0.5), "total_s": engine_retry_s, "backoff_s": 0.5,
                       "max_backoff_s": 0.5}}
 
@@ -587,8 +582,11 @@ def start_server(checkpoint, temp_dir: str, num_cpus: int = 2) -> SimpleNamespac
 
     from seedoss.deployments.app import build_app
 
+    from seedoss.deployments import serve_env
+
+    serve_env.apply()  # the switches `seedoss serve` starts Ray with
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly",
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
                     "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})

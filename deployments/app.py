@@ -44,12 +44,16 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation_options())
                       .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, timeouts, *stages,
                             generation_config=cfg.generation_config))
-    heads = {
-        task: serve.deployment(TaskHead, name=TASK_DEPLOYMENTS[task]).options(**cfg.head_options(task))
-        .bind(task, path, cfg.dtype, retry, timeouts, cfg.batching.model_dump(), *stages, limits=cfg.limits)
-        for task, path in cfg.heads().items()
-    }
+    head_args = (cfg.dtype, retry, timeouts, cfg.batching.model_dump(), *stages)
+    if cfg.head_placement == "gateway":  # each gateway replica builds the heads itself (`Gateway.__init__`)
+        heads, local_heads = {}, {task: (path, *head_args) for task, path in cfg.heads().items()}
+    else:
+        heads, local_heads = {
+            task: serve.deployment(TaskHead, name=TASK_DEPLOYMENTS[task]).options(**cfg.head_options(task))
+            .bind(task, path, *head_args, limits=cfg.limits)
+            for task, path in cfg.heads().items()
+        }, {}
     return Gateway.options(**cfg.gateway_options()).bind(
-        cfg.checkpoint, cfg.model_name, generation, **heads, api_keys=cfg.api_keys, limits=cfg.limits,
-        require_api_keys=cfg.require_api_keys, retry=retry, timeouts=timeouts,
+        cfg.checkpoint, cfg.model_name, generation, **heads, local_heads=local_heads, api_keys=cfg.api_keys,
+        limits=cfg.limits, require_api_keys=cfg.require_api_keys, retry=retry, timeouts=timeouts,
         tokenizer_threads=cfg.tokenizer_threads)

@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from seedoss.heads import SequenceClassificationHead
+from seedoss.services.errors import Overloaded
 
 Item = TypeVar("Item")
 
@@ -46,6 +47,9 @@ class BatchingConfig(BaseModel):
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch that is not full waits for more requests "
                                "while another batch is in flight (a lone request never waits)")
     max_concurrent_batches: int = Field(2, ge=1, description="forwards in flight per head replica")
+    max_concurrent_requests: int = Field(
+        128, ge=1, description="requests one head (per replica) holds, queued or in a forward (TEI's "
+        "max_concurrent_requests); more are answered 429 at once instead of waiting without bound")
 
 
 class _Request(Generic[Item]):
@@ -62,10 +66,12 @@ class _Request(Generic[Item]):
 class TokenBatcher(Generic[Item]):
     def __init__(self, forward: Callable[[list[Item]], Awaitable[Sequence[Any]]],
                  combine: Callable[[list[Any]], Any], size: Callable[[Item], int] = len, *,
-                 max_batch_tokens: int, max_wait_ms: float = 0.0, max_concurrent_batches: int = 1):
+                 max_batch_tokens: int, max_wait_ms: float = 0.0, max_concurrent_batches: int = 1,
+                 max_concurrent_requests: int | None = None):
         self.forward, self.combine, self.size = forward, combine, size
         self.max_batch_tokens, self.max_wait_s = max_batch_tokens, max_wait_ms / 1000
-        self.max_concurrent_batches = max_concurrent_batches
+        self.max_concurrent_batches, self.max_concurrent_requests = max_concurrent_batches, max_concurrent_requests
+        self.requests = 0  # callers waiting for their result
         self._scheduler: asyncio.Task | None = None
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -89,6 +95,8 @@ class TokenBatcher(Generic[Item]):
         """`combine` of the forward's outputs for `items`, computed in batches shared with concurrent callers."""
         if not items:
             return self.combine([])
+        if self.max_concurrent_requests is not None and self.requests >= self.max_concurrent_requests:
+            raise Overloaded(f"{self.requests} requests are waiting for this service; retry shortly", retry_after=1)
         loop = asyncio.get_running_loop()
         if self._scheduler is None or self._scheduler.get_loop() is not loop or self._scheduler.done():
             self._start(loop)
@@ -96,7 +104,11 @@ class TokenBatcher(Generic[Item]):
         self._queue.append(request)
         self._queued_tokens += sum(self.size(item) for item in items)
         self._wake.set()
-        return await request.future  # cancelling it (the caller went away) drops the items not yet taken
+        self.requests += 1
+        try:
+            return await request.future  # cancelling it (the caller went away) drops the items not yet taken
+        finally:
+            self.requests -= 1
 
     @staticmethod
     def _stopped(scheduler: asyncio.Task, queue: deque) -> None:

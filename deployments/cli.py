@@ -25,10 +25,13 @@ def _serve(args) -> None:
     import ray
     from ray import serve
 
+    from . import serve_env
     from .app import build_app
     from .config import REQUEST_TIMEOUT_S
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_demo_checkpoint()
+    if args.ray_address is None:  # the Ray instance we start inherits Serve's switches (a joined one has its own)
+        serve_env.apply()
     ray.init(address=args.ray_address, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": REQUEST_TIMEOUT_S},
                 proxy_location="HeadOnly",

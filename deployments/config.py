@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from seedoss.services.limits import Limits
 from .batching import BatchingConfig
 from .faults import RetryPolicy, Timeouts
 from .logs import LogOptions
+from .serve_env import REPLICA_ENV
 
 # Serve's end-to-end bound on one HTTP request (proxy `http_options.request_timeout_s`): above the longest stream a
 # deployment should serve (a 32k-token answer at 40 tokens/s is ~800 s); per-call bounds are `AppConfig.timeouts`.
@@ -164,21 +166,17 @@ FOLLOW_LANES_POLICY = "seedoss.deployments.autoscaling:FollowLanes"
 LANE_ROUTER = "seedoss.deployments.routing:LaneRouter"
 PREFIX_ROUTER = "seedoss.deployments.prefix_routing:PrefixAffinityRouter"
 
-# The generation step path (Generation → each stage and back, every step) runs in replicas whose Serve machinery
-# shares one event loop with our code. By default Ray 2.60 runs a replica's user code on a second event-loop thread
-# and each handle's router on a third, so every call crosses threads — and the GIL, contended by the stage's compute
-# thread — twice more at each end (bench/RESULTS.md, issue 15). These are Serve's own switches (two of those that
-# `RAY_SERVE_THROUGHPUT_OPTIMIZED` flips); they are read when a replica's process starts, so they travel as the
-# deployment's runtime_env. Those replicas never block their loop: compute, sampling and sync methods run in
-# worker threads. (The gateway keeps Serve's defaults: its adapters are not ours to re-thread here.)
-SAME_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
-
-
+# Every replica runs its user code and its handles' routers on one event loop and calls other deployments over
+# gRPC by value (`serve_env.REPLICA_ENV`, measured in bench/RESULTS.md, issues 15 and 18). These are Serve's own
+# switches, read when a replica's process starts, so besides the cluster's environment (`serve_env.apply`, the
+# k8s manifests) they travel as each deployment's runtime_env. Our replicas never block their loop: compute,
+# sampling, tokenization and sync methods run in worker threads.
 def same_loop(options: dict[str, Any]) -> dict[str, Any]:
-    """`options` with `SAME_LOOP_ENV` in its ray_actor_options' runtime_env (env vars the user set win)."""
+    """`options` with `REPLICA_ENV` in its ray_actor_options' runtime_env; env vars set in the options win, then
+    those set in this process (`RAY_SERVE_USE_GRPC_BY_DEFAULT=0 seedoss serve` turns that switch off)."""
     actor = dict(options.get("ray_actor_options", {}))
     runtime_env = dict(actor.get("runtime_env") or {})
-    runtime_env["env_vars"] = {**SAME_LOOP_ENV, **runtime_env.get("env_vars", {})}
+    runtime_env["env_vars"] = {**{k: os.environ.get(k, v) for k, v in REPLICA_ENV.items()}, **runtime_env.get("env_vars", {})}
     actor["runtime_env"] = runtime_env
     return {**options, "ray_actor_options": actor}
 
@@ -221,7 +219,11 @@ class AppConfig(BaseModel):
     generation: GenerationOptions = Field(default_factory=lambda: GenerationOptions(max_ongoing_requests=256, max_queued_requests=512))
     batching: BatchingConfig = Field(default_factory=BatchingConfig,
                                      description="how the heads pack concurrent requests into backbone forwards")
-    # A head replica batches across its ongoing requests, so it takes many at once (TEI's max_concurrent_requests);
+    head_placement: Literal["gateway", "deployments"] = Field(
+        "gateway", description="where the classify/tag/qa/embed heads run: in every gateway replica (a request "
+        "makes no Serve call of its own, only its batch's stage forwards; the heads scale with the gateway), or as "
+        "deployments of their own (`classify:` ... `embed:` options; one more Serve call per request)")
+    # With head_placement: deployments, a head replica batches across its ongoing requests, so it takes many at once;
     # its bounds are below the gateway's, so excess load meets the head's queue limit and is answered 429.
     classify: DeploymentOptions = Field(default_factory=lambda: batched_head_options())
     tag: DeploymentOptions = Field(default_factory=lambda: batched_head_options())
@@ -262,10 +264,10 @@ class AppConfig(BaseModel):
         return {**heads, "embed": self.checkpoint}
 
     def head_options(self, task: str) -> dict[str, Any]:
-        return {**getattr(self, task).serve_options(), "logging_config": self.logs.serve_logging()}
+        return same_loop({**getattr(self, task).serve_options(), "logging_config": self.logs.serve_logging()})
 
     def gateway_options(self) -> dict[str, Any]:
-        return {**self.gateway.serve_options(), "logging_config": self.logs.serve_logging()}
+        return same_loop({**self.gateway.serve_options(), "logging_config": self.logs.serve_logging()})
 
     def _lane_scaled(self, name: str, policy: str, **policy_kwargs) -> dict[str, Any]:
         options = getattr(self, name).serve_options()

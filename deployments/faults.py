@@ -2,11 +2,14 @@
 (retry or hand over elsewhere) or that a deployment is saturated (answer 429), and the one retry policy every
 caller uses — stage chains, head calls and generation streams alike (`AppConfig.retry`).
 
-Two kinds of loss are told apart. A replica that was *unavailable* (restarting, being replaced, not yet running)
-never ran the call: it is sent again while the budget lasts. A replica that *died under the call* may have been
-killed by it (a poison request: a huge or malformed input that crashes the process): such a call is sent again at
-most `crash_retries` times (default once), so one request cannot take down replica after replica; then the client
-gets a 5xx with an error id. A call that takes longer than its timeout is cancelled and answered 503."""
+A replica that was lost may have been killed by the call itself (a poison request: a huge or malformed input that
+crashes the process), so a call is sent again after at most `crash_retries` (default one) *distinct* replicas were
+lost under it: one request cannot take down replica after replica; then the client gets a 5xx with an error id.
+Distinct, because a retry can reach the same lost replica again before Serve notices it is gone, and because calls
+go over gRPC by value (`serve_env`), where Serve reports a replica that died under the call and one that was
+already gone alike (`ActorUnavailableError`, "may or may not have been executed"): each lost replica is counted
+once, whichever it was. Losses that name no replica (no replica running, the deployment being replaced) are sent
+again while the budget lasts. A call that takes longer than its timeout is cancelled and answered 503."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 log = logging.getLogger(__name__)
@@ -42,13 +45,13 @@ def replica_lost(exc: BaseException) -> bool:
     return any(isinstance(e, REPLICA_LOST) for e in _causes(exc))
 
 
-def replica_crashed(exc: BaseException) -> bool:
-    """The replica died while it had the call (as opposed to being unavailable before taking it)."""
-    return any(isinstance(e, RayActorError) and not isinstance(e, ActorUnavailableError) for e in _causes(exc))
+def lost_replica(exc: BaseException) -> str | None:
+    """The id of the replica actor that died or became unavailable with the call, if the error names one."""
+    return next((e.actor_id for e in _causes(exc) if isinstance(e, RayActorError) and e.actor_id), None)
 
 
 class PoisonRequest(RuntimeError):
-    """A call whose replica died under it more often than `RetryPolicy.crash_retries` allows: not sent again."""
+    """A call that lost more distinct replicas than `RetryPolicy.crash_retries` allows: not sent again."""
 
 
 class CallTimeout(TimeoutError):
@@ -72,7 +75,7 @@ class RetryPolicy(BaseModel):
     total_s: float = Field(60.0, gt=0, description="no retry starts later than this after the first try")
     backoff_s: float = Field(0.25, ge=0)
     max_backoff_s: float = Field(4.0, ge=0)
-    crash_retries: int = Field(1, ge=0, description="resends of a call whose replica died under it (poison guard)")
+    crash_retries: int = Field(1, ge=0, description="distinct replicas a call may lose and still be sent again (poison guard)")
 
     def retries(self, what: str) -> "Retries":
         return Retries(self, what)
@@ -95,20 +98,22 @@ class RetryPolicy(BaseModel):
 
 class Retries:
     """The retry budget of one call (or one stream): how long to wait before sending it again after `exc`, or None
-    when it must not be sent again (not a lost replica, budget spent). Raises PoisonRequest when its replica died
-    under it more than `crash_retries` times."""
+    when it must not be sent again (not a lost replica, budget spent). Raises PoisonRequest when more than
+    `crash_retries` distinct replicas were lost under it."""
 
     def __init__(self, policy: RetryPolicy, what: str):
         self.policy, self.what = policy, what
         self.deadline = time.monotonic() + policy.total_s
-        self.backoff, self.tries, self.crashes = policy.backoff_s, 1, 0
+        self.backoff, self.tries = policy.backoff_s, 1
+        self.lost: set[str] = set()  # ids of the replica actors lost under this call
 
     def delay_after(self, exc: BaseException) -> float | None:
         if not replica_lost(exc):
             return None
-        self.crashes += replica_crashed(exc)
-        if self.crashes > self.policy.crash_retries:
-            raise PoisonRequest(f"{self.what}: its replica died under it {self.crashes} times; not sent again") from exc
+        if (replica := lost_replica(exc)) is not None:
+            self.lost.add(replica)
+        if len(self.lost) > self.policy.crash_retries:
+            raise PoisonRequest(f"{self.what}: {len(self.lost)} replicas were lost under it; not sent again") from exc
         if self.tries >= self.policy.attempts or time.monotonic() + self.backoff > self.deadline:
             return None
         delay, self.tries = self.backoff, self.tries + 1

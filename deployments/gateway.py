@@ -32,6 +32,7 @@ from . import native_api, openai_api
 from .config import resolve_api_keys
 from .faults import RetryPolicy, Timeouts
 from .gateway_core import GatewayCore
+from .heads import TaskHead
 from .grpc_api import GrpcMethods
 from .ingress import error_response
 from .metrics import LATENCY, REQUESTS
@@ -77,10 +78,14 @@ def http_app(core: GatewayCore) -> FastAPI:
 @serve.ingress()
 class Gateway(GrpcMethods):
     def __init__(self, checkpoint: str, model_name: str, generation, classify=None, tag=None, qa=None, embed=None, *,
-                 api_keys: list[str] | None = None, limits: Limits | None = None, require_api_keys: bool = False,
-                 retry: dict | None = None, timeouts: dict | None = None, tokenizer_threads: int = 2):
+                 local_heads: dict[str, tuple] | None = None, api_keys: list[str] | None = None,
+                 limits: Limits | None = None, require_api_keys: bool = False, retry: dict | None = None,
+                 timeouts: dict | None = None, tokenizer_threads: int = 2):
+        """`classify` ... `embed`: handles of head deployments; `local_heads`: `TaskHead` arguments by task, for
+        heads that run in this replica instead (`AppConfig.head_placement`)."""
+        local = {task: TaskHead(task, *args, limits=limits) for task, args in (local_heads or {}).items()}
         heads = Heads({"generate": generation, "classify": classify, "tag": tag, "qa": qa, "embed": embed},
-                      RetryPolicy.model_validate(retry or {}), Timeouts.model_validate(timeouts or {}))
+                      RetryPolicy.model_validate(retry or {}), Timeouts.model_validate(timeouts or {}), local=local)
         keys = resolve_api_keys(api_keys, os.environ.get("SEEDOSS_API_KEYS", ""), require_api_keys)
         self.core = GatewayCore(heads, SeedOssTokenizer.from_pretrained(checkpoint), model_name, limits=limits,
                                 api_keys=keys, tokenizer_threads=tokenizer_threads)

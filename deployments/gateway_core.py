@@ -163,9 +163,9 @@ class GatewayCore:
 
     async def _check_heads(self) -> dict[str, str]:
         status = {}
-        for task, handle in self.heads.deployed().items():
+        for task in self.heads.deployed():
             try:
-                await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
+                await asyncio.wait_for(self.heads.ready(task), READY_TIMEOUT_S)
                 status[task] = "ready"
             except Exception as e:
                 status[task] = f"unavailable: {service_error(e).message}"

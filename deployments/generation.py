@@ -18,7 +18,7 @@ from seedoss.services.generation import GenerateRequest, choice_dict, response_d
 from .autoscaling import LOAD_KV, LOAD_SEQUENCES
 from .faults import RetryPolicy, Timeouts
 from .metrics import GenerationMetrics
-from .routing import ServePipeline, StageChain
+from .routing import ServePipeline, StageChain, wire_row_bytes
 from .timing import STREAM_TIMING, now
 
 GAUGE_INTERVAL_S = 1.0
@@ -40,7 +40,8 @@ class Generation:
         self.lm_head = load_head(checkpoint, "generate", dtype=dtype)
         # Between replicas the pipeline retries under the app's policy; the engine must not retry on top of it.
         self.engine_config = EngineConfig.model_validate({**engine_config, "max_step_retries": 0})
-        self.chain = StageChain(stages, RetryPolicy.model_validate(retry), Timeouts.model_validate(timeouts).stage_s)
+        self.chain = StageChain(stages, RetryPolicy.model_validate(retry), Timeouts.model_validate(timeouts).stage_s,
+                                row_bytes=wire_row_bytes(self.model_config, dtype))
         self.lane = _rank(serve.get_replica_context().rank)
         self.engine: LLMEngine | None = None
         self.metrics = GenerationMetrics()

@@ -24,7 +24,7 @@ from seedoss.services.tagging import TaggingService
 from .batching import BatchedHead, BatchingConfig
 from .faults import RetryPolicy, Timeouts
 from .metrics import HEAD_LATENCY, HEAD_REQUESTS
-from .routing import StageChain
+from .routing import StageChain, wire_row_bytes
 
 SERVICES = {
     "classify": (ClassificationService, "classify"),
@@ -40,7 +40,8 @@ class TaskHead:
         tokenizer = SeedOssTokenizer.from_pretrained(head_checkpoint)
         self.task = task
         # cache-less forwards: any stage replica serves them
-        self.stages = StageChain(stages, RetryPolicy.model_validate(retry), Timeouts.model_validate(timeouts).stage_s)
+        self.stages = StageChain(stages, RetryPolicy.model_validate(retry), Timeouts.model_validate(timeouts).stage_s,
+                                 row_bytes=wire_row_bytes(config, dtype))
         # embeddings have no head weights: the final hidden states themselves are pooled by the service
         head = torch.nn.Identity() if task == "embed" else load_head(head_checkpoint, task, dtype=dtype)
         self.forward = BatchedHead(self.stages.prefill, head, BatchingConfig.model_validate(batching))

@@ -63,12 +63,8 @@ def gpu_plan():
 
 
 def cpu_demo_app(checkpoint: str = "/models/demo") -> AppConfig:
-    """The tiny demo checkpoint (written by the pods' init container), 2 stages, everything on CPU workers."""
-    def head(max_replicas: int, target: float, max_ongoing: int, max_queued: int) -> DeploymentOptions:
-        return DeploymentOptions(
-            autoscaling_config={"min_replicas": 1, "max_replicas": max_replicas, "target_ongoing_requests": target},
-            max_ongoing_requests=max_ongoing, max_queued_requests=max_queued, ray_actor_options={"num_cpus": 0.25})
-
+    """The tiny demo checkpoint (written by the pods' init container), 2 stages, everything on CPU workers; the
+    heads run in the gateway replicas (the default `head_placement`)."""
     return AppConfig(
         checkpoint=checkpoint, model_name="seedoss-demo", dtype="float32", num_stages=2, pin_stages=False,
         require_api_keys=False,  # the demo's opt-out (k8s/overlays/cpu-demo/demo-without-keys.yaml)
@@ -77,10 +73,10 @@ def cpu_demo_app(checkpoint: str = "/models/demo") -> AppConfig:
         stage=DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.5}),
         generation=GenerationOptions(max_ongoing_requests=256, max_queued_requests=512,
                                      ray_actor_options={"num_cpus": 0.5}),
-        # a head replica batches its ongoing requests: it scales out only when 64 are ongoing on average
-        classify=head(4, 64, 128, 64), tag=head(4, 64, 128, 64), qa=head(4, 64, 128, 64),
-        embed=head(4, 64, 128, 64),
-        gateway=head(2, 32, 256, 512),
+        # a gateway replica batches the head requests it holds: it scales out only when 32 are ongoing on average
+        gateway=DeploymentOptions(
+            autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
+            max_ongoing_requests=256, max_queued_requests=512, ray_actor_options={"num_cpus": 0.25}),
     )
 
 
@@ -108,11 +104,10 @@ def gpu_pipeline_app(checkpoint: str = "/models/seed-oss-36b") -> AppConfig:
                                 ray_actor_options={"num_cpus": 4, "num_gpus": 1}),
         generation=GenerationOptions(max_ongoing_requests=512, max_queued_requests=1024,
                                      ray_actor_options={"num_cpus": 4, "resources": {LM_HEAD_RESOURCE: 1}}),
-        # head batches no larger than an engine step; a replica batches its ongoing requests (scale at 64)
+        # head batches no larger than an engine step; the heads run in the gateway replicas, which batch the head
+        # requests they hold (scale at 64 ongoing)
         batching=BatchingConfig(max_batch_tokens=4096),
-        classify=head(1, 8, 64, 128, 64, 2), tag=head(1, 8, 64, 128, 64, 2), qa=head(1, 8, 64, 128, 64, 2),
-        embed=head(1, 4, 64, 128, 64, 2),
-        gateway=head(2, 8, 64, 256, 512, 1),
+        gateway=head(2, 8, 64, 256, 512, 2),
     )
 
 
@@ -223,12 +218,13 @@ def _pydantic_errors(exc: ValidationError, path: str) -> list[str]:
 
 
 def deployment_options(app: AppConfig) -> dict[str, dict[str, Any]]:
-    """Deployment name → the Serve options build_app gives it (every head the config names, present or not; the
-    stages when it deploys them)."""
+    """Deployment name → the Serve options build_app gives it (with `head_placement: deployments`, every head the
+    config names, present or not; the stages when it deploys them)."""
     num_stages = app.stage_count() if app.deploys_stages() else 0
     options = {f"SeedOssStage{k}": app.stage_options(k) for k in range(num_stages)}
     options["Generation"] = app.generation_options()
-    options.update({name: app.head_options(task) for task, name in TASK_DEPLOYMENTS.items()})
+    if app.head_placement == "deployments":
+        options.update({name: app.head_options(task) for task, name in TASK_DEPLOYMENTS.items()})
     options["Gateway"] = app.gateway_options()
     return options
 

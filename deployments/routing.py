@@ -79,16 +79,40 @@ def chained(handles: list, method: str, x, *args):
     return detached(chain)
 
 
+# Ray's max_direct_call_object_size: a result up to this size travels inline with the call's reply.
+BY_VALUE_MAX_BYTES = 100 * 1024
+
+
+def wire_row_bytes(config, dtype: str) -> int:
+    """Bytes of one token's hidden state between stages (`config`: the checkpoint's SeedOssConfig)."""
+    return config.hidden_size * (2 if dtype in ("bfloat16", "float16") else 4)
+
+
 class StageChain:
-    """The stage deployments in pipeline order."""
+    """The stage deployments in pipeline order.
 
-    def __init__(self, handles: list, retry: RetryPolicy, stage_timeout_s: float):
-        self.handles, self.retry = list(handles), retry
-        self.num_stages = len(self.handles)
+    How hidden states travel depends on their size (`handles(tokens)`): a call whose hidden states are small (a
+    decode step, a few short texts) goes over gRPC by value, which costs less than a Ray actor call; a large one (a
+    prefill chunk, a big classify batch) goes by reference, as a Ray call whose result stays in the object store:
+    the array is not copied through gRPC messages, and its ObjectRef goes to the next stage without the caller
+    receiving the array (bench/RESULTS.md, issues 15 and 18)."""
+
+    def __init__(self, handles: list, retry: RetryPolicy, stage_timeout_s: float, row_bytes: int):
+        """`row_bytes`: one token's hidden state on the wire (hidden size × the element size)."""
+        self.retry, self.row_bytes = retry, row_bytes
+        self.num_stages = len(handles)
         self.timeout_s = stage_timeout_s * self.num_stages  # a forward through every stage
+        self._by_value = [h.options(_by_reference=False) for h in handles]
+        self._by_reference = [h.options(_by_reference=True) for h in handles]
 
-    def for_lane(self, lane: int) -> list:
-        return [h.options(session_id=lane_session(lane)) for h in self.handles]
+    def handles(self, tokens: int, lane: int | None = None) -> list:
+        """The stage handles for a call carrying `tokens` rows (for `lane`'s replicas, or any)."""
+        handles = self._by_reference if tokens * self.row_bytes > BY_VALUE_MAX_BYTES else self._by_value
+        return handles if lane is None else [h.options(session_id=lane_session(lane)) for h in handles]
+
+    def for_lane(self, lane: int) -> tuple[list, list]:
+        """`lane`'s stage handles: (by value, by reference)."""
+        return self.handles(0, lane), self.handles(1 << 62, lane)
 
     async def prefill(self, sequences: list[list[int]]) -> torch.Tensor:
         """Cache-less forward of whole sequences → final hidden states [sum(len), hidden]; any replica serves it,
@@ -97,7 +121,7 @@ class StageChain:
         tokens = pack(torch.tensor([t for s in sequences for t in s]))
 
         async def attempt():
-            response = chained(self.handles, "prefill", tokens, lengths)
+            response = chained(self.handles(sum(lengths)), "prefill", tokens, lengths)
             try:
                 return unpack(await response)
             except asyncio.CancelledError:  # timed out, or the caller went away
@@ -129,18 +153,20 @@ class ServePipeline:
 
     @classmethod
     async def connect(cls, chain: StageChain, lane: int) -> "ServePipeline":
-        infos = [await h.info.remote() for h in chain.for_lane(lane)]
+        infos = [await h.info.remote() for h in chain.for_lane(lane)[0]]
         return cls(chain, lane, min(i["num_blocks"] for i in infos), infos[0]["block_size"])
 
     def set_lane(self, lane: int) -> None:
         self.lane = lane
-        self._handles = self.chain.for_lane(lane)
+        self._handles, self._handles_by_reference = self.chain.for_lane(lane)
 
     async def run(self, tokens, seq_ids, query_lens, context_lens, block_hashes=None):
         retries = self.chain.retry.retries(f"lane {self.lane} step")
+        large = sum(query_lens) * self.chain.row_bytes > BY_VALUE_MAX_BYTES
+        handles = self._handles_by_reference if large else self._handles
         while True:
             sent, result = self.timings.sent(), None
-            step = chained(self._handles, "forward", pack(tokens), seq_ids, query_lens, context_lens, block_hashes)
+            step = chained(handles, "forward", pack(tokens), seq_ids, query_lens, context_lens, block_hashes)
             try:
                 async with asyncio.timeout(self.chain.timeout_s):  # no task per step, unlike wait_for
                     result = await step
@@ -179,8 +205,11 @@ class Heads:
     (or `n`), so a lane's ongoing requests track its running + waiting sequences, the same load the lane autoscaler
     reads."""
 
-    def __init__(self, handles: dict, retry: RetryPolicy, timeouts: Timeouts):
-        self.handles, self.retry, self.timeouts = handles, retry, timeouts
+    def __init__(self, handles: dict, retry: RetryPolicy, timeouts: Timeouts, local: dict | None = None):
+        """`handles`: a Serve handle per task; `local`: heads that run in this replica (`TaskHead`s, with
+        `AppConfig.head_placement: gateway`), called as coroutines: no hop to retry."""
+        self.local = set(local or {})
+        self.handles, self.retry, self.timeouts = {**handles, **(local or {})}, retry, timeouts
 
     def get(self, task: str):
         handle = self.handles.get(task)
@@ -194,6 +223,11 @@ class Heads:
     async def call(self, task: str, body: dict, method: str | None = None):
         handle = self.get(task)
         target = getattr(handle, method) if method else handle
+        if task in self.local:  # in this replica: its stage forwards retry on their own
+            try:
+                return await asyncio.wait_for(target(body), self.timeouts.head_s)
+            except TimeoutError:
+                raise CallTimeout(f"{task} call took longer than {self.timeouts.head_s:g}s") from None
 
         async def once():
             response = target.remote(body)
@@ -204,6 +238,11 @@ class Heads:
                 raise
 
         return await self.retry.call(once, f"{task} call", self.timeouts.head_s)
+
+    async def ready(self, task: str) -> None:
+        """Returns once `task`'s head answers a forward through the whole stage chain."""
+        head = self.get(task)
+        await (head.ready() if task in self.local else head.ready.remote())
 
     def stream(self, body: dict) -> "GenerationStream":
         return GenerationStream(self.get("generate"), body, self.retry, self.timeouts.head_s)

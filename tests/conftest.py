@@ -9,6 +9,12 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+try:  # every Ray instance a test starts runs with the switches `seedoss serve` uses
+    from seedoss.deployments import serve_env
+except ImportError:  # Ray is not installed (library-only checkout)
+    pass
+else:
+    serve_env.apply()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,6 +19,7 @@ from seedoss.model import StepBatch
 from seedoss.tokenizer import SeedOssTokenizer
 from seedoss.services.classification import ClassificationService
 from seedoss.services.embeddings import EmbeddingService
+from seedoss.services.errors import Overloaded
 from seedoss.services.qa import QAService
 from seedoss.services.schemas import local_forward
 from seedoss.services.tagging import TaggingService
@@ -146,6 +147,30 @@ def test_one_request_never_waits_and_failures_stay_in_their_batch():
         return await asyncio.gather(batcher(["g"]), batcher(["hh", "i"]))
 
     assert asyncio.run(after()) == [["G"], ["HH", "I"]]
+
+
+def test_requests_past_max_concurrent_requests_are_answered_429_at_once():
+    release = None
+
+    async def forward(items):
+        await release.wait()
+        return [x.upper() for x in items]
+
+    batcher = TokenBatcher(forward, list, max_batch_tokens=8, max_concurrent_batches=1, max_concurrent_requests=3)
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        held = [asyncio.ensure_future(batcher([c])) for c in "abc"]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as refused:
+            await batcher(["d"])  # refused without waiting for the forward
+        assert refused.value.http_status == 429 and refused.value.retry_after
+        release.set()
+        assert [await h for h in held] == [["A"], ["B"], ["C"]]
+        return await batcher(["e"])  # room again once those were answered
+
+    assert asyncio.run(main()) == ["E"] and batcher.requests == 0
 
 
 @pytest.mark.parametrize("loop_factory", [None, "uvloop"])  # Serve replicas run uvloop

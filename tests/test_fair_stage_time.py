@@ -20,22 +20,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import statistics
 import time
 
 import httpx
 import pytest
+from seedoss.deployments.serve_env import free_port
 
 pytestmark = pytest.mark.timeout(900)
 CHUNK_TOKENS = 128  # engine.max_batched_tokens of this app: the chunk bound of a stage's cache-less forwards
 INPUTS = 128  # classify inputs of the large request, each just under one chunk
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def server(demo_checkpoint, tmp_path_factory):
     from seedoss.deployments.app import build_app
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     serve.run(build_app({
         "checkpoint": str(demo_checkpoint), "num_stages": 2,

@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from ray import ActorID
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError
 
@@ -47,15 +48,22 @@ def test_unavailable_replicas_are_waited_out_within_the_budget():
     assert fn.calls == 5  # attempts, the first included
 
 
-def test_a_call_whose_replica_died_under_it_is_sent_again_once_then_is_poison():
-    fn = Flaky(ActorDiedError())
+def lost(replica: int) -> ActorUnavailableError:
+    """What a call over gRPC sees when its replica (actor id from `replica`) died under it or was already gone."""
+    return ActorUnavailableError("connection lost", ActorID(bytes([replica]) * ActorID.size()).binary())
+
+
+def test_a_call_is_sent_again_after_one_lost_replica_and_is_poison_after_two():
+    fn = Flaky(lost(1))
     assert run(FAST.call(fn, "call")) == "ok" and fn.calls == 2
-    fn = Flaky(ActorDiedError(), ActorUnavailableError("restarting", None), ActorDiedError())
+    fn = Flaky(lost(1), lost(1), ActorUnavailableError("no replica yet", None), lost(1))
+    assert run(FAST.call(fn, "call")) == "ok" and fn.calls == 5  # the same lost replica, reached again, counts once
+    fn = Flaky(lost(1), ActorUnavailableError("no replica yet", None), lost(2))
     with pytest.raises(PoisonRequest):
         run(FAST.call(fn, "call"))
     assert fn.calls == 3
-    error = service_error(PoisonRequest("classify call: died twice"))
-    assert error.http_status == 500 and error.error_id in error.message and "died" not in error.message
+    error = service_error(PoisonRequest("classify call: 2 replicas were lost under it"))
+    assert error.http_status == 500 and error.error_id in error.message and "lost" not in error.message
 
 
 def test_overload_and_other_errors_are_not_retried():
@@ -157,6 +165,7 @@ def poison_server(demo_checkpoint, tmp_path_factory):
     try:
         serve.run(app_module.build_app({
             "checkpoint": str(demo_checkpoint), "num_stages": 2, "classify": {"num_replicas": 2},
+            "head_placement": "deployments",
             "head_checkpoints": {"classify": str(demo_checkpoint / "heads" / "classify")}}),
             name="poison", route_prefix="/")
     finally:

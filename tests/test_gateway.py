@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from types import SimpleNamespace
 
 import httpx
 import pytest
+from seedoss.deployments.serve_env import free_port
 
 pytestmark = pytest.mark.timeout(900)
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +25,17 @@ def server(demo_checkpoint, tmp_path_factory):
 
     from seedoss.deployments.app import build_app
 
-    metrics_port = _free_port()
+    metrics_port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly",
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
                     "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
     serve.run(build_app({
         "checkpoint": str(demo_checkpoint), "num_stages": 2, "api_keys": [KEY],
         "limits": {"max_body_bytes": 64 * 1024},
+        "head_placement": "deployments",  # the head services' own bounds and autoscaling are under test here
         # a deliberately tiny classification service: one request at a time, one queued, so load overflows it
         "classify": {"max_ongoing_requests": 1, "max_queued_requests": 1},
         "tag": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,

@@ -5,7 +5,6 @@ naming the field, and the committed stubs are what scripts/gen_proto.sh generate
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ if str(ROOT) not in sys.path:  # bench/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
 from bench.hostile import HTTP_BAD_INPUTS, grpc_bad_inputs
+from seedoss.deployments.serve_env import free_port
 
 pytestmark = pytest.mark.timeout(600)
 APP = "seedoss"
@@ -237,12 +237,6 @@ def test_readiness_is_checked_at_most_once_a_second_and_shared():
 LIMITS = {"max_body_bytes": 1 << 20}  # the other limits keep their defaults (services/limits.py)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(demo_checkpoint, tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -253,7 +247,7 @@ def server(demo_checkpoint, tmp_path_factory):
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly",
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
                     "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
@@ -572,7 +566,6 @@ def test_grpc_bad_inputs_get_invalid_argument_and_the_server_keeps_serving(serve
     assert server.http.post("/v1/generate", json={"prompt": "still fine", "max_tokens": 2}).status_code == 200
     assert server.http.get("/health/ready").json()["status"] == "ready"
     assert server.stub.Health(pb.HealthRequest(), metadata=METADATA).status == "ready"
-
 
 
 def test_embed_equals_transformers_and_names_bad_fields(server, demo_checkpoint):

@@ -388,9 +388,10 @@ BAD_SERVE_CONFIGS = {
     "unknown AppConfig key": (lambda c: _app(c).update(num_stage=2), "args.num_stage"),
     "unknown engine key": (lambda c: _app(c)["engine"].update(max_num_seq=8), "args.engine.max_num_seq"),
     "unknown deployment option": (lambda c: _app(c)["qa"].update(max_ongoing=8), "args.qa.max_ongoing"),
-    "unknown autoscaling key": (lambda c: _app(c)["classify"]["autoscaling_config"].update(min_replica=1),
+    "unknown autoscaling key": (lambda c: _app(c)["gateway"]["autoscaling_config"].update(min_replica=1),
                                 "autoscaling_config.min_replica: unknown key"),
-    "autoscaling min > max": (lambda c: _app(c)["tag"]["autoscaling_config"].update(min_replicas=9, max_replicas=2),
+    "autoscaling min > max": (lambda c: _app(c)["gateway"]["autoscaling_config"].update(min_replicas=9,
+                                                                                          max_replicas=2),
                               "autoscaling_config"),
     "unknown ray_actor_options key": (lambda c: _app(c)["stage"]["ray_actor_options"].update(num_gpu=1),
                                       "ray_actor_options.num_gpu: unknown key"),
@@ -420,7 +421,7 @@ def test_ray_schema_alone_misses_what_the_checker_catches():
 
     config = copy.deepcopy(serve_config(OVERLAYS["cpu-demo"].app()))
     config["http_option"] = {}
-    _app(config)["classify"]["autoscaling_config"]["min_replica"] = 1
+    _app(config)["gateway"]["autoscaling_config"]["min_replica"] = 1
     config["applications"][0]["deployments"] = [{"name": "QA", "autoscaling_config": {"min_replicas": 3,
                                                                                       "max_replicas": 1}}]
     ServeDeploySchema.model_validate(config)  # no complaint
@@ -598,12 +599,12 @@ def test_gpu_pipeline_is_sized_by_the_planner():
     assert {g["groupName"] for g in cluster["workerGroupSpecs"] if LM_HEAD_RESOURCE in (g.get("resources") or {})} \
         == {"stage3"}
     assert app.generation.ray_actor_options["resources"] == {LM_HEAD_RESOURCE: 1}
-    # the other heads and the gateway only on the CPU group
+    # the gateway, with the other heads in it, only on the CPU group
     (cpu,) = [g for g in cluster["workerGroupSpecs"] if HEAD_SERVICES_RESOURCE in (g.get("resources") or {})]
     assert "nvidia.com/gpu" not in cpu["template"]["spec"]["containers"][0]["resources"]["limits"]
-    for task in ("classify", "tag", "qa", "gateway"):
-        assert getattr(app, task).ray_actor_options["resources"] == {HEAD_SERVICES_RESOURCE: 1}
-        assert getattr(app, task).autoscaling_config is not None
+    assert app.head_placement == "gateway"
+    assert app.gateway.ray_actor_options["resources"] == {HEAD_SERVICES_RESOURCE: 1}
+    assert app.gateway.autoscaling_config is not None
     # the arithmetic documented in workers.yaml is the plan's
     text = (K8S / "overlays" / "gpu-pipeline" / "workers.yaml").read_text()
     for stage in plan.stages:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,15 +17,10 @@ import pytest
 import torch
 
 from seedoss.tokenizer import SeedOssTokenizer
+from seedoss.deployments.serve_env import free_port
 
 pytestmark = pytest.mark.timeout(900)
 STREAMS = 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +35,7 @@ def cluster(demo_checkpoint, tmp_path_factory):
     for k in range(2):
         cluster.add_node(num_cpus=0, resources={f"stage{k}": 4})
     ray.init(address=cluster.address, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", checkpoint=demo_checkpoint)
     serve.shutdown()

@@ -17,6 +17,9 @@ from seedoss.loader import load_stage
 
 def test_stage_access_logs_off_request_level_on(demo_checkpoint):
     options = deployment_options(AppConfig(checkpoint=str(demo_checkpoint), num_stages=2))
+    assert set(options) == {"SeedOssStage0", "SeedOssStage1", "Generation", "Gateway"}  # heads in the gateway
+    options = deployment_options(AppConfig(checkpoint=str(demo_checkpoint), num_stages=2,
+                                           head_placement="deployments"))
     assert set(options) == {"SeedOssStage0", "SeedOssStage1", "Generation", "Classification", "Tagging", "QA",
                             "Embedding", "Gateway"}
     for name, opts in options.items():

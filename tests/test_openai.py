@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 from types import SimpleNamespace
 
 import httpx
@@ -16,16 +15,11 @@ import pytest
 
 from seedoss.tokenizer import SeedOssTokenizer
 from seedoss.services import reasoning
+from seedoss.deployments.serve_env import free_port
 
 pytestmark = pytest.mark.timeout(600)
 MODEL = "seedoss"
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about the city."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _single_label_head(demo_checkpoint, tmp_path_factory):
@@ -57,7 +51,7 @@ def server(demo_checkpoint, tmp_path_factory):
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 1,
                          "head_checkpoints": {"embed": str(demo_checkpoint),
@@ -660,7 +654,6 @@ def test_thinking_token_budget_splits_thinking_from_the_answer(server):
     assert thinking == server.tokenizer.decode(ids[:4]) and answer == server.tokenizer.decode(ids[5:])
     free = server.client.chat.completions.create(**body)
     assert free.choices[0].message.content is None  # without the cap the random model never stops thinking
-
 
 
 def test_vllm_pooling_routes(server):

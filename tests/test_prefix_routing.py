@@ -7,7 +7,6 @@ reporting cached tokens."""
 from __future__ import annotations
 
 import os
-import socket
 from types import SimpleNamespace
 
 import httpx
@@ -16,6 +15,7 @@ import pytest
 from seedoss.deployments.config import PREFIX_ROUTER, AppConfig
 from seedoss.deployments.prefix_routing import PrefixIndex, choose_lane
 from seedoss.engine.block_manager import hash_blocks
+from seedoss.deployments.serve_env import free_port
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -81,12 +81,6 @@ def test_app_config_turns_the_router_on_for_more_than_one_lane():
     assert "request_router_config" not in AppConfig.model_validate(base).generation_options()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lanes(demo_checkpoint, tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -97,7 +91,7 @@ def lanes(demo_checkpoint, tmp_path_factory):
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 1, "head_checkpoints": {},
                          "lanes": {"min": 2, "max": 2}}), name="prefix", route_prefix="/")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -23,15 +22,10 @@ from seedoss.services.classification import ClassificationService
 from seedoss.services.qa import QAService
 from seedoss.services.schemas import local_forward
 from seedoss.services.tagging import TaggingService
+from seedoss.deployments.serve_env import free_port
 
 pytestmark = pytest.mark.timeout(900)
 APP = "seedoss"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +42,7 @@ def server(demo_checkpoint, tmp_path_factory):
     nodes = {"stage0": cluster.add_node(num_cpus=0, resources={"stage0": 1}),
              "stage1": cluster.add_node(num_cpus=0, resources={"stage1": 1})}
     ray.init(address=cluster.address, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 2, "pin_stages": True,
                          "retry": {"attempts": 240, "total_s": 120, "backoff_s": 0.5, "max_backoff_s": 0.5}}),

@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from seedoss.deployments.config import SAME_LOOP_ENV, same_loop
+from seedoss.deployments.config import same_loop
+from seedoss.deployments.serve_env import REPLICA_ENV
 from seedoss.deployments.stage import SeedOssStage
 from seedoss.deployments.timing import StageStamps, StepTimings
 from seedoss.deployments.wire import pack, stamps, unpack
@@ -61,5 +62,5 @@ def test_same_loop_env_merges_into_the_runtime_env_and_the_user_wins():
         "env_vars": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "X": "y"}, "pip": ["a"]}}})
     actor = options["ray_actor_options"]
     assert actor["num_cpus"] == 1 and actor["runtime_env"]["pip"] == ["a"]
-    assert actor["runtime_env"]["env_vars"] == {**SAME_LOOP_ENV, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "X": "y"}
-    assert same_loop({})["ray_actor_options"]["runtime_env"]["env_vars"] == SAME_LOOP_ENV
+    assert actor["runtime_env"]["env_vars"] == {**REPLICA_ENV, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "X": "y"}
+    assert same_loop({})["ray_actor_options"]["runtime_env"]["env_vars"] == REPLICA_ENV

