@@ -46,6 +46,9 @@ def server(demo_checkpoint, tmp_path_factory):
     serve.run(build_app({
         "checkpoint": str(demo_checkpoint), "num_stages": 2,
         "head_checkpoints": {"classify": str(demo_checkpoint / "heads" / "classify")},
+        # the head in its own replica: what is measured is the stages' sharing (a head in the gateway also shares
+        # the gateway's GIL with the stream's relay: README, "Where the heads run")
+        "head_placement": "deployments",
         "engine": {"max_batched_tokens": CHUNK_TOKENS},
         "limits": {"max_client_batch_size": INPUTS, "max_task_tokens": INPUTS * CHUNK_TOKENS},
     }), name="seedoss", route_prefix="/")
