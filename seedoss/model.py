@@ -32,28 +32,49 @@ from .rope import RotaryEmbedding, apply_rotary
 PACK_BATCH_HINT = 32
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose weight can be prepacked once for oneDNN (`pack`). On AVX2 CPUs in float32 a packed
-    weight runs 1.5-2x faster than MKL through F.linear at decode batch sizes (bench/RESULTS.md)."""
+def _mkl_gemv_is_fast() -> bool:
+    """Does MKL's sgemv on a plain weight beat oneDNN's packed one for a single row? On Intel CPUs, yes: the small
+    preset's 48 linears at 1 row took 12 ms through F.linear and 16 ms packed (Xeon, AVX-512); on AMD, MKL takes
+    slow generic paths (EPYC, AVX2: 26-30 ms through F.linear against 16-24 ms packed; bench/RESULTS.md)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return False
 
-    def pack(self) -> None:
-        weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_BATCH_HINT)
-        self.weight = nn.Parameter(weight, requires_grad=False)
+
+class Linear(nn.Linear):
+    """nn.Linear whose weight can also be prepacked for oneDNN (`pack`). In float32 on CPU a packed weight runs
+    1.2-2x faster than MKL through F.linear at 8-128 rows (bench/RESULTS.md). A single row (a batch-1 decode step)
+    is a matrix-vector product bound by reading the weight, where MKL is faster on Intel CPUs: there the plain
+    weight stays too (twice this layer's weight memory) and one-row inputs go through it."""
+
+    packed_weight: torch.Tensor | None = None
+    gemv_on_plain_weight = False
+
+    def pack(self, keep_plain: bool) -> None:
+        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_BATCH_HINT)
+        if keep_plain:
+            self.packed_weight, self.gemv_on_plain_weight = packed, True
+        else:  # the packed weight replaces the plain one
+            self.weight = nn.Parameter(packed, requires_grad=False)
+            self.packed_weight = self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.is_mkldnn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        if self.packed_weight is None or (self.gemv_on_plain_weight and x.numel() == x.shape[-1]):
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
 def pack_linears(module: nn.Module) -> None:
     """Prepack every `Linear` of a loaded module whose weight is a float32 CPU tensor (no-op elsewhere)."""
     if not torch.backends.mkldnn.is_available():
         return
+    keep_plain = _mkl_gemv_is_fast()
     for m in module.modules():
-        if isinstance(m, Linear) and not m.weight.is_mkldnn and m.weight.device.type == "cpu" \
+        if isinstance(m, Linear) and m.packed_weight is None and m.weight.device.type == "cpu" \
                 and m.weight.dtype == torch.float32:
-            m.pack()
+            m.pack(keep_plain)
 
 
 class RMSNorm(nn.Module):
