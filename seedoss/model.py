@@ -25,7 +25,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from .config import SeedOssConfig
 from .kv_cache import PagedKVCache
-from .native import paged_decode_attention
+from .native import paged_decode_attention, rotary_store_kv, silu_mul
 from .rope import RotaryEmbedding, apply_rotary
 
 # The batch size oneDNN lays packed weights out for; it is a tuning hint only (any batch size runs).
@@ -98,8 +98,12 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        act = silu_mul(gate_up)  # one pass (seedoss/csrc/fused_layer_ops.c), else torch's two
+        if act is None:
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            act = F.silu(gate) * up
+        return self.down_proj(act)
 
 
 @dataclass
@@ -163,8 +167,14 @@ class Attention(nn.Module):
         """kv: (key cache, value cache, write slots, read slots) of this layer, or None for cache-less prefill."""
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.head_dim)
-        qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv], cos, sin)
-        q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv:]
+        v = qkv[:, self.n_heads + self.n_kv:]
+        # with a cache: rotary and the cache write in one pass (seedoss/csrc/fused_layer_ops.c), else torch ops
+        fused = rotary_store_kv(qkv, cos, sin, kv[0], kv[1], kv[2]) if kv is not None else None
+        if fused is None:
+            qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv], cos, sin)
+            q, k = qk[:, : self.n_heads], qk[:, self.n_heads:]
+        else:
+            q, k = fused
         if kv is None:  # cache-less: every sequence is a whole prompt whose keys are the new ones
             out = q.new_empty(t, self.n_heads, self.head_dim)
             for _, start, n, _ in batch.runs:
@@ -172,8 +182,9 @@ class Attention(nn.Module):
                 out[span] = self._sdpa(q[span], k[span], v[span], causal_lower_right(n, n))
             return self.o_proj(out.view(t, self.n_heads * self.head_dim))
         k_cache, v_cache, write, read = kv
-        k_cache.index_copy_(0, write, k)
-        v_cache.index_copy_(0, write, v)
+        if fused is None:
+            k_cache.index_copy_(0, write, k)
+            v_cache.index_copy_(0, write, v)
         if batch.all_decode:
             out = self._decode(q.contiguous(), k_cache, v_cache, read, batch.kv_lens)
             return self.o_proj(out.view(t, self.n_heads * self.head_dim))
