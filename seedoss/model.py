@@ -84,7 +84,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        if x.dtype == torch.float32:  # torch's fused op: one pass instead of five, bit-identical in float32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        h = x.float()  # the reference numerics (DESIGN §2): normalize in float32, scale in the activation dtype
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 

@@ -91,6 +91,8 @@ def _load(compiler: str) -> ctypes.CDLL:
 def library() -> ctypes.CDLL | None:
     """The kernel library, built on first call; None when native kernels are disabled or cannot be built."""
     global _lib, _tried
+    if _tried:  # every layer asks on every step: no lock once decided
+        return _lib
     with _lock:
         if _tried:
             return _lib
