@@ -8,8 +8,8 @@ straight from the paged cache (seedoss/native.py on CPU, else gather + SDPA); lo
 of one) run causal SDPA one sequence at a time, so nothing is padded to the longest prompt.
 
 The q/k/v projections are one fused `qkv_proj` and gate/up one `gate_up_proj` (fewer, larger GEMMs); the loader
-concatenates the checkpoint's separate tensors into them (`Stage.checkpoint_layout`). On CPU in float32 the
-loader also prepacks every Linear's weight for oneDNN (`pack_linears`).
+concatenates the checkpoint's separate tensors into them (`Stage.checkpoint_layout`). On CPU in float32 (and in
+bfloat16 where oneDNN has bf16 kernels) the loader also prepacks every Linear's weight for oneDNN (`pack_linears`).
 """
 
 from __future__ import annotations
@@ -44,21 +44,20 @@ def _mkl_gemv_is_fast() -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose weight can also be prepacked for oneDNN (`pack`). In float32 on CPU a packed weight runs
-    1.2-2x faster than MKL through F.linear at 8-128 rows (bench/RESULTS.md). A single row (a batch-1 decode step)
-    is a matrix-vector product bound by reading the weight, where MKL is faster on Intel CPUs: there the plain
-    weight stays too (twice this layer's weight memory) and one-row inputs go through it."""
+    """nn.Linear whose weight can also be prepacked for oneDNN (`pack`). On CPU a packed weight runs faster than
+    F.linear: in float32 1.2-2x (MKL) at 8-128 rows, in bfloat16 1.15-1.3x at 1-32 rows on AVX-512 bf16 CPUs
+    (bench/RESULTS.md). A single float32 row (a batch-1 decode step) is a matrix-vector product bound by reading
+    the weight, where MKL is faster on Intel CPUs: there the plain weight stays too (twice this layer's weight
+    memory) and one-row inputs go through it."""
 
     packed_weight: torch.Tensor | None = None
     gemv_on_plain_weight = False
 
     def pack(self, keep_plain: bool) -> None:
         packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_BATCH_HINT)
-        if keep_plain:
-            self.packed_weight, self.gemv_on_plain_weight = packed, True
-        else:  # the packed weight replaces the plain one
+        self.packed_weight, self.gemv_on_plain_weight = packed, keep_plain
+        if not keep_plain:  # the packed weight replaces the plain one
             self.weight = nn.Parameter(packed, requires_grad=False)
-            self.packed_weight = self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is None or (self.gemv_on_plain_weight and x.numel() == x.shape[-1]):
@@ -67,14 +66,16 @@ class Linear(nn.Linear):
 
 
 def pack_linears(module: nn.Module) -> None:
-    """Prepack every `Linear` of a loaded module whose weight is a float32 CPU tensor (no-op elsewhere)."""
+    """Prepack every `Linear` of a loaded module whose weight is a CPU tensor in float32, or in bfloat16 where oneDNN
+    has bf16 kernels for this CPU (no-op elsewhere)."""
     if not torch.backends.mkldnn.is_available():
         return
-    keep_plain = _mkl_gemv_is_fast()
+    dtypes = {torch.float32} | ({torch.bfloat16} if torch.ops.mkldnn._is_mkldnn_bf16_supported() else set())
+    mkl_gemv = _mkl_gemv_is_fast()
     for m in module.modules():
         if isinstance(m, Linear) and m.packed_weight is None and m.weight.device.type == "cpu" \
-                and m.weight.dtype == torch.float32:
-            m.pack(keep_plain)
+                and m.weight.dtype in dtypes:
+            m.pack(keep_plain=mkl_gemv and m.weight.dtype == torch.float32)
 
 
 class RMSNorm(nn.Module):
