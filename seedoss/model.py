@@ -25,7 +25,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from .config import SeedOssConfig
 from .kv_cache import PagedKVCache
-from .native import paged_decode_attention, rotary_store_kv, silu_mul
+from .native import paged_decode_attention, rotary_store_kv
 from .rope import RotaryEmbedding, apply_rotary
 
 # The batch size oneDNN lays packed weights out for; it is a tuning hint only (any batch size runs).
@@ -101,12 +101,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        act = silu_mul(gate_up)  # one pass (seedoss/csrc/fused_layer_ops.c), else torch's two
-        if act is None:
-            gate, up = gate_up.split(self.intermediate, dim=-1)
-            act = F.silu(gate) * up
-        return self.down_proj(act)
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 @dataclass

@@ -1,8 +1,7 @@
 """CPU kernels in C that torch has no op for, compiled on first use and called through ctypes.
 
 `paged_decode_attention` (csrc/paged_attention.c) reads the paged KV cache in place for decode steps;
-`rotary_store_kv` and `silu_mul` (csrc/fused_layer_ops.c) do a decoder layer's rotary + KV-cache write and its MLP
-activation in one pass each. Every csrc/*.c is built into one shared library with the machine's C compiler (`$CC`,
+`rotary_store_kv` (csrc/fused_layer_ops.c) does a decoder layer's rotary + KV-cache write in one pass. Every csrc/*.c is built into one shared library with the machine's C compiler (`$CC`,
 else `cc`; -O3 -march=native -fopenmp) in `$SEEDOSS_CACHE/kernels` (default ~/.cache/seedoss/kernels) under a
 name that hashes the sources, the flags and
 the CPU (model name and every /proc/cpuinfo flag: a `-march=native` build may use instructions another CPU lacks),
@@ -112,8 +111,7 @@ def library() -> ctypes.CDLL | None:
         ptr, i64, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         for name, restype, argtypes in (
                 ("paged_decode_attention", ctypes.c_int, [ptr] * 6 + [i64] * 5 + [ctypes.c_float, threads]),
-                ("rotary_store_kv", None, [ptr] * 8 + [i64] * 4 + [threads]),
-                ("silu_mul", None, [ptr] * 2 + [i64] * 2 + [threads])):
+                ("rotary_store_kv", None, [ptr] * 8 + [i64] * 4 + [threads])):
             getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
         _lib = lib
         return _lib
@@ -146,21 +144,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-def _native_float32(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The library when every tensor is a contiguous float32 CPU tensor (what the fused kernels take), else None."""
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
-        return None
-    return library()
-
-
 def rotary_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, write: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """NeoX rotary of q and k plus the KV-cache write, in one pass: qkv [T, heads + 2 kv_heads, D] (the fused
     projection), cos/sin [T, D], k_cache/v_cache [num_slots, kv_heads, D] (one layer), write [T] int64 flat slots.
     Stores token t's rotated key and its value at slot write[t]; returns (rotated q [T, heads, D], rotated k
     [T, kv_heads, D]), or None when not covered here (then the caller runs its torch path)."""
-    lib = _native_float32(qkv, cos, sin, k_cache, v_cache)
-    if lib is None or write.dtype != torch.int64 or not write.is_contiguous():
+    if not (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                for t in (qkv, cos, sin, k_cache, v_cache))
+            and write.dtype == torch.int64 and write.is_contiguous()):
+        return None
+    lib = library()
+    if lib is None:
         return None
     tokens, dim, kv_heads = qkv.shape[0], qkv.shape[2], k_cache.shape[1]
     heads = qkv.shape[1] - 2 * kv_heads
@@ -170,13 +165,3 @@ def rotary_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_c
                         torch.get_num_threads())
     return q, k
 
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
-    """silu(gate) * up of gate_up [T, 2 * inter] (gate ; up) in one pass → [T, inter]; None when not covered here."""
-    lib = _native_float32(gate_up)
-    if lib is None:
-        return None
-    tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    out = gate_up.new_empty(tokens, inter)
-    lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), tokens, inter, torch.get_num_threads())
-    return out

@@ -1,6 +1,6 @@
 """The native kernels: they build here; decode attention equals gather + SDPA on a paged cache, the fused rotary +
-KV write equals apply_rotary + index_copy_ bit for bit, the fused silu * up equals torch's; a stage gives the same
-decode outputs with and without them."""
+KV write equals apply_rotary + index_copy_ bit for bit; a stage gives the same decode outputs with and without
+them."""
 
 from __future__ import annotations
 
@@ -78,16 +78,6 @@ def test_fused_rotary_store_equals_rotary_and_index_copy(tokens, heads, kv_heads
     assert native.rotary_store_kv(qkv.bfloat16(), cos, sin, k_cache, v_cache, write) is None
 
 
-@pytest.mark.parametrize("tokens,inter", [(1, 2048), (32, 2048), (3, 40)])
-def test_fused_silu_mul_equals_torch(tokens, inter):
-    if native.library() is None:
-        pytest.skip("native kernels unavailable")
-    gate_up = torch.randn(tokens, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 8
-    gate, up = gate_up.split(inter, -1)
-    torch.testing.assert_close(native.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-6, atol=1e-7)
-    assert native.silu_mul(gate_up.bfloat16()) is None
-
-
 def _decode(stage, steps=6):
     cache = stage.new_kv_cache(1 << 20, block_size=4)
     g = torch.Generator().manual_seed(1)
@@ -110,7 +100,7 @@ def test_stage_decode_is_the_same_with_and_without_the_kernels(demo_checkpoint, 
     with_kernel = _decode(stage)
     # every layer of every decode step used it, and of the prompt step too (for its 1-token prompt)
     assert len(calls) == 7 * len(stage.layers)
-    for name in ("paged_decode_attention", "rotary_store_kv", "silu_mul"):
+    for name in ("paged_decode_attention", "rotary_store_kv"):
         monkeypatch.setattr(model_module, name, lambda *a: None)
     torch.testing.assert_close(_decode(stage), with_kernel, rtol=1e-5, atol=1e-5)
 
