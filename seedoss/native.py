@@ -1,8 +1,9 @@
 """CPU kernels in C that torch has no op for, compiled on first use and called through ctypes.
 
-`paged_decode_attention` (csrc/paged_attention.c) reads the paged KV cache in place for decode steps. The shared
-library is built with the machine's C compiler (`$CC`, else `cc`; -O3 -march=native -fopenmp) into
-`$SEEDOSS_CACHE/kernels` (default ~/.cache/seedoss/kernels) under a name that hashes the source, the flags and
+`paged_decode_attention` (csrc/paged_attention.c) reads the paged KV cache in place for decode steps;
+`rotary_store_kv` (csrc/fused_layer_ops.c) does a decoder layer's rotary + KV-cache write in one pass. Every csrc/*.c is built into one shared library with the machine's C compiler (`$CC`,
+else `cc`; -O3 -march=native -fopenmp) in `$SEEDOSS_CACHE/kernels` (default ~/.cache/seedoss/kernels) under a
+name that hashes the sources, the flags and
 the CPU (model name and every /proc/cpuinfo flag: a `-march=native` build may use instructions another CPU lacks),
 so a build is reused by every process on the machine and rebuilt when any of them changes. Loading a shared library
 runs its code, so a cached one is loaded only when it is a regular file owned by this user and not writable by group
@@ -29,7 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -56,7 +57,7 @@ def cpu_identity(cpuinfo: str | None = None) -> str:
 
 
 def cache_key(compiler: str, cpu: str | None = None) -> str:
-    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), (cpu or cpu_identity()).encode(), compiler.encode()]
+    parts = [*(src.read_bytes() for src in SOURCES), " ".join(FLAGS).encode(), (cpu or cpu_identity()).encode(), compiler.encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -67,7 +68,7 @@ def trusted(path: Path) -> bool:
 
 
 def _load(compiler: str) -> ctypes.CDLL:
-    target = cache_dir() / f"paged_attention-{cache_key(compiler)}.so"
+    target = cache_dir() / f"kernels-{cache_key(compiler)}.so"
     if target.exists() or target.is_symlink():
         if trusted(target):
             return ctypes.CDLL(str(target))
@@ -76,10 +77,10 @@ def _load(compiler: str) -> ctypes.CDLL:
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # 0700: only this user can touch the build
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"],
+        result = subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES), "-lm"],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{compiler} failed to build {', '.join(src.name for src in SOURCES)}: {result.stderr.strip()[-2000:]}")
         os.chmod(built, 0o755)  # whatever the umask: a group-writable build would never be trusted again
         lib = ctypes.CDLL(str(built))
         os.replace(built, target)  # atomic: concurrent builders each rename a complete file
@@ -89,6 +90,8 @@ def _load(compiler: str) -> ctypes.CDLL:
 def library() -> ctypes.CDLL | None:
     """The kernel library, built on first call; None when native kernels are disabled or cannot be built."""
     global _lib, _tried
+    if _tried:  # every layer asks on every step: no lock once decided
+        return _lib
     with _lock:
         if _tried:
             return _lib
@@ -97,16 +100,19 @@ def library() -> ctypes.CDLL | None:
             return None
         compiler = shutil.which(os.environ.get("CC", "cc"))
         if compiler is None:
-            log.warning("no C compiler found (set $CC): decode attention uses the slower pure-torch path")
+            log.warning("no C compiler found (set $CC): decode attention and fused layer ops use the slower "
+                        "pure-torch path")
             return None
         try:
             lib = _load(compiler)
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            log.warning("native kernels unavailable, decode attention uses the pure-torch path: %s", e)
+            log.warning("native kernels unavailable, the pure-torch paths run: %s", e)
             return None
-        fn = lib.paged_decode_attention
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
+        ptr, i64, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        for name, restype, argtypes in (
+                ("paged_decode_attention", ctypes.c_int, [ptr] * 6 + [i64] * 5 + [ctypes.c_float, threads]),
+                ("rotary_store_kv", None, [ptr] * 8 + [i64] * 4 + [threads])):
+            getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
         _lib = lib
         return _lib
 
@@ -136,3 +142,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if failed:
         raise MemoryError("paged_decode_attention: out of memory for the attention scores")
     return out
+
+
+def rotary_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, write: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """NeoX rotary of q and k plus the KV-cache write, in one pass: qkv [T, heads + 2 kv_heads, D] (the fused
+    projection), cos/sin [T, D], k_cache/v_cache [num_slots, kv_heads, D] (one layer), write [T] int64 flat slots.
+    Stores token t's rotated key and its value at slot write[t]; returns (rotated q [T, heads, D], rotated k
+    [T, kv_heads, D]), or None when not covered here (then the caller runs its torch path)."""
+    if not (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                for t in (qkv, cos, sin, k_cache, v_cache))
+            and write.dtype == torch.int64 and write.is_contiguous()):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    tokens, dim, kv_heads = qkv.shape[0], qkv.shape[2], k_cache.shape[1]
+    heads = qkv.shape[1] - 2 * kv_heads
+    q, k = qkv.new_empty(tokens, heads, dim), qkv.new_empty(tokens, kv_heads, dim)
+    lib.rotary_store_kv(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(),
+                        k_cache.data_ptr(), v_cache.data_ptr(), write.data_ptr(), tokens, heads, kv_heads, dim,
+                        torch.get_num_threads())
+    return q, k
+

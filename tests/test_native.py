@@ -1,5 +1,6 @@
-"""The native decode-attention kernel: it builds here, equals gather + SDPA on a paged cache, and a stage gives the
-same decode outputs with and without it."""
+"""The native kernels: they build here; decode attention equals gather + SDPA on a paged cache, the fused rotary +
+KV write equals apply_rotary + index_copy_ bit for bit; a stage gives the same decode outputs with and without
+them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from seedoss import model as model_module
 from seedoss import native
 from seedoss.loader import load_stage
 from seedoss.model import StepBatch
+from seedoss.rope import apply_rotary
 
 
 def _reference(q, k_cache, v_cache, slots, lens, scale):
@@ -56,6 +58,26 @@ def test_kernel_declines_what_it_does_not_cover():
     assert native.paged_decode_attention(q, cache, cache, slots.int(), lens, 1.0) is None
 
 
+@pytest.mark.parametrize("tokens,heads,kv_heads,dim", [(1, 12, 4, 64), (37, 8, 2, 32), (5, 4, 4, 16)])
+def test_fused_rotary_store_equals_rotary_and_index_copy(tokens, heads, kv_heads, dim):
+    if native.library() is None:
+        pytest.skip("native kernels unavailable")
+    g = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=g)
+    angles = torch.randn(tokens, dim // 2, generator=g) * 50
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    write = torch.randperm(64, generator=g)[:tokens]
+    k_cache, v_cache = torch.zeros(64, kv_heads, dim), torch.zeros(64, kv_heads, dim)
+    q, k = native.rotary_store_kv(qkv, cos, sin, k_cache, v_cache, write)
+    qk = apply_rotary(qkv[:, : heads + kv_heads], cos, sin)
+    assert torch.equal(q, qk[:, :heads]) and torch.equal(k, qk[:, heads:])
+    ref_k, ref_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    ref_k.index_copy_(0, write, qk[:, heads:])
+    ref_v.index_copy_(0, write, qkv[:, heads + kv_heads:])
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    assert native.rotary_store_kv(qkv.bfloat16(), cos, sin, k_cache, v_cache, write) is None
+
+
 def _decode(stage, steps=6):
     cache = stage.new_kv_cache(1 << 20, block_size=4)
     g = torch.Generator().manual_seed(1)
@@ -68,7 +90,7 @@ def _decode(stage, steps=6):
     return torch.stack(outs)
 
 
-def test_stage_decode_is_the_same_with_and_without_the_kernel(demo_checkpoint, monkeypatch):
+def test_stage_decode_is_the_same_with_and_without_the_kernels(demo_checkpoint, monkeypatch):
     if native.library() is None:
         pytest.skip("native kernels unavailable")
     stage = load_stage(demo_checkpoint)
@@ -78,7 +100,8 @@ def test_stage_decode_is_the_same_with_and_without_the_kernel(demo_checkpoint, m
     with_kernel = _decode(stage)
     # every layer of every decode step used it, and of the prompt step too (for its 1-token prompt)
     assert len(calls) == 7 * len(stage.layers)
-    monkeypatch.setattr(model_module, "paged_decode_attention", lambda *a: None)
+    for name in ("paged_decode_attention", "rotary_store_kv"):
+        monkeypatch.setattr(model_module, name, lambda *a: None)
     torch.testing.assert_close(_decode(stage), with_kernel, rtol=1e-5, atol=1e-5)
 
 
@@ -109,7 +132,7 @@ def test_only_a_cached_library_of_this_user_and_not_writable_by_others_is_loaded
     if compiler is None:
         pytest.skip("no C compiler on this machine")
     monkeypatch.setenv("SEEDOSS_CACHE", str(tmp_path))
-    target = native.cache_dir() / f"paged_attention-{native.cache_key(compiler)}.so"
+    target = native.cache_dir() / f"kernels-{native.cache_key(compiler)}.so"
     native._load(compiler)
     assert native.trusted(target) and stat.S_IMODE(target.stat().st_mode) == 0o755
     built = target.stat().st_ino

@@ -4,7 +4,7 @@
  * slots[b, 0 .. lens[b]-1]; the cache of one layer is [num_slots, kv_heads, head_dim] and query head h reads
  * kv head h / (heads / kv_heads) (grouped-query attention). Reading rows in place avoids the per-layer copy of
  * every context that `k_cache[slots]` + SDPA makes. Sequences are spread over OpenMP threads (the libgomp that
- * torch already loaded, so both share one thread pool).
+ * torch already loaded, so both share one thread pool); a single sequence skips the thread team's fork and join.
  */
 #include <math.h>
 #include <stdint.h>
@@ -16,7 +16,7 @@ int paged_decode_attention(const float *q, const float *k_cache, const float *v_
                            int64_t head_dim, int64_t max_kv, float scale, int num_threads) {
     const int64_t group = heads / kv_heads, D = head_dim, row = kv_heads * head_dim;
     int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (batch > 1)
     for (int64_t b = 0; b < batch; b++) {
         const int64_t len = lens[b];
         const int64_t *slot = slots + b * max_kv;
