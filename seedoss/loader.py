@@ -41,7 +41,7 @@ def load_head(path: str | Path, task: str, *, dtype: str | torch.dtype = "float3
     params = dict(head.named_parameters())
     layout = {ours: [(theirs, tuple(params[ours].shape))] for ours, theirs in head.hf_names(config, ckpt.prefix).items()}
     ckpt.load_into(head, layout, parse_dtype(dtype), device, label=f"{task} head")
-    pack_linears(head)
+    pack_linears(head, gemv_on_plain_weight=task == "generate")  # batch-1 decode; task heads stay batch-invariant
     return head.eval()
 
 

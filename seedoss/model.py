@@ -65,13 +65,15 @@ class Linear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
-def pack_linears(module: nn.Module) -> None:
+def pack_linears(module: nn.Module, gemv_on_plain_weight: bool = True) -> None:
     """Prepack every `Linear` of a loaded module whose weight is a CPU tensor in float32, or in bfloat16 where oneDNN
-    has bf16 kernels for this CPU (no-op elsewhere)."""
+    has bf16 kernels for this CPU (no-op elsewhere). `gemv_on_plain_weight=False`: every input goes through the
+    packed weight, so a row's output never depends on how many rows share the call (the task heads' results must
+    not depend on the batch a request lands in: MKL's sgemv and oneDNN round differently, ~1e-7)."""
     if not torch.backends.mkldnn.is_available():
         return
     dtypes = {torch.float32} | ({torch.bfloat16} if torch.ops.mkldnn._is_mkldnn_bf16_supported() else set())
-    mkl_gemv = _mkl_gemv_is_fast()
+    mkl_gemv = gemv_on_plain_weight and _mkl_gemv_is_fast()
     for m in module.modules():
         if isinstance(m, Linear) and m.packed_weight is None and m.weight.device.type == "cpu" \
                 and m.weight.dtype in dtypes:
