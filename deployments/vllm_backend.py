@@ -344,19 +344,25 @@ class VllmGeneration(Generation):
         self.lane = _rank(serve.get_replica_context().rank)
         self.engine: VllmEngine | None = None
         self.metrics = GenerationMetrics()
-        self._connecting = asyncio.Lock()
+        self._starting: asyncio.Future | None = None
         self._gauges: asyncio.Task | None = None
 
     def reconfigure(self, user_config, rank) -> None:
         self.lane = _rank(rank)
 
     async def _engine(self) -> VllmEngine:
-        async with self._connecting:
-            if self.engine is None:
-                # AsyncLLM starts its engine-core and worker processes and profiles memory: off the event loop
-                self.engine = await asyncio.to_thread(
+        if self.engine is None:
+            if self._starting is None or (self._starting.done() and self._starting.exception() is not None):
+                # AsyncLLM starts its engine-core and worker processes and profiles memory (minutes on CPU): off the
+                # event loop, once, in a task of its own
+                self._starting = asyncio.ensure_future(asyncio.to_thread(
                     VllmEngine.start, self.checkpoint, self.dtype, self.layers, self.engine_config,
-                    self.vllm_options, self.tokenizer, self.model_config, self.metrics, self.device)
+                    self.vllm_options, self.tokenizer, self.model_config, self.metrics, self.device))
+            # shielded: a caller that gives up (a readiness probe's 10 s timeout, which over gRPC cancels the call in
+            # this replica) must not abort the start the next caller waits for, nor leave a second one running
+            engine = await asyncio.shield(self._starting)
+            if self.engine is None:
+                self.engine = engine
                 self._gauges = asyncio.get_running_loop().create_task(self._update_gauges())
         return self.engine
 
