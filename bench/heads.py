@@ -80,7 +80,7 @@ def start_server(checkpoint: Path, head_placement: str) -> tuple[str, str]:
 
     port, grpc_port = free_port(), free_port()
     # a Ray instance of our own ("local"), never one another process on this machine started, with the switches
-    # `seedoss serve` starts Ray with (switches set in the environment win; RAY_SERVE_ENABLE_HA_PROXY=1 adds HAProxy)
+    # `seedoss serve` starts Ray with (switches set in the environment win; RAY_SERVE_ENABLE_HA_PROXY=0 keeps Serve's proxy)
     serve_env.apply()
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="bench-heads-ray-"))

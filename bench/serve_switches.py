@@ -7,7 +7,7 @@ Ray instance per configuration, because Serve reads these switches when its proc
 - `serve defaults`: Ray 2.60 as installed (Python proxy, Ray actor calls, user code and routers on threads of their own);
 - `seedoss serve`: each replica's user code and routers on its event loop, handle calls (the proxy's too) over gRPC
   by value — `serve_env`'s switches;
-- `+ HAProxy ingress`: that plus HAProxy in place of Serve's Python proxy (opt-in, see `serve_env`).
+- `+ HAProxy ingress`: that plus HAProxy in place of Serve's Python proxy (`seedoss serve`'s default, see `serve_env`).
 
 For each it prints HTTP requests/s and p50 at 1 and 16 concurrent clients (aiohttp, in this process).
 """

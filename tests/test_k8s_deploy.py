@@ -121,6 +121,12 @@ def _wait_ready(url: str, deadline: float) -> dict:
 @pytest.fixture(scope="module")
 def deployed(demo_checkpoint, tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # as on KubeRay (k8s/README.md): Serve's proxy on every node
+        yield from _deploy(demo_checkpoint, tmp_path_factory)
+
+
+def _deploy(demo_checkpoint, tmp_path_factory):
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
