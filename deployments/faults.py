@@ -86,14 +86,22 @@ class RetryPolicy(BaseModel):
         retries = self.retries(what)
         while True:
             try:
-                return await asyncio.wait_for(fn(), timeout_s)
-            except TimeoutError:
-                raise CallTimeout(f"{what} took longer than {timeout_s:g}s") from None
+                return await within(fn(), timeout_s, what)
+            except CallTimeout:
+                raise
             except Exception as e:
                 delay = retries.delay_after(e)
                 if delay is None:
                     raise
             await asyncio.sleep(delay)
+
+
+async def within(awaitable: Awaitable[T], timeout_s: float | None, what: str) -> T:
+    """`await awaitable`, cancelled after `timeout_s` (CallTimeout naming `what`)."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    except TimeoutError:
+        raise CallTimeout(f"{what} took longer than {timeout_s:g}s") from None
 
 
 class Retries:

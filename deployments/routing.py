@@ -25,7 +25,7 @@ from seedoss.engine import StageUnavailable
 from seedoss.engine.errors import MissingSequenceCache
 from seedoss.services.errors import NotFound
 
-from .faults import CallTimeout, RetryPolicy, Timeouts, backpressure, replica_lost
+from .faults import CallTimeout, RetryPolicy, Timeouts, backpressure, replica_lost, within
 from .timing import StepTimings, now
 from .wire import pack, stamps, unpack
 
@@ -105,14 +105,18 @@ class StageChain:
         self._by_value = [h.options(_by_reference=False) for h in handles]
         self._by_reference = [h.options(_by_reference=True) for h in handles]
 
-    def handles(self, tokens: int, lane: int | None = None) -> list:
-        """The stage handles for a call carrying `tokens` rows (for `lane`'s replicas, or any)."""
-        handles = self._by_reference if tokens * self.row_bytes > BY_VALUE_MAX_BYTES else self._by_value
-        return handles if lane is None else [h.options(session_id=lane_session(lane)) for h in handles]
+    def by_reference(self, tokens: int) -> bool:
+        """Whether a call carrying `tokens` rows of hidden states goes by reference."""
+        return tokens * self.row_bytes > BY_VALUE_MAX_BYTES
 
-    def for_lane(self, lane: int) -> tuple[list, list]:
-        """`lane`'s stage handles: (by value, by reference)."""
-        return self.handles(0, lane), self.handles(1 << 62, lane)
+    def handles(self, tokens: int) -> list:
+        """The stage handles (any replicas) for a call carrying `tokens` rows."""
+        return self._by_reference if self.by_reference(tokens) else self._by_value
+
+    def for_lane(self, lane: int) -> dict[bool, list]:
+        """`lane`'s stage handles, by `by_reference(tokens)`."""
+        return {by_ref: [h.options(session_id=lane_session(lane)) for h in handles]
+                for by_ref, handles in ((False, self._by_value), (True, self._by_reference))}
 
     async def prefill(self, sequences: list[list[int]]) -> torch.Tensor:
         """Cache-less forward of whole sequences → final hidden states [sum(len), hidden]; any replica serves it,
@@ -153,17 +157,16 @@ class ServePipeline:
 
     @classmethod
     async def connect(cls, chain: StageChain, lane: int) -> "ServePipeline":
-        infos = [await h.info.remote() for h in chain.for_lane(lane)[0]]
+        infos = [await h.info.remote() for h in chain.for_lane(lane)[False]]
         return cls(chain, lane, min(i["num_blocks"] for i in infos), infos[0]["block_size"])
 
     def set_lane(self, lane: int) -> None:
         self.lane = lane
-        self._handles, self._handles_by_reference = self.chain.for_lane(lane)
+        self._handles = self.chain.for_lane(lane)  # by whether a step goes by reference
 
     async def run(self, tokens, seq_ids, query_lens, context_lens, block_hashes=None):
         retries = self.chain.retry.retries(f"lane {self.lane} step")
-        large = sum(query_lens) * self.chain.row_bytes > BY_VALUE_MAX_BYTES
-        handles = self._handles_by_reference if large else self._handles
+        handles = self._handles[self.chain.by_reference(sum(query_lens))]
         while True:
             sent, result = self.timings.sent(), None
             step = chained(handles, "forward", pack(tokens), seq_ids, query_lens, context_lens, block_hashes)
@@ -189,7 +192,7 @@ class ServePipeline:
             await asyncio.sleep(delay)
 
     def _free(self, seq_ids):
-        for handle in self._handles:
+        for handle in self._handles[False]:
             handle.free.remote(list(seq_ids))
 
     def free(self, seq_ids):
@@ -224,10 +227,7 @@ class Heads:
         handle = self.get(task)
         target = getattr(handle, method) if method else handle
         if task in self.local:  # in this replica: its stage forwards retry on their own
-            try:
-                return await asyncio.wait_for(target(body), self.timeouts.head_s)
-            except TimeoutError:
-                raise CallTimeout(f"{task} call took longer than {self.timeouts.head_s:g}s") from None
+            return await within(target(body), self.timeouts.head_s, f"{task} call")
 
         async def once():
             response = target.remote(body)
