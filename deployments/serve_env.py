@@ -91,9 +91,9 @@ def apply(environ=os.environ) -> dict[str, str]:
             state = tempfile.mkdtemp(prefix="hap", dir="/tmp")  # short: HAProxy adds a 56-char dir; sockets max 97
             for key, name in _HAPROXY_PATHS.items():
                 environ[key] = os.path.join(state, name) if name else state
-            if binary:
-                environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH",
-                                   write_nosplice_wrapper(os.path.join(state, "haproxy"), binary))
+        if binary and "RAY_SERVE_HAPROXY_BINARY_PATH" not in environ:  # also into a state directory given to us
+            state = environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+            environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = write_nosplice_wrapper(os.path.join(state, "haproxy"), binary)
         for key in _HAPROXY_PORTS:
             environ.setdefault(key, str(free_port()))
         keys += [key for key in (*_HAPROXY_PATHS, *_HAPROXY_PORTS, "RAY_SERVE_HAPROXY_BINARY_PATH") if key in environ]

@@ -35,3 +35,11 @@ def test_apply_turns_haproxy_on_with_private_files_ports_and_the_nosplice_wrappe
         assert version.returncode == 0 and "HAProxy version" in version.stdout
     shared = {k for k in first if k.startswith("RAY_SERVE_HAPROXY_") and first[k] == second[k]}
     assert shared == set(), shared  # two Ray instances on one machine do not collide
+
+
+@needs_haproxy
+def test_a_state_directory_given_in_the_environment_still_gets_the_nosplice_wrapper(tmp_path):
+    environ = {"RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(tmp_path)}
+    serve_env.apply(environ)
+    assert environ["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(tmp_path / "haproxy")
+    assert " -dS " in (tmp_path / "haproxy").read_text()
