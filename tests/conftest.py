@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,6 +32,54 @@ def _ray_default_temp_dir():
     except ImportError:  # Ray is not installed (library-only checkout)
         return
     os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
+
+
+GRPC_SERVICER = "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"
+
+
+@contextlib.contextmanager
+def local_serve(tmp_path_factory, *, grpc: bool = False, metrics: bool = False, nodes: dict | None = None,
+                **ray_init):
+    """A test module's own Ray instance (2 CPUs, no dashboard) with Serve started on free ports: HTTP, gRPC with our
+    servicer when `grpc`, Ray's metrics endpoint when `metrics`. `nodes` (name → `Cluster.add_node` arguments) makes
+    it a multi-node `ray.cluster_utils.Cluster`. Yields the addresses and nodes; shuts Serve and Ray down after."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from seedoss.deployments.serve_env import free_port
+
+    temp_dir = str(tmp_path_factory.mktemp("ray"))
+    found = SimpleNamespace(nodes={}, grpc=None, metrics=None)
+    cluster = None
+    if nodes is not None:
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "include_dashboard": False, "temp_dir": temp_dir})
+        found.nodes = {name: cluster.add_node(**args) for name, args in nodes.items()}
+        ray.init(address=cluster.address, log_to_driver=False, **ray_init)
+    else:
+        if metrics:
+            ray_init["_metrics_export_port"] = metrics_port = free_port()
+            found.metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir, **ray_init)
+    try:
+        port = free_port()
+        found.url = f"http://127.0.0.1:{port}"
+        options = {}
+        if grpc:
+            grpc_port = free_port()
+            found.grpc = f"127.0.0.1:{grpc_port}"
+            options["grpc_options"] = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly", **options)
+        yield found
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
 
 
 def hf_config(**overrides):

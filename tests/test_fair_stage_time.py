@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import time
 
 import httpx
 import pytest
-from seedoss.deployments.serve_env import free_port
+from conftest import local_serve
 
 pytestmark = pytest.mark.timeout(900)
 CHUNK_TOKENS = 128  # engine.max_batched_tokens of this app: the chunk bound of a stage's cache-less forwards
@@ -34,27 +33,21 @@ INPUTS = 128  # classify inputs of the large request, each just under one chunk
 
 @pytest.fixture(scope="module")
 def server(demo_checkpoint, tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
     from ray import serve
 
     from seedoss.deployments.app import build_app
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    serve.run(build_app({
-        "checkpoint": str(demo_checkpoint), "num_stages": 2,
-        "head_checkpoints": {"classify": str(demo_checkpoint / "heads" / "classify")},
-        # the head in its own replica: what is measured is the stages' sharing (a head in the gateway also shares
-        # the gateway's GIL with the stream's relay: README, "Where the heads run")
-        "head_placement": "deployments",
-        "engine": {"max_batched_tokens": CHUNK_TOKENS},
-        "limits": {"max_client_batch_size": INPUTS, "max_task_tokens": INPUTS * CHUNK_TOKENS},
-    }), name="seedoss", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve(tmp_path_factory) as ray_serve:
+        serve.run(build_app({
+            "checkpoint": str(demo_checkpoint), "num_stages": 2,
+            "head_checkpoints": {"classify": str(demo_checkpoint / "heads" / "classify")},
+            # the head in its own replica: what is measured is the stages' sharing (a head in the gateway also
+            # shares the gateway's GIL with the stream's relay: README, "Where the heads run")
+            "head_placement": "deployments",
+            "engine": {"max_batched_tokens": CHUNK_TOKENS},
+            "limits": {"max_client_batch_size": INPUTS, "max_task_tokens": INPUTS * CHUNK_TOKENS},
+        }), name="seedoss", route_prefix="/")
+        yield ray_serve.url
 
 
 def _chunk_text(demo_checkpoint) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 import time
 
@@ -16,6 +15,7 @@ from ray import ActorID
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError
 
+from conftest import local_serve
 from seedoss.deployments.faults import CallTimeout, PoisonRequest, RetryPolicy
 from seedoss.deployments.ingress import service_error
 
@@ -148,31 +148,22 @@ def _poisonable_head():
 
 @pytest.fixture(scope="module")
 def poison_server(demo_checkpoint, tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
     from ray import cloudpickle, serve
 
     import seedoss.deployments.app as app_module
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
-    original, app_module.TaskHead = app_module.TaskHead, _poisonable_head()
-    try:
-        serve.run(app_module.build_app({
-            "checkpoint": str(demo_checkpoint), "num_stages": 2, "classify": {"num_replicas": 2},
-            "head_placement": "deployments",
-            "head_checkpoints": {"classify": str(demo_checkpoint / "heads" / "classify")}}),
-            name="poison", route_prefix="/")
-    finally:
-        app_module.TaskHead = original
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve(tmp_path_factory) as ray_serve:
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+        original, app_module.TaskHead = app_module.TaskHead, _poisonable_head()
+        try:
+            serve.run(app_module.build_app({
+                "checkpoint": str(demo_checkpoint), "num_stages": 2, "classify": {"num_replicas": 2},
+                "head_placement": "deployments",
+                "head_checkpoints": {"classify": str(demo_checkpoint / "heads" / "classify")}}),
+                name="poison", route_prefix="/")
+        finally:
+            app_module.TaskHead = original
+        yield ray_serve.url
 
 
 def test_a_poison_request_is_tried_twice_then_answered_500_and_the_service_recovers(poison_server):

@@ -4,13 +4,11 @@ Prometheus metrics through Ray, readiness, and a head service autoscaling up und
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from types import SimpleNamespace
 
 import httpx
 import pytest
-from seedoss.deployments.serve_env import free_port
+from conftest import local_serve
 
 pytestmark = pytest.mark.timeout(900)
 KEY = "test-key-123"
@@ -19,32 +17,21 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def server(demo_checkpoint, tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
     from ray import serve
 
     from seedoss.deployments.app import build_app
 
-    metrics_port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    port, grpc_port = free_port(), free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly",
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
-    serve.run(build_app({
-        "checkpoint": str(demo_checkpoint), "num_stages": 2, "api_keys": [KEY],
-        "limits": {"max_body_bytes": 64 * 1024},
-        "head_placement": "deployments",  # the head services' own bounds and autoscaling are under test here
-        # a deliberately tiny classification service: one request at a time, one queued, so load overflows it
-        "classify": {"max_ongoing_requests": 1, "max_queued_requests": 1},
-        "tag": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                                       "upscale_delay_s": 0.5, "downscale_delay_s": 3, "look_back_period_s": 1}},
-    }), name="seedoss", route_prefix="/")
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", metrics=f"http://127.0.0.1:{metrics_port}/metrics",
-                          grpc=f"127.0.0.1:{grpc_port}")
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve(tmp_path_factory, grpc=True, metrics=True) as ray_serve:
+        serve.run(build_app({
+            "checkpoint": str(demo_checkpoint), "num_stages": 2, "api_keys": [KEY],
+            "limits": {"max_body_bytes": 64 * 1024},
+            "head_placement": "deployments",  # the head services' own bounds and autoscaling are under test here
+            # a deliberately tiny classification service: one request at a time, one queued, so load overflows it
+            "classify": {"max_ongoing_requests": 1, "max_queued_requests": 1},
+            "tag": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                           "upscale_delay_s": 0.5, "downscale_delay_s": 3, "look_back_period_s": 1}},
+        }), name="seedoss", route_prefix="/")
+        yield ray_serve
 
 
 def test_auth_required_except_probes(server):

@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # bench/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
 from bench.hostile import HTTP_BAD_INPUTS, grpc_bad_inputs
-from seedoss.deployments.serve_env import free_port
+from conftest import local_serve
 
 pytestmark = pytest.mark.timeout(600)
 APP = "seedoss"
@@ -239,28 +239,17 @@ LIMITS = {"max_body_bytes": 1 << 20}  # the other limits keep their defaults (se
 
 @pytest.fixture(scope="module")
 def server(demo_checkpoint, tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
     from ray import serve
 
     from seedoss.deployments.app import build_app
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    http_port, grpc_port = free_port(), free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly",
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
-    serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 2, "limits": LIMITS}), name=APP,
-              route_prefix="/")
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    grpc.channel_ready_future(channel).result(timeout=60)
-    http = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=120)
-    yield SimpleNamespace(stub=pb_grpc.SeedOssStub(channel), http=http, checkpoint=demo_checkpoint)
-    http.close()
-    channel.close()
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve(tmp_path_factory, grpc=True) as ray_serve:
+        serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 2, "limits": LIMITS}), name=APP,
+                  route_prefix="/")
+        with grpc.insecure_channel(ray_serve.grpc) as channel, httpx.Client(base_url=ray_serve.url,
+                                                                             timeout=120) as http:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            yield SimpleNamespace(stub=pb_grpc.SeedOssStub(channel), http=http, checkpoint=demo_checkpoint)
 
 
 def _generation_stats() -> dict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from seedoss.tokenizer import SeedOssTokenizer
-from seedoss.deployments.serve_env import free_port
+from conftest import local_serve
 
 pytestmark = pytest.mark.timeout(900)
 STREAMS = 32
@@ -25,22 +24,9 @@ STREAMS = 32
 
 @pytest.fixture(scope="module")
 def cluster(demo_checkpoint, tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
-    from ray import serve
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": False, "temp_dir": str(tmp_path_factory.mktemp("ray"))})
-    for k in range(2):
-        cluster.add_node(num_cpus=0, resources={f"stage{k}": 4})
-    ray.init(address=cluster.address, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", checkpoint=demo_checkpoint)
-    serve.shutdown()
-    ray.shutdown()
-    cluster.shutdown()
+    nodes = {f"stage{k}": {"num_cpus": 0, "resources": {f"stage{k}": 4}} for k in range(2)}
+    with local_serve(tmp_path_factory, nodes=nodes) as ray_serve:
+        yield SimpleNamespace(url=ray_serve.url, checkpoint=demo_checkpoint)
 
 
 def _deploy(cluster, name: str, **config):

@@ -5,7 +5,6 @@ usage chunks, chat template kwargs, tokenize/detokenize, models, and errors nami
 from __future__ import annotations
 
 import json
-import os
 import re
 from types import SimpleNamespace
 
@@ -15,7 +14,7 @@ import pytest
 
 from seedoss.tokenizer import SeedOssTokenizer
 from seedoss.services import reasoning
-from seedoss.deployments.serve_env import free_port
+from conftest import local_serve
 
 pytestmark = pytest.mark.timeout(600)
 MODEL = "seedoss"
@@ -43,27 +42,21 @@ def _single_label_head(demo_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(demo_checkpoint, tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
     from ray import serve
 
     from seedoss.deployments.app import build_app
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 1,
-                         "head_checkpoints": {"embed": str(demo_checkpoint),
-                                              "classify": str(_single_label_head(demo_checkpoint, tmp_path_factory))},
-                         "model_name": MODEL}),
-              name="seedoss", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=120) as http:
-        yield SimpleNamespace(url=url, http=http, tokenizer=SeedOssTokenizer.from_pretrained(demo_checkpoint),
-                              client=openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120))
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve(tmp_path_factory) as ray_serve:
+        serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 1,
+                             "head_checkpoints": {
+                                 "embed": str(demo_checkpoint),
+                                 "classify": str(_single_label_head(demo_checkpoint, tmp_path_factory))},
+                             "model_name": MODEL}),
+                  name="seedoss", route_prefix="/")
+        url = ray_serve.url
+        with httpx.Client(base_url=url, timeout=120) as http:
+            yield SimpleNamespace(url=url, http=http, tokenizer=SeedOssTokenizer.from_pretrained(demo_checkpoint),
+                                  client=openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120))
 
 
 def _native(server, body: dict) -> dict:

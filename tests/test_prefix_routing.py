@@ -6,7 +6,6 @@ reporting cached tokens."""
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 from seedoss.deployments.config import PREFIX_ROUTER, AppConfig
 from seedoss.deployments.prefix_routing import PrefixIndex, choose_lane
 from seedoss.engine.block_manager import hash_blocks
-from seedoss.deployments.serve_env import free_port
+from conftest import local_serve
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -83,22 +82,15 @@ def test_app_config_turns_the_router_on_for_more_than_one_lane():
 
 @pytest.fixture(scope="module")
 def lanes(demo_checkpoint, tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
     from ray import serve
 
     from seedoss.deployments.app import build_app
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 1, "head_checkpoints": {},
-                         "lanes": {"min": 2, "max": 2}}), name="prefix", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as http:
-        yield SimpleNamespace(http=http)
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve(tmp_path_factory) as ray_serve:
+        serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 1, "head_checkpoints": {},
+                             "lanes": {"min": 2, "max": 2}}), name="prefix", route_prefix="/")
+        with httpx.Client(base_url=ray_serve.url, timeout=300) as http:
+            yield SimpleNamespace(http=http)
 
 
 def _finished_by_lane() -> dict[str, int]:

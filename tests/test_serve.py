@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 import time
 from types import SimpleNamespace
@@ -22,7 +21,7 @@ from seedoss.services.classification import ClassificationService
 from seedoss.services.qa import QAService
 from seedoss.services.schemas import local_forward
 from seedoss.services.tagging import TaggingService
-from seedoss.deployments.serve_env import free_port
+from conftest import local_serve
 
 pytestmark = pytest.mark.timeout(900)
 APP = "seedoss"
@@ -30,27 +29,16 @@ APP = "seedoss"
 
 @pytest.fixture(scope="module")
 def server(demo_checkpoint, tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from seedoss.deployments.app import build_app
 
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": False, "temp_dir": str(tmp_path_factory.mktemp("ray"))})
-    nodes = {"stage0": cluster.add_node(num_cpus=0, resources={"stage0": 1}),
-             "stage1": cluster.add_node(num_cpus=0, resources={"stage1": 1})}
-    ray.init(address=cluster.address, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 2, "pin_stages": True,
-                         "retry": {"attempts": 240, "total_s": 120, "backoff_s": 0.5, "max_backoff_s": 0.5}}),
-              name=APP, route_prefix="/")
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", nodes=nodes, checkpoint=demo_checkpoint)
-    serve.shutdown()
-    ray.shutdown()
-    cluster.shutdown()
+    nodes = {f"stage{k}": {"num_cpus": 0, "resources": {f"stage{k}": 1}} for k in range(2)}
+    with local_serve(tmp_path_factory, nodes=nodes) as ray_serve:
+        serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 2, "pin_stages": True,
+                             "retry": {"attempts": 240, "total_s": 120, "backoff_s": 0.5, "max_backoff_s": 0.5}}),
+                  name=APP, route_prefix="/")
+        yield SimpleNamespace(url=ray_serve.url, nodes=ray_serve.nodes, checkpoint=demo_checkpoint)
 
 
 def _stage_info(k: int) -> dict:

@@ -21,7 +21,7 @@ import httpx
 
 from seedoss.proto.seedoss.v1 import seedoss_pb2 as pb
 from seedoss.proto.seedoss.v1 import seedoss_pb2_grpc as pb_grpc
-from seedoss.deployments.serve_env import free_port
+from conftest import local_serve
 
 pytestmark = pytest.mark.timeout(600)
 APPS = {"ours": {"num_stages": 2}, "vllm2": {"num_stages": 2, "generation": {"backend": "vllm"}},
@@ -33,38 +33,27 @@ PROMPTS = ["The quick brown fox", "Once upon a time there was"]
 
 @pytest.fixture(scope="module")
 def apps(demo_checkpoint, tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    import ray
     from ray import serve
 
     from seedoss.deployments.app import build_app
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    http_port, grpc_port = free_port(), free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly",
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
-    for name, args in APPS.items():
-        if "generation" in args:
-            args = {**args, "generation": {**args["generation"], "vllm": VLLM_CPU}}
-        # no heads: the vLLM apps then deploy no stage at all (AppConfig.deploys_stages)
-        serve.run(build_app({"checkpoint": str(demo_checkpoint), "head_checkpoints": {}, **args}), name=name,
-                  route_prefix=f"/{name}", blocking=False)
-    http = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=300)
-    deadline, pending = time.monotonic() + 420, list(APPS)
-    while pending:  # ready: the engines started (each on its app's first readiness call, so ask all in turn)
-        pending = [name for name in pending if http.get(f"/{name}/health/ready").status_code != 200]
-        assert time.monotonic() < deadline, f"{pending} did not become ready"
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    grpc.channel_ready_future(channel).result(timeout=60)
-    yield SimpleNamespace(http=http, stub=pb_grpc.SeedOssStub(channel))
-    http.close()
-    channel.close()
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve(tmp_path_factory, grpc=True, address="local") as ray_serve:
+        for name, args in APPS.items():
+            if "generation" in args:
+                args = {**args, "generation": {**args["generation"], "vllm": VLLM_CPU}}
+            # no heads: the vLLM apps then deploy no stage at all (AppConfig.deploys_stages)
+            serve.run(build_app({"checkpoint": str(demo_checkpoint), "head_checkpoints": {}, **args}), name=name,
+                      route_prefix=f"/{name}", blocking=False)
+        with (httpx.Client(base_url=ray_serve.url, timeout=300) as http,
+              grpc.insecure_channel(ray_serve.grpc) as channel):
+            deadline, pending = time.monotonic() + 420, list(APPS)
+            while pending:  # ready: the engines started (each on its app's first readiness call, so ask all in turn)
+                pending = [name for name in pending if http.get(f"/{name}/health/ready").status_code != 200]
+                assert time.monotonic() < deadline, f"{pending} did not become ready"
+            grpc.channel_ready_future(channel).result(timeout=60)
+            yield SimpleNamespace(http=http, stub=pb_grpc.SeedOssStub(channel))
 
 
 def _generate(apps, app: str, body: dict) -> dict:
