@@ -251,6 +251,21 @@ class AppConfig(BaseModel):
                                      f"lane), not {name}.num_replicas / autoscaling_config")
         return self
 
+    @model_validator(mode="after")
+    def _head_options_need_head_deployments(self):
+        given = [task for task in TASK_DEPLOYMENTS if task in self.model_fields_set]
+        if given and self.head_placement == "gateway":
+            raise ValueError(f"{', '.join(given)}: options of a head deployment, which exists only with "
+                             "head_placement: deployments; with head_placement: gateway (the default) the heads run "
+                             "in the gateway replicas, so set `gateway:` and `batching:` instead")
+        return self
+
+    def args(self) -> dict[str, Any]:
+        """This config as JSON-able Serve application `args:` that validate back to it (no head-deployment options
+        where the heads run in the gateway)."""
+        inert = set(TASK_DEPLOYMENTS) if self.head_placement == "gateway" else None
+        return self.model_dump(mode="json", exclude_none=True, exclude=inert)
+
     @field_validator("checkpoint")
     @classmethod
     def _expand_home(cls, path: str) -> str:

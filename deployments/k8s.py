@@ -120,7 +120,7 @@ def gpu_vllm_app(checkpoint: str = "/models/seed-oss-36b") -> AppConfig:
     the gateway autoscales on the CPU group."""
     base = gpu_pipeline_app(checkpoint)
     return AppConfig.model_validate({
-        **base.model_dump(exclude_none=True), "device": "cuda", "head_checkpoints": {},
+        **base.args(), "device": "cuda", "head_checkpoints": {},
         "generation": {**base.generation.model_dump(exclude_none=True), "backend": "vllm",
                        "vllm": {"gpu_memory_utilization": GPU_MEM_UTIL},
                        "ray_actor_options": {"num_cpus": 4}},  # beside vLLM's stage-0 worker, in bundle 0
@@ -143,18 +143,13 @@ OVERLAYS = {
 }
 
 
-def app_args(app: AppConfig) -> dict[str, Any]:
-    """The AppConfig as the JSON-able `args:` of a Serve application (round-trips through AppConfig)."""
-    return app.model_dump(mode="json", exclude_none=True)
-
-
 def serve_config(app: AppConfig, *, proxy_location: str = "EveryNode") -> dict[str, Any]:
     return {
         "proxy_location": proxy_location,
         "http_options": {"host": "0.0.0.0", "port": HTTP_PORT, "request_timeout_s": REQUEST_TIMEOUT_S},
         "grpc_options": {"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]},
         "applications": [
-            {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": app_args(app)},
+            {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": app.args()},
         ],
     }
 

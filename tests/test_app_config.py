@@ -19,9 +19,9 @@ def test_repo_serve_config_validates_and_builds(demo_checkpoint):
     ServeDeploySchema.model_validate(raw)
     args = raw["applications"][0]["args"]
     cfg = AppConfig.model_validate({**args, "checkpoint": str(demo_checkpoint)})
-    for task in ["classify", "tag", "qa", "embed", "gateway"]:
-        AutoscalingConfig.model_validate(getattr(cfg, task).autoscaling_config)
-        assert getattr(cfg, task).serve_options().get("num_replicas") is None
+    AutoscalingConfig.model_validate(cfg.gateway.autoscaling_config)
+    assert cfg.gateway.serve_options().get("num_replicas") is None
+    assert cfg.args() == AppConfig.model_validate(cfg.args()).args()
     app = build_app(cfg)
     assert app is not None
     assert AppConfig.model_validate({**args}).checkpoint.endswith(".cache/seedoss/demo-tiny")  # ~ expanded
@@ -49,6 +49,20 @@ def test_stage_pinning_and_bounded_queues(demo_checkpoint):
 def test_bad_app_config_names_the_field(demo_checkpoint, bad, field):
     with pytest.raises(ValidationError, match=field):
         AppConfig.model_validate({"checkpoint": str(demo_checkpoint), **bad})
+
+
+def test_head_deployment_options_are_refused_where_no_head_deployment_exists(demo_checkpoint):
+    """Under the default head_placement (gateway) a `classify:` block would configure nothing: an error, not a no-op;
+    with head_placement: deployments it configures the Classification deployment, and `args()` keeps it."""
+    options = {"classify": {"num_replicas": 2}, "qa": {"max_queued_requests": 8}}
+    with pytest.raises(ValidationError, match="classify, qa: .* head_placement: deployments"):
+        AppConfig.model_validate({"checkpoint": str(demo_checkpoint), **options})
+    cfg = AppConfig.model_validate({"checkpoint": str(demo_checkpoint), "head_placement": "deployments", **options})
+    assert cfg.head_options("classify")["num_replicas"] == 2
+    assert cfg.args()["classify"]["num_replicas"] == 2 and AppConfig.model_validate(cfg.args()) == cfg
+    default = AppConfig(checkpoint=str(demo_checkpoint))
+    assert not {"classify", "tag", "qa", "embed"} & set(default.args())
+    assert AppConfig.model_validate(default.args()) == default
 
 
 def test_layer_split_errors_are_clear(demo_checkpoint):

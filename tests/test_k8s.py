@@ -34,7 +34,7 @@ import yaml
 from seedoss.deployments.config import AppConfig
 from seedoss.deployments.k8s import (
     GPU_MEM_GIB, GPU_MEM_UTIL, GRPC_PORT, GRPC_SERVICER, HEAD_SERVICES_RESOURCE, HTTP_PORT, IMPORT_PATH,
-    LM_HEAD_RESOURCE, OVERLAYS, PATCH_FILE, app_args, deployment_options, gpu_plan, render, serve_config,
+    LM_HEAD_RESOURCE, OVERLAYS, PATCH_FILE, deployment_options, gpu_plan, render, serve_config,
     serve_config_errors,
 )
 from seedoss.deployments.cli import main
@@ -366,7 +366,7 @@ def test_serve_config_is_valid_and_is_the_overlays_app_config(name):
     assert application["import_path"] == IMPORT_PATH == "seedoss.deployments.app:build_app"
     assert application["route_prefix"] == "/"
     app = AppConfig.model_validate(application["args"])  # one source of truth: round-trips exactly
-    assert app == OVERLAYS[name].app() and app_args(app) == application["args"]
+    assert app == OVERLAYS[name].app() and app.args() == application["args"]
     assert config["http_options"]["port"] == HTTP_PORT == 8000
     assert config["grpc_options"] == {"port": 9000, "grpc_servicer_functions": [GRPC_SERVICER]}
     assert GRPC_SERVICER == "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server" and GRPC_PORT == 9000
@@ -387,7 +387,9 @@ BAD_SERVE_CONFIGS = {
     "grpc port not an int": (lambda c: c["grpc_options"].update(port="x"), "grpc_options.port"),
     "unknown AppConfig key": (lambda c: _app(c).update(num_stage=2), "args.num_stage"),
     "unknown engine key": (lambda c: _app(c)["engine"].update(max_num_seq=8), "args.engine.max_num_seq"),
-    "unknown deployment option": (lambda c: _app(c)["qa"].update(max_ongoing=8), "args.qa.max_ongoing"),
+    "unknown deployment option": (lambda c: _app(c)["gateway"].update(max_ongoing=8), "args.gateway.max_ongoing"),
+    "head options without head deployments": (lambda c: _app(c).update(qa={"max_ongoing_requests": 8}),
+                                              "qa: options of a head deployment"),
     "unknown autoscaling key": (lambda c: _app(c)["gateway"]["autoscaling_config"].update(min_replica=1),
                                 "autoscaling_config.min_replica: unknown key"),
     "autoscaling min > max": (lambda c: _app(c)["gateway"]["autoscaling_config"].update(min_replicas=9,
