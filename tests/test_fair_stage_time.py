@@ -9,10 +9,12 @@ The bound is stated in units measured in the same run, never as a wall-clock con
 - ``t_chunk``: the end-to-end latency of a classify request of one chunk (gateway, head, both stages, HTTP) — more
   than the forward of one chunk at one stage, which is what a waiting decode step can be held up by per stage;
 - ``baseline``: the largest inter-token gap of the same stream without the head request.
-A stream running beside the large request must keep every gap under ``2 × baseline + 4 × t_chunk`` (a decode step
-waits behind at most one chunk at each of the 2 stages: 2 × t_chunk, doubled for noise). The large request runs
-about 128 chunks per stage: run as one forward it would hold a stream for its whole duration, which the test checks
-is several times the bound, so the assertion can fail.
+A stream running beside the large request must keep its gaps under ``bound = 2 × baseline + 4 × t_chunk`` (a decode
+step waits behind at most one chunk at each of the 2 stages: 2 × t_chunk, doubled for noise): 95% of them, and every
+one under 2 × bound, since a single scheduling hiccup of the shared cores can exceed the bound once. The large
+request runs about 128 chunks per stage: run as one forward it would hold a stream for its whole duration, which the
+test checks is more than 3 × bound, and a step that waited behind several chunks every time would lift the 95th
+percentile, so either assertion can fail.
 """
 
 from __future__ import annotations
@@ -115,9 +117,10 @@ def test_generation_streams_keep_their_gap_during_a_large_head_request(server, d
 
     t_chunk, baseline, big, during = asyncio.run(main())
     bound = 2 * max(baseline) + 4 * t_chunk
+    p95 = statistics.quantiles(during, n=20)[-1] if len(during) >= 2 else max(during, default=0)
     print(f"one chunk {t_chunk * 1000:.0f} ms, baseline max gap {max(baseline) * 1000:.0f} ms, "
           f"bound {bound * 1000:.0f} ms; large request {big * 1000:.0f} ms, {len(during)} gaps during it, "
-          f"max {max(during, default=0) * 1000:.0f} ms")
+          f"p95 {p95 * 1000:.0f} ms, max {max(during, default=0) * 1000:.0f} ms")
     assert big > 3 * bound, "the large request is too short to tell a stalled stream from a fair one"
     assert len(during) >= 5, "the stream must keep producing tokens while the large request runs"
-    assert max(during) <= bound, (max(during), bound)
+    assert p95 <= bound and max(during) <= 2 * bound, (p95, max(during), bound)
