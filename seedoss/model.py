@@ -15,6 +15,7 @@ bfloat16 where oneDNN has bf16 kernels) the loader also prepacks every Linear's 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -141,6 +142,17 @@ class StepBatch:
         self.decode_rows = None if self.all_decode else decode.nonzero().flatten()
         self.decode_tokens = None if self.all_decode else starts[decode]
 
+    @functools.cached_property
+    def prompt_groups(self) -> list[tuple[int, torch.Tensor]]:
+        """Whole prompts (no cached context) grouped by length: (length n, the packed rows of the group's B prompts
+        [B * n]). Their causal attention runs as one [B, heads, n, d] call per group instead of one per prompt:
+        the same kernel computes each batch entry alone, so the numbers are those of separate calls."""
+        starts: dict[int, list[int]] = {}
+        for _, start, n, ctx in self.runs:
+            if ctx == 0:
+                starts.setdefault(n, []).append(start)
+        return [(n, (torch.tensor(s)[:, None] + torch.arange(n)).flatten()) for n, s in starts.items()]
+
     @property
     def last_token_index(self) -> torch.Tensor:
         """Index of each sequence's last new token in the packed layout."""
@@ -178,9 +190,7 @@ class Attention(nn.Module):
             q, k = fused
         if kv is None:  # cache-less: every sequence is a whole prompt whose keys are the new ones
             out = q.new_empty(t, self.n_heads, self.head_dim)
-            for _, start, n, _ in batch.runs:
-                span = slice(start, start + n)
-                out[span] = self._sdpa(q[span], k[span], v[span], causal_lower_right(n, n))
+            self._prompts(out, q, k, v, batch.prompt_groups)
             return self.o_proj(out.view(t, self.n_heads * self.head_dim))
         k_cache, v_cache, write, read = kv
         if fused is None:
@@ -193,16 +203,27 @@ class Attention(nn.Module):
         if len(batch.decode_tokens):
             rows, tokens = batch.decode_rows, batch.decode_tokens
             out[tokens] = self._decode(q[tokens].contiguous(), k_cache, v_cache, read[rows], batch.kv_lens[rows])
+        self._prompts(out, q, k, v, [(n, rows) for n, rows in batch.prompt_groups if n > 1])  # 1 token: decoded
         for row, start, n, ctx in batch.runs:
-            if n == 1:
-                continue
-            span = slice(start, start + n)
-            if ctx == 0:  # a whole prompt: its keys are the new ones
-                keys, values = k[span], v[span]
-            else:  # a later chunk: the cached context, then the chunk
+            if n > 1 and ctx > 0:  # a later chunk of a prompt: over the cached context, then the chunk
+                span = slice(start, start + n)
                 keys, values = k_cache[read[row, : ctx + n]], v_cache[read[row, : ctx + n]]
-            out[span] = self._sdpa(q[span], keys, values, causal_lower_right(n, ctx + n))
+                out[span] = self._sdpa(q[span], keys, values, causal_lower_right(n, ctx + n))
         return self.o_proj(out.view(t, self.n_heads * self.head_dim))
+
+    def _prompts(self, out, q, k, v, groups: list[tuple[int, torch.Tensor]]) -> None:
+        """Causal attention of whole prompts over their own keys, one call per group of equal length
+        (`StepBatch.prompt_groups`), written into `out` [T, heads, d]."""
+        for n, rows in groups:
+            rows = rows.to(q.device)
+            b = len(rows) // n
+
+            def split(x):  # [B * n, heads, d] → [B, heads, n, d]
+                return x[rows].view(b, n, x.shape[1], self.head_dim).transpose(1, 2)
+
+            y = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True,
+                                               scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv)
+            out[rows] = y.transpose(1, 2).reshape(b * n, self.n_heads, self.head_dim)
 
     def _decode(self, q, k_cache, v_cache, slots, lens):
         """One query per sequence over its cached context: the native kernel, else gather + masked SDPA."""
@@ -294,6 +315,9 @@ class Stage(nn.Module):
         if cache is None and any(batch.context_lens):
             raise ValueError("a step with cached context needs the stage's KV cache")
         if cache is None:
+            if batch.num_tokens == 1:  # alone, one row would take `Linear`'s sgemv path, which rounds unlike the
+                # GEMM it meets in any batch (~1e-7): as two rows, a head's input gets the same numbers either way
+                return self._layers(torch.cat([inputs, inputs]), StepBatch([0, 1], [1, 1], [0, 0]), None)[:1]
             return self._layers(inputs, batch, None)
         write, read, named = cache.bind(batch)
         try:

@@ -48,6 +48,26 @@ def test_chained_stages_equal_one_stage(checkpoint, num_stages):
     assert torch.equal(chained, whole)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_prompts_of_equal_length_attend_together_exactly_as_alone(checkpoint, cached):
+    """Whole prompts of one length share one attention call (`StepBatch.prompt_groups`); each prompt's hidden states
+    are bit-identical to its forward alone, beside prompts of other lengths too. Without a cache (the heads' forward)
+    that holds for a one-token prompt too."""
+    path, _ = checkpoint
+    stage = load_stage(path)
+    lengths = [9, 4, 9, 1, 9, 4, 30, 1] if not cached else [9, 4, 9, 2, 9, 4, 30, 2]
+    prompts = _prompts(lengths, seed=5)
+    batch = StepBatch(list(range(len(lengths))), lengths, [0] * len(lengths))
+    assert sorted(len(rows) // n for n, rows in batch.prompt_groups) == [1, 2, 2, 3]
+
+    def forward(x, b):
+        return stage(x, b, stage.new_kv_cache(budget_bytes=1 << 20)) if cached else stage(x, b)
+
+    together = forward(torch.cat(prompts), batch).split(lengths)
+    for i, p in enumerate(prompts):
+        assert torch.equal(together[i], forward(p, StepBatch([i], [len(p)], [0]))), i
+
+
 def test_stage_reads_and_keeps_only_its_tensors(checkpoint):
     path, _ = checkpoint
     ckpt = Checkpoint(path)
