@@ -33,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from seedoss.heads import SequenceClassificationHead
 from seedoss.services.errors import Overloaded
 
+from .metrics import BATCH_SEQUENCES, BATCH_TOKENS
+
 Item = TypeVar("Item")
 
 
@@ -67,8 +69,10 @@ class TokenBatcher(Generic[Item]):
     def __init__(self, forward: Callable[[list[Item]], Awaitable[Sequence[Any]]],
                  combine: Callable[[list[Any]], Any], size: Callable[[Item], int] = len, *,
                  max_batch_tokens: int, max_wait_ms: float = 0.0, max_concurrent_batches: int = 1,
-                 max_concurrent_requests: int | None = None):
+                 max_concurrent_requests: int | None = None, name: str | None = None):
+        """`name`: the `batcher` tag of this batcher's batch-size metrics (none recorded without one)."""
         self.forward, self.combine, self.size = forward, combine, size
+        self.tags = None if name is None else {"batcher": name}
         self.max_batch_tokens, self.max_wait_s = max_batch_tokens, max_wait_ms / 1000
         self.max_concurrent_batches, self.max_concurrent_requests = max_concurrent_batches, max_concurrent_requests
         self.requests = 0  # callers waiting for their result
@@ -87,9 +91,9 @@ class TokenBatcher(Generic[Item]):
         self._scheduler.add_done_callback(lambda scheduler: self._stopped(scheduler, queue))
 
     @classmethod
-    def from_config(cls, forward, combine, config: BatchingConfig, size: Callable[[Item], int] = len
-                    ) -> TokenBatcher:
-        return cls(forward, combine, size, **config.model_dump())
+    def from_config(cls, forward, combine, config: BatchingConfig, size: Callable[[Item], int] = len,
+                    name: str | None = None) -> TokenBatcher:
+        return cls(forward, combine, size, **config.model_dump(), name=name)
 
     async def __call__(self, items: Sequence[Item]) -> Any:
         """`combine` of the forward's outputs for `items`, computed in batches shared with concurrent callers."""
@@ -166,6 +170,9 @@ class TokenBatcher(Generic[Item]):
             request.next += 1
             if request.next == len(request.items):
                 self._queue.popleft()
+        if self.tags is not None:
+            BATCH_SEQUENCES.observe(len(batch), tags=self.tags)
+            BATCH_TOKENS.observe(tokens, tags=self.tags)
         return batch
 
     async def _run(self, batch: list[tuple[_Request, int]]) -> None:
@@ -193,10 +200,10 @@ class BatchedHead:
     states of the sequences packed [tokens, hidden]; the head runs once per batch, in a worker thread."""
 
     def __init__(self, backbone: Callable[[list[list[int]]], Awaitable[torch.Tensor]], head: torch.nn.Module,
-                 config: BatchingConfig):
+                 config: BatchingConfig, name: str | None = None):
         self.backbone, self.head = backbone, head
         self.pooled = isinstance(head, SequenceClassificationHead)  # one output row per sequence, not per token
-        self.batcher = TokenBatcher.from_config(self.forward_batch, self._combine, config)
+        self.batcher = TokenBatcher.from_config(self.forward_batch, self._combine, config, name=name)
 
     def __call__(self, sequences: list[list[int]]) -> Awaitable[Any]:
         return self.batcher(sequences)

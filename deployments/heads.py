@@ -44,7 +44,8 @@ class TaskHead:
                                  row_bytes=wire_row_bytes(config, dtype))
         # embeddings have no head weights: the final hidden states themselves are pooled by the service
         head = torch.nn.Identity() if task == "embed" else load_head(head_checkpoint, task, dtype=dtype)
-        self.forward = BatchedHead(self.stages.prefill, head, BatchingConfig.model_validate(batching))
+        self.forward = BatchedHead(self.stages.prefill, head, BatchingConfig.model_validate(batching),
+                                   name=task)
         # Tokenization (and tagging's offset alignment) off the event loop that every concurrent request of this
         # replica shares, in one bounded thread: one is enough beside a backbone forward per batch, and QA's
         # windowing sets the tokenizer's truncation for its call, so two must not overlap.

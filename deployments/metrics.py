@@ -17,6 +17,12 @@ HEAD_REQUESTS = Counter("seedoss_head_requests", description="head service calls
                         tag_keys=("task", "outcome"))
 HEAD_LATENCY = Histogram("seedoss_head_latency_seconds", description="head service call latency, by task",
                          boundaries=LATENCY_BUCKETS, tag_keys=("task",))
+# what batching across requests achieves (TEI's te_batch_next_size / te_batch_next_tokens): per forward of a head's
+# batcher (batcher="classify", ...) and of a stage's cache-less prefill batcher (batcher="stage0-1", ...)
+BATCH_SEQUENCES = Histogram("seedoss_batch_sequences", description="sequences per batched forward, by batcher",
+                            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=("batcher",))
+BATCH_TOKENS = Histogram("seedoss_batch_tokens", description="tokens per batched forward, by batcher",
+                         boundaries=[16, 64, 256, 1024, 4096, 16384], tag_keys=("batcher",))
 
 
 class GenerationMetrics(EngineObserver):

@@ -30,7 +30,8 @@ class SeedOssStage:
         self.executor = LocalStageExecutor(stage, kv_budget_bytes, block_size)
         self.start, self.end = start, end
         self.forward_timeout_s = forward_timeout_s
-        self.prefill_batcher = TokenBatcher(self._prefill_batch, torch.cat, max_batch_tokens=max_batch_tokens)
+        self.prefill_batcher = TokenBatcher(self._prefill_batch, torch.cat, max_batch_tokens=max_batch_tokens,
+                                           name=f"stage{start}-{end - 1}")
 
     async def forward(self, inputs, seq_ids: list[str], query_lens: list[int], context_lens: list[int],
                       block_hashes: list[tuple[int, list[bytes]]] | None = None):

@@ -125,14 +125,18 @@ def test_prometheus_metrics(server):
              "ray_seedoss_generation_tokens_total", "ray_seedoss_prompt_tokens_total", "ray_seedoss_kv_cache_usage",
              "ray_seedoss_running_sequences", "ray_seedoss_waiting_sequences", "ray_seedoss_head_requests_total",
              "ray_seedoss_head_latency_seconds_bucket", "ray_seedoss_sequence_steps_total",
-             "ray_seedoss_prefix_cache_queries_total"]
-    text = _scrape(server.metrics, names, needles=('route="/v1/answer"', 'task="tag"'))
+             "ray_seedoss_prefix_cache_queries_total", "ray_seedoss_batch_sequences_bucket",
+             "ray_seedoss_batch_tokens_bucket"]
+    batchers = ('batcher="tag"', 'batcher="stage0-1"', 'batcher="stage2-3"')  # the head's and each stage's prefill
+    text = _scrape(server.metrics, names, needles=('route="/v1/answer"', 'task="tag"', *batchers))
     missing = [n for n in names if n not in text]
     assert not missing, missing
     lines = [line for line in text.splitlines() if line.startswith("ray_seedoss_requests_total")]
     assert any('route="/v1/answer"' in line and 'status="400"' in line for line in lines)
     assert any('task="tag"' in line and 'outcome="ok"' in line for line in text.splitlines()
                if line.startswith("ray_seedoss_head_requests_total"))
+    sizes = [line for line in text.splitlines() if line.startswith("ray_seedoss_batch_sequences_count")]
+    assert all(any(b in line for line in sizes) for b in batchers), sizes
 
 
 def _replicas(deployment: str) -> int:
