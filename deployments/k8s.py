@@ -67,6 +67,7 @@ def cpu_demo_app(checkpoint: str = "/models/demo") -> AppConfig:
     heads run in the gateway replicas (the default `head_placement`)."""
     return AppConfig(
         checkpoint=checkpoint, model_name="seedoss-demo", dtype="float32", num_stages=2, pin_stages=False,
+        stage_threads=2,  # half a 4-core worker pod (k8s/overlays/cpu-demo/workers.yaml), where two stages may land
         require_api_keys=False,  # the demo's opt-out (k8s/overlays/cpu-demo/demo-without-keys.yaml)
         engine=EngineConfig(max_num_seqs=64, max_batched_tokens=512, kv_budget_bytes=256 << 20),
         # the head runs no replica (num-cpus 0): every deployment asks for some CPU so it lands on the worker
@@ -96,6 +97,7 @@ def gpu_pipeline_app(checkpoint: str = "/models/seed-oss-36b") -> AppConfig:
 
     return AppConfig(
         checkpoint=checkpoint, model_name="seed-oss-36b", dtype="bfloat16", num_stages=GPU_NUM_STAGES, pin_stages=True,
+        stage_threads=4,  # the stage's num_cpus: the GPU does the math, these threads only feed it
         require_api_keys=True,  # keys come from the required seedoss-api-keys secret (SEEDOSS_API_KEYS)
         engine=EngineConfig(max_num_seqs=256, max_batched_tokens=4096, max_model_len=32768, kv_budget_bytes=kv_budget),
         # one Generation replica and one replica of each stage per lane, the lane count autoscaling on engine load

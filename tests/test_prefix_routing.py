@@ -88,7 +88,7 @@ def lanes(demo_checkpoint, tmp_path_factory):
 
     with local_serve(tmp_path_factory) as ray_serve:
         serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 1, "head_checkpoints": {},
-                             "lanes": {"min": 2, "max": 2}}), name="prefix", route_prefix="/")
+                             "lanes": {"min": 2, "max": 2}, "stage_threads": 1}), name="prefix", route_prefix="/")
         with httpx.Client(base_url=ray_serve.url, timeout=300) as http:
             yield SimpleNamespace(http=http)
 
@@ -128,3 +128,14 @@ def test_distinct_prefixes_spread_and_a_shared_prefix_stays_on_its_lane(lanes):
     shared = [_chat(lanes, system, q) for q in ("When was it built?", "Who built it?", "Is it open?", "How tall?")]
     assert len({lane for lane, _ in shared}) == 1
     assert shared[0][1] == 0 and all(cached > 0 for _, cached in shared[1:])
+
+
+def test_stage_replicas_run_the_configured_torch_threads(lanes):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("SeedOssStage0", "prefix")
+    infos = {}
+    while len(infos) < 2:  # one stage replica per lane: ask until both answered
+        info = handle.info.remote().result()
+        infos[info["pid"]] = info["torch_threads"]
+    assert set(infos.values()) == {1}  # `stage_threads: 1`, not every core (the default, tests/test_serve.py)
