@@ -18,7 +18,6 @@ EXAMPLES = {
 
 
 def _serve(args) -> None:
-    import json
     import signal
     import time
 
@@ -30,6 +29,21 @@ def _serve(args) -> None:
     from .config import REQUEST_TIMEOUT_S
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_demo_checkpoint()
+    signals: list[int] = []
+    # The handler only records the signal: it may interrupt the main thread anywhere (a threading.Event set from it
+    # can deadlock on the Event's own lock). Installed before the deploy: a KeyboardInterrupt raised inside Ray's
+    # calls during `serve.run` can be deferred and lost there, leaving a server that ignored its Ctrl-C; recorded,
+    # it stops the server as soon as `serve.run` returns. The loop below wakes up now and then because a signal the
+    # kernel hands to one of Ray's threads only runs the handler once the main thread runs bytecode again.
+    deployed = False
+
+    def on_signal(signum, _frame):
+        if signals and not deployed:  # a second one while `serve.run` still waits (a deploy that cannot finish)
+            raise KeyboardInterrupt
+        signals.append(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     if args.ray_address is None:  # the Ray instance we start inherits Serve's switches (a joined one has its own)
         serve_env.apply()
     ray.init(address=args.ray_address, include_dashboard=False)
@@ -43,6 +57,19 @@ def _serve(args) -> None:
           "minute) …", file=sys.stderr)
     serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": args.num_stages, "dtype": args.dtype,
                          "lanes": lanes, "generation": {"backend": args.backend}}), name="seedoss", route_prefix="/")
+    deployed = True
+    if not signals:
+        _banner(args)
+    while not signals:
+        time.sleep(0.5)
+    print("shutting down …", file=sys.stderr)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _banner(args) -> None:
+    import json
+
     base = f"http://{'localhost' if args.host in ('0.0.0.0', '127.0.0.1') else args.host}:{args.port}"
     print(f"\nSeedOss Serve is up at {base}  (health: {base}/health, API docs: {base}/docs)\n")
     print(f"gRPC: {base.split('//')[1].rsplit(':', 1)[0]}:{args.grpc_port}  (service seedoss.v1.SeedOss, "
@@ -50,17 +77,6 @@ def _serve(args) -> None:
     for route, body in EXAMPLES.items():
         print(f"curl -s {base}/v1/{route} -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
     print("\nCtrl-C stops the server.")
-    signals: list[int] = []
-    # The handler only records the signal: it may interrupt the main thread anywhere (a threading.Event set from it
-    # can deadlock on the Event's own lock). The loop wakes up now and then because a signal the kernel hands to one
-    # of Ray's threads only runs the handler once the main thread runs bytecode again.
-    signal.signal(signal.SIGINT, lambda signum, _: signals.append(signum))
-    signal.signal(signal.SIGTERM, lambda signum, _: signals.append(signum))
-    while not signals:
-        time.sleep(0.5)
-    print("shutting down …", file=sys.stderr)
-    serve.shutdown()
-    ray.shutdown()
 
 
 def _lanes_arg(text: str) -> str:

@@ -17,6 +17,10 @@ request = proxy → A → B twice; bench/RESULTS.md, issues 15 and 18), all of t
   (`tests/test_serve.py`'s disconnect test: 3 of 4 unary runs; also seen with plain HAProxy + uvicorn and Ray's
   options, in about half the runs, never with `-dS`). Ray's template has no switch for it, so
   `RAY_SERVE_HAPROXY_BINARY_PATH` points at a two-line wrapper that adds the flag.
+  Behind HAProxy a stopping ingress replica first stays reachable for `RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S`
+  (Ray's default 30 s, for external load balancers to deregister it), then refuses new connections, which HAProxy
+  retries on another replica. The HAProxy of an instance we start is its only load balancer and reloads within a
+  second of the controller's broadcast: 2 s, so `seedoss serve` stops in seconds on Ctrl-C, not after 30 s.
 
 They are read when a Ray process starts, so they must be in the environment of the raylet that spawns Serve's
 processes: `apply()` sets them (values already set win) in this process before it starts a local Ray instance, whose
@@ -51,6 +55,7 @@ _HAPROXY_PATHS = {
     "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
 }
 _HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+DRAIN_KEY = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"  # why 2 s: module docstring
 
 
 def free_port() -> int:
@@ -79,7 +84,8 @@ def write_nosplice_wrapper(path: str, binary: str) -> str:
 def apply(environ=os.environ) -> dict[str, str]:
     """Set `CLUSTER_ENV` (values already set win) in `environ` before this process starts a local Ray instance, and
     turn HAProxy on unless `RAY_SERVE_ENABLE_HA_PROXY` says otherwise or no binary is found; with HAProxy, also a
-    private directory (its files, the `-dS` wrapper) and free ports for its own listeners. Returns what it set."""
+    private directory (its files, the `-dS` wrapper), free ports for its own listeners and a 2 s drain window.
+    Returns what it set."""
     for key, value in CLUSTER_ENV.items():
         environ.setdefault(key, value)
     keys = list(CLUSTER_ENV)
@@ -96,5 +102,7 @@ def apply(environ=os.environ) -> dict[str, str]:
             environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = write_nosplice_wrapper(os.path.join(state, "haproxy"), binary)
         for key in _HAPROXY_PORTS:
             environ.setdefault(key, str(free_port()))
-        keys += [key for key in (*_HAPROXY_PATHS, *_HAPROXY_PORTS, "RAY_SERVE_HAPROXY_BINARY_PATH") if key in environ]
+        environ.setdefault(DRAIN_KEY, "2")
+        keys += [key for key in (*_HAPROXY_PATHS, *_HAPROXY_PORTS, "RAY_SERVE_HAPROXY_BINARY_PATH", DRAIN_KEY)
+                 if key in environ]
     return {key: environ[key] for key in keys}

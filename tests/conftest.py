@@ -17,10 +17,6 @@ except ImportError:  # Ray is not installed (library-only checkout)
     pass
 else:
     serve_env.apply()
-    # Behind HAProxy an ingress replica stays reachable this long after it is told to stop, so load balancers can
-    # deregister it (Ray's default 30 s): every `serve.shutdown()` of a test module would wait that long. The
-    # HAProxy here reloads within a second of the controller's broadcast.
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -31,6 +31,7 @@ def test_apply_turns_haproxy_on_with_private_files_ports_and_the_nosplice_wrappe
         wrapper = environ["RAY_SERVE_HAPROXY_BINARY_PATH"]
         assert os.path.dirname(wrapper) == environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
         assert len(environ["RAY_SERVE_HAPROXY_SOCKET_PATH"]) + 56 <= 97  # HAProxy's socket path limit
+        assert environ[serve_env.DRAIN_KEY] == "2"  # not Ray's 30 s: a stop (Ctrl-C, a test module's end) waits it
         version = subprocess.run([wrapper, "-vv"], capture_output=True, text=True, timeout=30)
         assert version.returncode == 0 and "HAProxy version" in version.stdout
     shared = {k for k in first if k.startswith("RAY_SERVE_HAPROXY_") and first[k] == second[k]}

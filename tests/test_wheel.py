@@ -111,7 +111,7 @@ def test_seedoss_serve_from_the_installed_wheel_outside_the_repository(venv, dem
                 assert server.poll() is None, (tmp_path / "serve.log").read_text()[-5000:]
                 assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-5000:]
                 # the CLI's own "up" line as well as readiness: the gateway can answer ready while `serve.run` still
-                # waits for the last deployment, and a SIGINT then lands before the CLI's handler is installed
+                # waits for the last deployment (a SIGINT then stops it unserved: tests/test_cli_serve.py)
                 try:
                     if ("SeedOss Serve is up" in (tmp_path / "serve.log").read_text()
                             and client.get("/health/ready").status_code == 200):
