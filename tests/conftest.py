@@ -30,22 +30,22 @@ def _ray_default_temp_dir():
     os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
 
 
-GRPC_SERVICER = "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"
-
-
 @contextlib.contextmanager
 def local_serve(tmp_path_factory, *, grpc: bool = False, metrics: bool = False, nodes: dict | None = None,
                 **ray_init):
     """A test module's own Ray instance (2 CPUs, no dashboard) with Serve started on free ports: HTTP, gRPC with our
-    servicer when `grpc`, Ray's metrics endpoint when `metrics`. `nodes` (name → `Cluster.add_node` arguments) makes
+    servicer when `grpc`, Ray's metrics endpoint when `metrics` (single node only). `nodes` (name → `Cluster.add_node` arguments) makes
     it a multi-node `ray.cluster_utils.Cluster`. Yields the addresses and nodes; shuts Serve and Ray down after."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    from seedoss.deployments.k8s import GRPC_SERVICER
     from seedoss.deployments.serve_env import free_port
 
+    if metrics and nodes is not None:
+        raise ValueError("local_serve: the metrics endpoint is set up for a single-node instance only")
     temp_dir = str(tmp_path_factory.mktemp("ray"))
     found = SimpleNamespace(nodes={}, grpc=None, metrics=None)
     cluster = None
