@@ -211,11 +211,11 @@ class AppConfig(BaseModel):
                                  description="scheduling limits; kv_budget_bytes and block_size apply to each stage replica")
     pin_stages: bool = Field(False, description="stage k asks for custom resource `stage{k}: 1` (one node per stage)")
     stage_threads: int | None = Field(
-        None, ge=1, le=1024, description="torch threads of each stage replica; null: every core its process may run "
-        "on. (Ray gives a replica with a fractional num_cpus one thread, but a pipeline's stages take turns on each "
-        "step, so at low load one stage can use them all: 1 stream on 2 cores went from 0.57 to 0.74 of the "
-        "in-process engine, 32 streams unchanged, bench/RESULTS.md.) Set it where a stage shares its node's cores "
-        "with other work (the k8s overlays give the pod's share)")
+        None, ge=1, le=1024, description="torch threads of each stage replica; null: Ray's, from the replica's "
+        "num_cpus (one for a fraction). A pipeline's stages take turns on each step, so at low load one stage can "
+        "use every core: 2 on a 2-core box took 1 stream from 0.57 to 0.74 of the in-process engine "
+        "(bench/RESULTS.md), but raised a stage's RSS growth in the soak past tests/test_soak.py's 200 MiB bound "
+        "(203-206 MiB), so it is not the default yet")
     lanes: LaneConfig = Field(default_factory=LaneConfig, description="generation lanes: count or autoscaling range")
     timeouts: Timeouts = Field(default_factory=Timeouts, description="stage and head call timeouts (503 past them)")
     retry: RetryPolicy = Field(default_factory=RetryPolicy,

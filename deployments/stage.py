@@ -21,20 +21,12 @@ from .timing import StageStamps, now
 from .wire import pack, stamps, unpack
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity; all of them where the OS has no such call)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 class SeedOssStage:
     def __init__(self, checkpoint: str, start: int, end: int, dtype: str, kv_budget_bytes: int, block_size: int,
                  device: str = "auto", forward_timeout_s: float = 60.0, max_batch_tokens: int = 16384,
                  threads: int | None = None):
-        # Ray set OMP_NUM_THREADS from this replica's num_cpus (1 for a fraction), which torch read at import
-        torch.set_num_threads(threads or usable_cores())
+        if threads:  # else Ray's OMP_NUM_THREADS from this replica's num_cpus (1 for a fraction), read by torch
+            torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"  # a replica given `num_gpus` sees its GPU
         stage = load_stage(checkpoint, start, end, dtype=dtype, device=device)

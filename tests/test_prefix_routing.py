@@ -88,7 +88,7 @@ def lanes(demo_checkpoint, tmp_path_factory):
 
     with local_serve(tmp_path_factory) as ray_serve:
         serve.run(build_app({"checkpoint": str(demo_checkpoint), "num_stages": 1, "head_checkpoints": {},
-                             "lanes": {"min": 2, "max": 2}, "stage_threads": 1}), name="prefix", route_prefix="/")
+                             "lanes": {"min": 2, "max": 2}, "stage_threads": 2}), name="prefix", route_prefix="/")
         with httpx.Client(base_url=ray_serve.url, timeout=300) as http:
             yield SimpleNamespace(http=http)
 
@@ -134,4 +134,4 @@ def test_stage_replicas_run_the_configured_torch_threads(lanes):
     from ray import serve
 
     info = serve.get_deployment_handle("SeedOssStage0", "prefix").info.remote().result()  # every replica alike
-    assert info["torch_threads"] == 1  # `stage_threads: 1`, not every core (the default, tests/test_serve.py)
+    assert info["torch_threads"] == 2  # `stage_threads: 2`, not Ray's 1 for a replica with no CPU of its own

@@ -22,7 +22,6 @@ from seedoss.services.qa import QAService
 from seedoss.services.schemas import local_forward
 from seedoss.services.tagging import TaggingService
 from conftest import local_serve
-from seedoss.deployments.stage import usable_cores
 
 pytestmark = pytest.mark.timeout(900)
 APP = "seedoss"
@@ -80,7 +79,6 @@ def test_stages_run_on_their_nodes_holding_only_their_share(server):
     for k in range(2):
         info = _stage_info(k)
         assert info["node_id"] == server.nodes[f"stage{k}"].node_id
-        assert info["torch_threads"] == usable_cores()  # not Ray's 1 for a replica with a fractional num_cpus
         local = parameter_bytes(load_stage(server.checkpoint, info["start"], info["end"]))
         assert info["parameter_bytes"] == local
         total += info["parameter_bytes"]
