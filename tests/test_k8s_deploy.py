@@ -209,9 +209,15 @@ def test_the_application_runs_as_configured(deployed):
     from ray import serve
     from ray.serve.schema import ApplicationStatus
 
-    status = serve.status()
     # EveryNode: a proxy on the head (the controller's node) and on each worker holding replicas (at least one:
-    # the replicas need 2.5 CPUs, a worker has 2), all bound to the same ports on this one machine
+    # the replicas need 2.5 CPUs, a worker has 2), all bound to the same ports on this one machine. The app is
+    # ready once the head's proxy answers; a worker's proxy may still be STARTING then (seen in CI), so it gets a
+    # bounded while to become HEALTHY
+    deadline = time.monotonic() + 60
+    status = serve.status()
+    while not all(s == "HEALTHY" for s in status.proxies.values()) and time.monotonic() < deadline:
+        time.sleep(1)
+        status = serve.status()
     assert deployed.head.node_id in status.proxies and len(status.proxies) >= 2, status.proxies
     assert all(s == "HEALTHY" for s in status.proxies.values()), status.proxies
     app = status.applications[APP_NAME]
