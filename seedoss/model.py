@@ -33,6 +33,20 @@ from .rope import RotaryEmbedding, apply_rotary
 PACK_BATCH_HINT = 32
 
 
+def packed_rows(rows: int) -> int:
+    """The row count a packed Linear computes `rows` rows as: exact up to 16, above that rounded up to one of 8
+    sizes per doubling (at most 12.5% padding). oneDNN builds a primitive per input shape (~0.1-1 ms each; it keeps
+    the last 1,024, each holding memory): with the token counts of real traffic, which change every step, a forward
+    mostly paid for building them (a 2-layer demo stage's 268-token forward: 4.3 ms over varied shapes, 3.2 ms on a
+    repeated one) and a replica's RSS grew by hundreds of MiB. Padded, a layer sees at most ~100 shapes up to 16,384
+    rows. Padding rows do not change the real rows' results: oneDNN computes each row alike whatever the row count
+    (what keeps the heads' results independent of their batch, tests/test_batching.py)."""
+    if rows <= 16:
+        return rows
+    step = 1 << (rows - 1).bit_length() - 4  # 1/8 of the power of two at or above `rows`
+    return -(-rows // step) * step
+
+
 def _mkl_gemv_is_fast() -> bool:
     """Does MKL's sgemv on a plain weight beat oneDNN's packed one for a single row? On Intel CPUs, yes: the small
     preset's 48 linears at 1 row took 12 ms through F.linear and 16 ms packed (Xeon, AVX-512); on AMD, MKL takes
@@ -63,7 +77,13 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is None or (self.gemv_on_plain_weight and x.numel() == x.shape[-1]):
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        rows = x.numel() // x.shape[-1]
+        padded = packed_rows(rows)
+        if padded == rows:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        padded_x = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded - rows))
+        y = torch.ops.mkldnn._linear_pointwise(padded_x, self.packed_weight, self.bias, "none", [], "")
+        return y[:rows].view(*x.shape[:-1], y.shape[-1])
 
 
 def pack_linears(module: nn.Module, gemv_on_plain_weight: bool = True) -> None:

@@ -13,7 +13,7 @@ from transformers import SeedOssForCausalLM
 from seedoss.config import SeedOssConfig
 from seedoss.engine.errors import KVCacheFull, MissingSequenceCache
 from seedoss.loader import load_head, load_stage, parameter_bytes
-from seedoss.model import StepBatch, run_stages
+from seedoss.model import Linear, StepBatch, packed_rows, run_stages
 from seedoss.partition import partition_layers, stage_param_counts
 from seedoss.weights import Checkpoint
 
@@ -66,6 +66,29 @@ def test_prompts_of_equal_length_attend_together_exactly_as_alone(checkpoint, ca
     together = forward(torch.cat(prompts), batch).split(lengths)
     for i, p in enumerate(prompts):
         assert torch.equal(together[i], forward(p, StepBatch([i], [len(p)], [0]))), i
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed weights need oneDNN")
+def test_packed_linear_pads_rows_to_few_shapes_without_changing_any_row():
+    """A packed Linear computes a row count as `packed_rows(rows)`: few shapes (oneDNN builds a primitive per
+    shape), at most 12.5% padding, and every row's result exactly what it is among any other number of rows."""
+    shapes = {packed_rows(rows) for rows in range(1, 16385)}
+    assert len(shapes) <= 100
+    assert all(rows <= packed_rows(rows) <= max(rows, 1.125 * rows) for rows in range(1, 16385))
+    torch.manual_seed(0)
+    plain = Linear(96, 160, bias=True).requires_grad_(False)
+    packed = Linear(96, 160, bias=True).requires_grad_(False)
+    packed.load_state_dict(plain.state_dict())
+    packed.pack(keep_plain=False)
+    assert packed.packed_weight is not None
+    x = torch.randn(300, 96)
+    with torch.inference_mode():
+        whole = packed(x)
+        torch.testing.assert_close(whole, plain(x), rtol=1e-5, atol=1e-5)
+        for rows in (2, 7, 16, 17, 19, 33, 100, 257):  # padded (17, 19, 33, 100, 257) and exact sizes
+            assert torch.equal(packed(x[:rows]), whole[:rows]), rows
+            assert torch.equal(packed(x[rows:2 * rows]), whole[rows:2 * rows]), rows
+        assert torch.equal(packed(x[:38].view(2, 19, 96)), whole[:38].view(2, 19, 160))  # any leading shape
 
 
 def test_stage_reads_and_keeps_only_its_tensors(checkpoint):
