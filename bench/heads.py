@@ -70,7 +70,7 @@ def make_inputs(n: int = 256) -> dict[str, list]:
 # --------------------------------------------------------------------------------------------------- the server
 
 
-def start_server(checkpoint: Path, head_placement: str) -> tuple[str, str]:
+def start_server(checkpoint: Path, head_placement: str, app_config: dict | None = None) -> tuple[str, str]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
@@ -88,7 +88,8 @@ def start_server(checkpoint: Path, head_placement: str) -> tuple[str, str]:
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
                     "seedoss.proto.seedoss.v1.seedoss_pb2_grpc.add_SeedOssServicer_to_server"]})
     log(f"deploying the Serve app (2 stages + heads + generation + gateway, heads in the {head_placement}) …")
-    serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": 2, "head_placement": head_placement}),
+    serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": 2, "head_placement": head_placement,
+                         **(app_config or {})}),
               name=APP, route_prefix="/")
     return f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
 
@@ -325,6 +326,8 @@ def main() -> None:
     parser.add_argument("--head-placement", choices=["gateway", "deployments"], default="gateway",
                         help="AppConfig.head_placement (deployments: a Serve call more per request)")
     parser.add_argument("--json", help="also write every row to this file")
+    parser.add_argument("--app-config", type=json.loads, default={},
+                        help='more AppConfig fields for the served app, as JSON, e.g. \'{"stage_threads": 2}\'')
     args = parser.parse_args()
 
     from seedoss.cli import ensure_demo_checkpoint
@@ -333,7 +336,7 @@ def main() -> None:
     log(f"CPU: {cpu_info()}")
     log(f"load average at start: {load()}")
     inputs = make_inputs()
-    url, grpc_target = start_server(checkpoint, args.head_placement)
+    url, grpc_target = start_server(checkpoint, args.head_placement, args.app_config)
     hf, served = [], []
     for task in TASKS:  # HF right before the task's served cells: both under much the same machine load
         hf.append(run_hf(checkpoint, task, inputs[task]))

@@ -217,7 +217,7 @@ def run_lanes(url: str, prompts, max_tokens, lanes: int) -> dict:
     return row
 
 
-def start_server(checkpoint) -> str:
+def start_server(checkpoint, app_config: dict) -> str:
     """A local Ray instance with Serve's HTTP proxy on a free port, running the app with one lane; its URL."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["SEEDOSS_STREAM_TIMING"] = "1"  # chunks carry their relay stamps; replicas inherit the environment
@@ -232,18 +232,18 @@ def start_server(checkpoint) -> str:
     serve_env.apply()  # the switches `seedoss serve` starts Ray with
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a running cluster
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    deploy(checkpoint, lanes=1)
+    deploy(checkpoint, lanes=1, app_config=app_config)
     return f"http://127.0.0.1:{port}"
 
 
-def deploy(checkpoint, lanes: int) -> None:
+def deploy(checkpoint, lanes: int, app_config: dict) -> None:
     from ray import serve
 
     from seedoss.deployments.app import build_app
 
     log(f"deploying the Serve app (2 stages x {lanes} lane(s) + gateway) …")
     serve.run(build_app({"checkpoint": str(checkpoint), "num_stages": 2, "head_checkpoints": {},
-                         "lanes": {"min": lanes, "max": lanes}}), name="seedoss", route_prefix="/")
+                         "lanes": {"min": lanes, "max": lanes}, **app_config}), name="seedoss", route_prefix="/")
 
 
 def main() -> None:
@@ -255,11 +255,13 @@ def main() -> None:
     parser.add_argument("--lanes", type=int, nargs="*", default=[], help="lane counts for the lane rows, e.g. 1 2")
     parser.add_argument("--lane-concurrency", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--app-config", type=json.loads, default={},
+                        help='more AppConfig fields for the served app, as JSON, e.g. \'{"stage_threads": 2}\'')
     args = parser.parse_args()
     checkpoint = ensure_checkpoint(Path(args.checkpoint))
     log(f"machine: {machine()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     prompts = make_prompts(checkpoint, max(args.concurrency + args.lane_concurrency), 64, 128)
-    url = start_server(checkpoint)
+    url = start_server(checkpoint, args.app_config)
     local, served = [], []
     for c in args.concurrency:  # the two systems back to back per concurrency: a shared machine's load drifts
         runs = {"engine": [], "served": []}
@@ -284,7 +286,7 @@ def main() -> None:
     print_breakdown(rows)
     lane_rows = []
     for lanes in args.lanes:
-        deploy(checkpoint, lanes)
+        deploy(checkpoint, lanes, args.app_config)
         for c in args.lane_concurrency:
             log(f"served, {lanes} lane(s), {c} concurrent streams …")
             lane_rows.append(run_lanes(url, prompts[:c], args.max_tokens, lanes))
