@@ -41,8 +41,8 @@ def router(core: GatewayCore) -> APIRouter:
     def task_route(path: str, task: str, model):
         @api.post(path, openapi_extra=body_schema(model), name=task)
         async def run_task(request: Request):
-            try:
-                return await core.task(task, await json_body(request, core))
+            try:  # the head's answer is JSON-ready already: a JSONResponse skips FastAPI's jsonable_encoder walk
+                return JSONResponse(await core.task(task, await json_body(request, core)))
             except Exception as e:
                 return error_response(service_error(e))
 
