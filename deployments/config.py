@@ -213,9 +213,9 @@ class AppConfig(BaseModel):
     stage_threads: int | None = Field(
         None, ge=1, le=1024, description="torch threads of each stage replica; null: Ray's, from the replica's "
         "num_cpus (one for a fraction). A pipeline's stages take turns on each step, so at low load one stage can "
-        "use every core: 2 on a 2-core box took 1 stream from 0.57 to 0.74 of the in-process engine "
-        "(bench/RESULTS.md), but raised a stage's RSS growth in the soak past tests/test_soak.py's 200 MiB bound "
-        "(203-206 MiB), so it is not the default yet")
+        "use every core: 2 on a 2-core box took 1 stream from 0.66-0.71 to 0.74-0.79 of the in-process engine, but "
+        "cost the heads' many small batches 17% at 32 clients, where both stages and the gateway compute at once "
+        "(bench/RESULTS.md); so the default leaves it to num_cpus")
     lanes: LaneConfig = Field(default_factory=LaneConfig, description="generation lanes: count or autoscaling range")
     timeouts: Timeouts = Field(default_factory=Timeouts, description="stage and head call timeouts (503 past them)")
     retry: RetryPolicy = Field(default_factory=RetryPolicy,
