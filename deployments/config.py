@@ -161,6 +161,12 @@ class LaneConfig(BaseModel):
         return {"autoscaling_config": {k: v for k, v in autoscaling.items() if v is not None}}
 
 
+# A stage with more than one torch thread runs all its math on one thread, so its process has one OpenMP team
+# (seedoss/engine/executor.py), which libgomp lets spin ~300,000 times after each parallel region, milliseconds of a
+# core that the other stage, the gateway and Generation wait for when they share the machine: 2-thread stages on
+# 2 cores answered 202 classify requests/s at 32 clients, 444 with 2,000 spins (still enough to bridge the gaps
+# between one forward's ops: 1-stream generation kept its speed; bench/RESULTS.md).
+STAGE_OMP_ENV = {"GOMP_SPINCOUNT": "2000"}
 LANE_POLICY = "seedoss.deployments.autoscaling:LanePolicy"
 FOLLOW_LANES_POLICY = "seedoss.deployments.autoscaling:FollowLanes"
 LANE_ROUTER = "seedoss.deployments.routing:LaneRouter"
@@ -332,6 +338,12 @@ class AppConfig(BaseModel):
     def stage_options(self, k: int) -> dict[str, Any]:
         options = self._lane_scaled("stage", FOLLOW_LANES_POLICY)
         options["request_router_config"] = {"request_router_class": LANE_ROUTER}
+        if (self.stage_threads or 1) > 1:  # an OpenMP team: it spins between forwards only briefly (STAGE_OMP_ENV)
+            actor = dict(options["ray_actor_options"])
+            runtime_env = dict(actor["runtime_env"])
+            runtime_env["env_vars"] = {**{k: os.environ.get(k, v) for k, v in STAGE_OMP_ENV.items()},
+                                       **runtime_env["env_vars"]}
+            options["ray_actor_options"] = {**actor, "runtime_env": runtime_env}
         if self.pin_stages:
             actor = dict(options.get("ray_actor_options", {}))
             actor["resources"] = {**actor.get("resources", {}), f"stage{k}": 1}

@@ -8,6 +8,7 @@ waiting: a head already batches its own requests, this only merges batches of di
 
 from __future__ import annotations
 
+import functools
 import os
 
 import ray
@@ -29,8 +30,9 @@ class SeedOssStage:
             torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"  # a replica given `num_gpus` sees its GPU
-        stage = load_stage(checkpoint, start, end, dtype=dtype, device=device)
-        self.executor = LocalStageExecutor(stage, kv_budget_bytes, block_size)
+        # loaded on the executor's thread, which runs all of this replica's math (one OpenMP team per process)
+        self.executor = LocalStageExecutor(functools.partial(load_stage, checkpoint, start, end, dtype=dtype,
+                                                             device=device), kv_budget_bytes, block_size)
         self.start, self.end = start, end
         self.forward_timeout_s = forward_timeout_s
         self.prefill_batcher = TokenBatcher(self._prefill_batch, torch.cat, max_batch_tokens=max_batch_tokens,
@@ -54,8 +56,8 @@ class SeedOssStage:
 
     async def _prefill_batch(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
         lengths = [len(s) for s in sequences]
-        hidden = await self.executor.forward(torch.cat(sequences), list(range(len(lengths))), lengths,
-                                             [0] * len(lengths), use_cache=False)
+        hidden = await self.executor.forward(sequences, list(range(len(lengths))), lengths, [0] * len(lengths),
+                                             use_cache=False)
         return list(hidden.split(lengths))
 
     async def free(self, seq_ids: list[str]) -> None:

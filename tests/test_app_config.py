@@ -76,3 +76,23 @@ def test_repo_serve_config_is_safe_by_default():
     raw = yaml.safe_load(open(SERVE_CONFIG))
     assert raw["http_options"]["host"] == "127.0.0.1"
     assert raw["applications"][0]["args"]["require_api_keys"] is True
+
+
+def test_multithreaded_stages_get_a_short_openmp_spin(demo_checkpoint, monkeypatch):
+    """Stages with more than one torch thread start with GOMP_SPINCOUNT in their environment (an idle team must not
+    hold cores the other replicas need); set in the stage's options or the launching environment, that value wins;
+    single-threaded stages and the other deployments get none."""
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+
+    def stage_env(**args):
+        options = AppConfig.model_validate({"checkpoint": str(demo_checkpoint), **args}).stage_options(0)
+        return options["ray_actor_options"]["runtime_env"]["env_vars"]
+
+    assert stage_env(stage_threads=2)["GOMP_SPINCOUNT"] == "2000"
+    assert "GOMP_SPINCOUNT" not in stage_env() and "GOMP_SPINCOUNT" not in stage_env(stage_threads=1)
+    own = {"ray_actor_options": {"num_cpus": 1, "runtime_env": {"env_vars": {"GOMP_SPINCOUNT": "50"}}}}
+    assert stage_env(stage_threads=2, stage=own)["GOMP_SPINCOUNT"] == "50"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    assert stage_env(stage_threads=2)["GOMP_SPINCOUNT"] == "300000"
+    config = AppConfig.model_validate({"checkpoint": str(demo_checkpoint), "stage_threads": 2})
+    assert "GOMP_SPINCOUNT" not in config.generation_options()["ray_actor_options"]["runtime_env"]["env_vars"]

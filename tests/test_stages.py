@@ -212,3 +212,28 @@ def test_stage_executor_evicts_least_recently_used_stale_sequences(checkpoint):
     stats = asyncio.run(scenario())
     assert stats["sequences"] == 2 and executor.cache.length("old") == 32 and executor.cache.length("new") == 32
     executor.close()
+
+
+def test_stage_executor_loads_and_computes_on_its_one_thread(checkpoint):
+    """Given a loader, the executor loads the stage on the thread that then runs its forwards and packs a list of
+    sequences there: one thread does all of the stage's math (one OpenMP team)."""
+    import asyncio
+    import threading
+
+    from seedoss.engine import LocalStageExecutor
+
+    path, _ = checkpoint
+    loaded_on = []
+
+    def load():
+        loaded_on.append(threading.get_ident())
+        return load_stage(path, 0, 2)
+
+    executor = LocalStageExecutor(load, kv_budget_bytes=1 << 20, block_size=16)
+    prompts = _prompts([5, 9])
+
+    packed = asyncio.run(executor.forward(prompts, [0, 1], [5, 9], [0, 0], use_cache=False))
+    forward_thread = executor.worker.submit(threading.get_ident).result()
+    assert loaded_on == [forward_thread] != [threading.get_ident()]
+    assert torch.equal(packed, load_stage(path, 0, 2)(torch.cat(prompts), StepBatch([0, 1], [5, 9], [0, 0])))
+    executor.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import gc
 import logging
 import random
@@ -114,10 +115,11 @@ class LLMEngine:
         model_config = SeedOssConfig.from_pretrained(path)
         config = config or EngineConfig()
         ranges = partition_layers(model_config, None if layers_per_stage else num_stages, layers_per_stage)
-        pipeline = LocalPipeline([LocalStageExecutor(load_stage(path, s, e, dtype=dtype), config.kv_budget_bytes,
-                                                     config.block_size) for s, e in ranges])
-        return cls(pipeline, load_head(path, "generate", dtype=dtype), SeedOssTokenizer.from_pretrained(path),
-                   model_config, config, seed)
+        # each stage loads on its own thread, the LM head on the last stage's (where it runs): see LocalStageExecutor
+        pipeline = LocalPipeline([LocalStageExecutor(functools.partial(load_stage, path, s, e, dtype=dtype),
+                                                     config.kv_budget_bytes, config.block_size) for s, e in ranges])
+        head = pipeline.head_executor.submit(load_head, path, "generate", dtype=dtype).result()
+        return cls(pipeline, head, SeedOssTokenizer.from_pretrained(path), model_config, config, seed)
 
     @property
     def num_stages(self) -> int:
