@@ -31,6 +31,7 @@ so a cluster started without them (KubeRay) still gets them for every call a rep
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import shutil
 import socket
@@ -58,8 +59,32 @@ _HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_POR
 DRAIN_KEY = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"  # why 2 s: module docstring
 
 
+# Ray's worker processes take ports 10002-19999 by default; above that, up to the kernel's ephemeral range, nothing
+# of Ray's or of an outgoing connection lands.
+_PICKED_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port on 127.0.0.1 for a server we start, picked below the kernel's ephemeral range: a port the
+    kernel hands out for port 0 comes from that range, which every outgoing connection and every Ray process that
+    binds port 0 also draws from in the seconds before our server binds it (CI saw HAProxy fail to start with
+    "Address already in use" on such a port)."""
+    picker = random.SystemRandom()  # not the seeded module RNG: concurrent processes must not pick alike
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = _PICKED_PORTS.stop
+    candidates = range(_PICKED_PORTS.start, min(_PICKED_PORTS.stop, ephemeral_low))
+    for _ in range(200 if candidates else 0):
+        port = picker.choice(candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no such range on this machine, or all of it busy: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -44,3 +44,19 @@ def test_a_state_directory_given_in_the_environment_still_gets_the_nosplice_wrap
     serve_env.apply(environ)
     assert environ["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(tmp_path / "haproxy")
     assert " -dS " in (tmp_path / "haproxy").read_text()
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_and_are_bindable():
+    """A port picked for a server is outside the range the kernel gives port-0 binds and outgoing connections
+    (where Ray's processes would take it before our server binds it), and free to bind."""
+    import socket
+
+    from seedoss.deployments.serve_env import free_port
+
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1  # picked at random: concurrent test processes do not collide
+    for port in ports:
+        assert 20000 <= port < min(32768, low) or low <= 20000, (port, low)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
