@@ -231,11 +231,14 @@ def decode_bytes(checkpoint: Path, dtype: str) -> dict:
 
 
 def _close_workers(engine) -> None:
-    """Stop the engine's stage worker threads (the executor layout differs between engine versions)."""
+    """Stop the engine's stage worker threads and wait until they have ended, and with them their OpenMP teams
+    (`in_own_thread`; the executor layout differs between engine versions)."""
     for obj in [getattr(engine, "pipeline", None), *getattr(engine, "executors", [])]:
         close = getattr(obj, "close", None)
         if callable(close):
             close()
+    for executor in getattr(getattr(engine, "pipeline", None), "executors", []):
+        executor.worker.shutdown(wait=True)
 
 
 # --- our engine ------------------------------------------------------------------------------------------------
@@ -297,8 +300,6 @@ class EngineRunner:
 
     def close(self) -> None:  # the engine's loop task ended with the last run's event loop
         _close_workers(self.engine)
-        for executor in getattr(self.engine.pipeline, "executors", []):
-            executor.worker.shutdown(wait=True)  # the threads, and so their OpenMP teams, are gone
 
 
 class HFRunner:

@@ -178,11 +178,16 @@ PREFIX_ROUTER = "seedoss.deployments.prefix_routing:PrefixAffinityRouter"
 # k8s manifests) they travel as each deployment's runtime_env. Our replicas never block their loop: compute,
 # sampling, tokenization and sync methods run in worker threads.
 def same_loop(options: dict[str, Any]) -> dict[str, Any]:
-    """`options` with `REPLICA_ENV` in its ray_actor_options' runtime_env; env vars set in the options win, then
-    those set in this process (`RAY_SERVE_USE_GRPC_BY_DEFAULT=0 seedoss serve` turns that switch off)."""
+    """`options` with `REPLICA_ENV` in its ray_actor_options' runtime_env (`with_env_defaults`)."""
+    return with_env_defaults(options, REPLICA_ENV)
+
+
+def with_env_defaults(options: dict[str, Any], defaults: dict[str, str]) -> dict[str, Any]:
+    """`options` with `defaults` in its ray_actor_options' runtime_env; env vars set in the options win, then those
+    set in this process (`RAY_SERVE_USE_GRPC_BY_DEFAULT=0 seedoss serve` turns that switch off)."""
     actor = dict(options.get("ray_actor_options", {}))
     runtime_env = dict(actor.get("runtime_env") or {})
-    runtime_env["env_vars"] = {**{k: os.environ.get(k, v) for k, v in REPLICA_ENV.items()}, **runtime_env.get("env_vars", {})}
+    runtime_env["env_vars"] = {**{k: os.environ.get(k, v) for k, v in defaults.items()}, **runtime_env.get("env_vars", {})}
     actor["runtime_env"] = runtime_env
     return {**options, "ray_actor_options": actor}
 
@@ -339,11 +344,7 @@ class AppConfig(BaseModel):
         options = self._lane_scaled("stage", FOLLOW_LANES_POLICY)
         options["request_router_config"] = {"request_router_class": LANE_ROUTER}
         if (self.stage_threads or 1) > 1:  # an OpenMP team: it spins between forwards only briefly (STAGE_OMP_ENV)
-            actor = dict(options["ray_actor_options"])
-            runtime_env = dict(actor["runtime_env"])
-            runtime_env["env_vars"] = {**{k: os.environ.get(k, v) for k, v in STAGE_OMP_ENV.items()},
-                                       **runtime_env["env_vars"]}
-            options["ray_actor_options"] = {**actor, "runtime_env": runtime_env}
+            options = with_env_defaults(options, STAGE_OMP_ENV)
         if self.pin_stages:
             actor = dict(options.get("ray_actor_options", {}))
             actor["resources"] = {**actor.get("resources", {}), f"stage{k}": 1}
