@@ -1,10 +1,10 @@
 """CPU kernels in C that torch has no op for, compiled on first use and called through ctypes.
 
 `paged_decode_attention` (csrc/paged_attention.c) reads the paged KV cache in place for decode steps;
-`rotary_store_kv` (csrc/fused_layer_ops.c) does a decoder layer's rotary + KV-cache write in one pass. Every csrc/*.c is built into one shared library with the machine's C compiler (`$CC`,
-else `cc`; -O3 -march=native -fopenmp) in `$SEEDOSS_CACHE/kernels` (default ~/.cache/seedoss/kernels) under a
-name that hashes the sources, the flags and
-the CPU (model name and every /proc/cpuinfo flag: a `-march=native` build may use instructions another CPU lacks),
+`rotary_store_kv` (csrc/fused_layer_ops.c) does a decoder layer's rotary + KV-cache write in one pass; both take
+float32 or bfloat16 tensors (an entry point per type). Every csrc/*.c is built into one shared library with the
+machine's C compiler (`$CC`, else `cc`; -O3 -march=native -fopenmp) in `$SEEDOSS_CACHE/kernels` (default
+~/.cache/seedoss/kernels) under a name that hashes the sources and headers, the flags and the CPU (model name and every /proc/cpuinfo flag: a `-march=native` build may use instructions another CPU lacks),
 so a build is reused by every process on the machine and rebuilt when any of them changes. Loading a shared library
 runs its code, so a cached one is loaded only when it is a regular file owned by this user and not writable by group
 or others; otherwise a fresh build replaces it (and the log says so). A fresh build is loaded from its private
@@ -31,6 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -57,7 +58,7 @@ def cpu_identity(cpuinfo: str | None = None) -> str:
 
 
 def cache_key(compiler: str, cpu: str | None = None) -> str:
-    parts = [*(src.read_bytes() for src in SOURCES), " ".join(FLAGS).encode(), (cpu or cpu_identity()).encode(), compiler.encode()]
+    parts = [*(src.read_bytes() for src in [*SOURCES, *HEADERS]), " ".join(FLAGS).encode(), (cpu or cpu_identity()).encode(), compiler.encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -112,9 +113,24 @@ def library() -> ctypes.CDLL | None:
         for name, restype, argtypes in (
                 ("paged_decode_attention", ctypes.c_int, [ptr] * 6 + [i64] * 5 + [ctypes.c_float, threads]),
                 ("rotary_store_kv", None, [ptr] * 8 + [i64] * 4 + [threads])):
-            getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
+            for typed in (name, name + "_bf16"):
+                getattr(lib, typed).restype, getattr(lib, typed).argtypes = restype, argtypes
         _lib = lib
         return _lib
+
+
+_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}
+
+
+def _typed(name: str, *tensors: torch.Tensor):
+    """The kernel `name` for these tensors' dtype, or None: not all contiguous CPU tensors of float32 or
+    bfloat16, one dtype for all, or no native library."""
+    dtype = tensors[0].dtype
+    if dtype not in _SUFFIX or not all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+                                       for t in tensors):
+        return None
+    lib = library()
+    return None if lib is None else getattr(lib, name + _SUFFIX[dtype])
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
@@ -123,20 +139,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     q [B, heads, D]; k_cache/v_cache [num_slots, kv_heads, D] (one layer); slots [B, max_kv] int64 flat cache
     slots of each sequence's positions; lens [B] int64 context lengths (the query's own key included).
-    Returns [B, heads, D], or None when this case is not covered here (not a contiguous float32 CPU tensor,
-    no native library): then the caller runs its torch path.
+    Returns [B, heads, D], or None when this case is not covered here (not contiguous float32 or bfloat16 CPU
+    tensors of one dtype, no native library): then the caller runs its torch path.
     """
-    tensors = (q, k_cache, v_cache, slots, lens)
-    if (q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32
-            or slots.dtype != torch.int64 or lens.dtype != torch.int64
-            or not all(t.is_contiguous() for t in tensors)):
-        return None
-    lib = library()
-    if lib is None:
+    kernel = _typed("paged_decode_attention", q, k_cache, v_cache)
+    if kernel is None or not (slots.dtype == lens.dtype == torch.int64 and slots.is_contiguous()
+                              and lens.is_contiguous()):
         return None
     batch, heads, dim = q.shape
     out = torch.empty_like(q)
-    failed = lib.paged_decode_attention(
+    failed = kernel(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), lens.data_ptr(), out.data_ptr(),
         batch, heads, k_cache.shape[1], dim, slots.shape[1], scale, torch.get_num_threads())
     if failed:
@@ -150,18 +162,13 @@ def rotary_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_c
     projection), cos/sin [T, D], k_cache/v_cache [num_slots, kv_heads, D] (one layer), write [T] int64 flat slots.
     Stores token t's rotated key and its value at slot write[t]; returns (rotated q [T, heads, D], rotated k
     [T, kv_heads, D]), or None when not covered here (then the caller runs its torch path)."""
-    if not (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-                for t in (qkv, cos, sin, k_cache, v_cache))
-            and write.dtype == torch.int64 and write.is_contiguous()):
-        return None
-    lib = library()
-    if lib is None:
+    kernel = _typed("rotary_store_kv", qkv, cos, sin, k_cache, v_cache)
+    if kernel is None or not (write.dtype == torch.int64 and write.is_contiguous()):
         return None
     tokens, dim, kv_heads = qkv.shape[0], qkv.shape[2], k_cache.shape[1]
     heads = qkv.shape[1] - 2 * kv_heads
     q, k = qkv.new_empty(tokens, heads, dim), qkv.new_empty(tokens, kv_heads, dim)
-    lib.rotary_store_kv(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(),
-                        k_cache.data_ptr(), v_cache.data_ptr(), write.data_ptr(), tokens, heads, kv_heads, dim,
-                        torch.get_num_threads())
+    kernel(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(), k_cache.data_ptr(),
+           v_cache.data_ptr(), write.data_ptr(), tokens, heads, kv_heads, dim, torch.get_num_threads())
     return q, k
 

@@ -1,6 +1,6 @@
 """The native kernels: they build here; decode attention equals gather + SDPA on a paged cache, the fused rotary +
-KV write equals apply_rotary + index_copy_ bit for bit; a stage gives the same decode outputs with and without
-them."""
+KV write equals apply_rotary + index_copy_ bit for bit, in float32 and in bfloat16; a stage gives the same decode
+outputs with and without them."""
 
 from __future__ import annotations
 
@@ -32,42 +32,49 @@ def test_kernel_builds_where_a_compiler_exists():
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 32), (8, 2, 64), (12, 4, 64), (6, 1, 16)])
-def test_kernel_equals_gather_and_sdpa(heads, kv_heads, dim):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_gather_and_sdpa(heads, kv_heads, dim, dtype):
     if native.library() is None:
         pytest.skip("native kernels unavailable")
     g = torch.Generator().manual_seed(heads * dim)
     block, num_blocks = 4, 96
-    k_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g)
-    v_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g)
+    k_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype)
     lens = torch.tensor([1, 7, 33, 60, 16])
     tables = torch.randperm(num_blocks, generator=g)[: 5 * 15].view(5, 15)  # scattered blocks per sequence
     slots = (tables[:, :, None] * block + torch.arange(block)).view(5, -1)
     slots = torch.where(torch.arange(slots.shape[1])[None, :] < lens[:, None], slots, 0)
-    q = torch.randn(5, heads, dim, generator=g)
+    q = torch.randn(5, heads, dim, generator=g).to(dtype)
     out = native.paged_decode_attention(q, k_cache, v_cache, slots, lens, dim**-0.5)
-    assert out is not None and out.shape == q.shape
-    torch.testing.assert_close(out, _reference(q, k_cache, v_cache, slots, lens, dim**-0.5), rtol=1e-5, atol=1e-5)
+    assert out is not None and out.shape == q.shape and out.dtype == dtype
+    # bfloat16: the kernel computes in float32 from the same bfloat16 inputs and rounds once, so it is compared
+    # with SDPA run in float32 on them, to bfloat16's rounding (2^-8 relative)
+    reference = _reference(q.float(), k_cache.float(), v_cache.float(), slots, lens, dim**-0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(out.float(), reference, rtol=tolerance, atol=tolerance)
 
 
 def test_kernel_declines_what_it_does_not_cover():
     q, cache = torch.randn(2, 4, 8), torch.randn(16, 2, 8)
     slots, lens = torch.zeros(2, 3, dtype=torch.long), torch.tensor([3, 2])
-    assert native.paged_decode_attention(q.bfloat16(), cache.bfloat16(), cache.bfloat16(), slots, lens, 1.0) is None
+    assert native.paged_decode_attention(q.half(), cache.half(), cache.half(), slots, lens, 1.0) is None
+    assert native.paged_decode_attention(q.bfloat16(), cache, cache, slots, lens, 1.0) is None  # mixed dtypes
     assert native.paged_decode_attention(q.transpose(0, 1).contiguous().transpose(0, 1), cache, cache, slots, lens,
                                          1.0) is None
     assert native.paged_decode_attention(q, cache, cache, slots.int(), lens, 1.0) is None
 
 
 @pytest.mark.parametrize("tokens,heads,kv_heads,dim", [(1, 12, 4, 64), (37, 8, 2, 32), (5, 4, 4, 16)])
-def test_fused_rotary_store_equals_rotary_and_index_copy(tokens, heads, kv_heads, dim):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotary_store_equals_rotary_and_index_copy(tokens, heads, kv_heads, dim, dtype):
     if native.library() is None:
         pytest.skip("native kernels unavailable")
     g = torch.Generator().manual_seed(tokens)
-    qkv = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=g)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=g).to(dtype)
     angles = torch.randn(tokens, dim // 2, generator=g) * 50
-    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
     write = torch.randperm(64, generator=g)[:tokens]
-    k_cache, v_cache = torch.zeros(64, kv_heads, dim), torch.zeros(64, kv_heads, dim)
+    k_cache, v_cache = torch.zeros(64, kv_heads, dim, dtype=dtype), torch.zeros(64, kv_heads, dim, dtype=dtype)
     q, k = native.rotary_store_kv(qkv, cos, sin, k_cache, v_cache, write)
     qk = apply_rotary(qkv[:, : heads + kv_heads], cos, sin)
     assert torch.equal(q, qk[:, :heads]) and torch.equal(k, qk[:, heads:])
@@ -75,7 +82,8 @@ def test_fused_rotary_store_equals_rotary_and_index_copy(tokens, heads, kv_heads
     ref_k.index_copy_(0, write, qk[:, heads:])
     ref_v.index_copy_(0, write, qkv[:, heads + kv_heads:])
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
-    assert native.rotary_store_kv(qkv.bfloat16(), cos, sin, k_cache, v_cache, write) is None
+    assert native.rotary_store_kv(qkv.half(), cos.half(), sin.half(), k_cache.half(), v_cache.half(), write) is None
+    assert native.rotary_store_kv(qkv.float(), cos.double(), sin, k_cache.float(), v_cache.float(), write) is None
 
 
 def _decode(stage, steps=6):
@@ -90,10 +98,11 @@ def _decode(stage, steps=6):
     return torch.stack(outs)
 
 
-def test_stage_decode_is_the_same_with_and_without_the_kernels(demo_checkpoint, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stage_decode_is_the_same_with_and_without_the_kernels(demo_checkpoint, monkeypatch, dtype):
     if native.library() is None:
         pytest.skip("native kernels unavailable")
-    stage = load_stage(demo_checkpoint)
+    stage = load_stage(demo_checkpoint, dtype=dtype)
     calls = []
     kernel = model_module.paged_decode_attention
     monkeypatch.setattr(model_module, "paged_decode_attention", lambda *a: calls.append(1) or kernel(*a))
@@ -102,7 +111,13 @@ def test_stage_decode_is_the_same_with_and_without_the_kernels(demo_checkpoint, 
     assert len(calls) == 7 * len(stage.layers)
     for name in ("paged_decode_attention", "rotary_store_kv"):
         monkeypatch.setattr(model_module, name, lambda *a: None)
-    torch.testing.assert_close(_decode(stage), with_kernel, rtol=1e-5, atol=1e-5)
+    without = _decode(stage)
+    if dtype == "float32":
+        torch.testing.assert_close(without, with_kernel, rtol=1e-5, atol=1e-5)
+    else:  # torch's attention rounds the softmax weights to bfloat16 before it weighs the values, the kernel keeps
+        # them in float32: as in the parity test, allow 4 bfloat16 ulps (2^-7 relative) of the largest value
+        ulp = 2.0**-7 * with_kernel.float().abs().max()
+        assert (without.float() - with_kernel.float()).abs().max() <= 4 * ulp
 
 
 CPUINFO = """processor\t: 0
