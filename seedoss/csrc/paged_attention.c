@@ -7,6 +7,12 @@
  * torch already loaded, so both share one thread pool); a single sequence skips the thread team's fork and join.
  * bfloat16 tensors are read into float32 and everything is computed in float32 (torch's CPU attention accumulates
  * in float32 too); only the output is rounded to bfloat16.
+ *
+ * Speed: a score is a head_dim-long dot product ending in a horizontal sum, and a value row is added into an
+ * accumulator that lives in memory; one key at a time, both are chains of dependent instructions. Scores are
+ * computed 8 keys at a time (8 independent sums per pass over the query) and values added 4 keys at a time (one
+ * load and store of the accumulator per 4 rows): 32 sequences x 1,100 cached tokens, 2.4 -> 1.35 ms per layer call;
+ * x 200 tokens, 0.46 -> 0.25 ms (float32, 2 threads). The softmax is vectorized too (below).
  */
 #include <math.h>
 #include <stdint.h>
@@ -30,105 +36,128 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     const float y = p * r * r + r + 1.f;
-    const int32_t bits = ((int32_t)n + 127) << 23;  /* 2^n: n is in [-126, 0] */
+    const int32_t bits = ((int32_t)n + 127) << 23; /* 2^n: n is in [-126, 0] */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return y * scale;
 }
 
-/* q . row and acc += p * row over D elements of a cache row of float32 (bf16 = 0) or bfloat16 (bf16 = 1); the type
- * test sits outside each loop so both loops vectorize. */
-static inline float dot(const float *q, const void *row, int64_t D, const int bf16) {
-    float sum = 0.f;
-    if (bf16) {
-        const uint16_t *r = row;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t d = 0; d < D; d++) sum += q[d] * bf16_to_f32(r[d]);
-    } else {
-        const float *r = row;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t d = 0; d < D; d++) sum += q[d] * r[d];
-    }
-    return sum;
-}
+/* Element i of a cache row of float32 (bf16 = 0) or bfloat16 (bf16 = 1). `bf16` is a constant wherever this is
+ * used (see `attend`), so each loop is compiled for one type. */
+#define LOAD(row, i) (bf16 ? bf16_to_f32(((const uint16_t *)(row))[i]) : ((const float *)(row))[i])
 
-static inline void axpy(float *acc, float p, const void *row, int64_t D, const int bf16) {
-    if (bf16) {
-        const uint16_t *r = row;
-#pragma omp simd
-        for (int64_t d = 0; d < D; d++) acc[d] += p * bf16_to_f32(r[d]);
-    } else {
-        const float *r = row;
-#pragma omp simd
-        for (int64_t d = 0; d < D; d++) acc[d] += p * r[d];
-    }
-}
+/* Sequence b's attention, written to out. Always inlined into the typed entry points below, inside their OpenMP
+ * loops: `bf16` is then a literal in the outlined loop body (a value captured by the parallel region would be a
+ * runtime test in every inner loop, which kept them from vectorizing: 3.6x slower). */
+static inline __attribute__((always_inline)) int attend(
+    int64_t b, const void *q, const void *k_cache, const void *v_cache, const int64_t *slots, const int64_t *lens,
+    void *out, int64_t heads, int64_t kv_heads, int64_t D, int64_t max_kv, float scale, const int bf16) {
+    const int64_t group = heads / kv_heads, row = kv_heads * D, size = bf16 ? 2 : 4, len = lens[b];
+    const int64_t *slot = slots + b * max_kv;
+    float *buf = malloc(sizeof(float) * heads * (2 * D + len)); /* query, output (float32), scores */
+    if (buf == NULL) return 1;
+    float *qf = buf, *acc = buf + heads * D, *scores = buf + 2 * heads * D;
+    for (int64_t i = 0; i < heads * D; i++) qf[i] = LOAD(q, b * heads * D + i);
+#define ROW(cache, j) ((const char *)(cache) + slot[j] * row * size)
 
-/* The kernel for both element types: inlined into each entry point with `bf16` a constant, so the compiler
- * specializes it (no per-element branch). */
-static inline __attribute__((always_inline)) int decode_attention(
-    const void *q, const void *k_cache, const void *v_cache, const int64_t *slots, const int64_t *lens, void *out,
-    int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_kv, float scale, int num_threads,
-    const int bf16) {
-    const int64_t group = heads / kv_heads, D = head_dim, row = kv_heads * head_dim;
-    int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (batch > 1)
-    for (int64_t b = 0; b < batch; b++) {
-        const int64_t len = lens[b];
-        const int64_t *slot = slots + b * max_kv;
-        float *buf = malloc(sizeof(float) * heads * (2 * D + len));  /* query, output (float32), scores */
-        if (buf == NULL) {
-            failed = 1;
-            continue;
-        }
-        float *qf = buf, *acc = buf + heads * D, *scores = buf + 2 * heads * D;
-        for (int64_t i = 0; i < heads * D; i++)
-            qf[i] = bf16 ? bf16_to_f32(((const uint16_t *)q)[b * heads * D + i]) : ((const float *)q)[b * heads * D + i];
-        const int64_t size = bf16 ? 2 : 4;  /* bytes per element */
-        for (int64_t j = 0; j < len; j++) {
-            const char *k = (const char *)k_cache + slot[j] * row * size;
-            for (int64_t h = 0; h < heads; h++)
-                scores[h * len + j] = dot(qf + h * D, k + (h / group) * D * size, D, bf16) * scale;
-        }
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) {
+        const char *k[8];
+        for (int i = 0; i < 8; i++) k[i] = ROW(k_cache, j + i);
         for (int64_t h = 0; h < heads; h++) {
-            float *s = scores + h * len, m = -INFINITY, sum = 0.f;
-#pragma omp simd reduction(max : m)
-            for (int64_t j = 0; j < len; j++) m = s[j] > m ? s[j] : m;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < len; j++) {
-                s[j] = exp_nonpositive(s[j] - m);
-                sum += s[j];
+            const float *qh = qf + h * D;
+            const int64_t o = (h / group) * D * size;
+            const char *k0 = k[0] + o, *k1 = k[1] + o, *k2 = k[2] + o, *k3 = k[3] + o;
+            const char *k4 = k[4] + o, *k5 = k[5] + o, *k6 = k[6] + o, *k7 = k[7] + o;
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f, s5 = 0.f, s6 = 0.f, s7 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+            for (int64_t d = 0; d < D; d++) {
+                const float x = qh[d];
+                s0 += x * LOAD(k0, d); s1 += x * LOAD(k1, d); s2 += x * LOAD(k2, d); s3 += x * LOAD(k3, d);
+                s4 += x * LOAD(k4, d); s5 += x * LOAD(k5, d); s6 += x * LOAD(k6, d); s7 += x * LOAD(k7, d);
             }
-            const float inv = 1.f / sum;
-            for (int64_t j = 0; j < len; j++) s[j] *= inv;
+            float *s = scores + h * len + j;
+            s[0] = s0 * scale; s[1] = s1 * scale; s[2] = s2 * scale; s[3] = s3 * scale;
+            s[4] = s4 * scale; s[5] = s5 * scale; s[6] = s6 * scale; s[7] = s7 * scale;
         }
-        memset(acc, 0, sizeof(float) * heads * D);
-        for (int64_t j = 0; j < len; j++) {
-            const char *v = (const char *)v_cache + slot[j] * row * size;
-            for (int64_t h = 0; h < heads; h++) axpy(acc + h * D, scores[h * len + j], v + (h / group) * D * size, D, bf16);
-        }
-        for (int64_t i = 0; i < heads * D; i++) {
-            if (bf16)
-                ((uint16_t *)out)[b * heads * D + i] = f32_to_bf16(acc[i]);
-            else
-                ((float *)out)[b * heads * D + i] = acc[i];
-        }
-        free(buf);
     }
-    return failed;
+    for (; j < len; j++) {
+        const char *k = ROW(k_cache, j);
+        for (int64_t h = 0; h < heads; h++) {
+            const float *qh = qf + h * D;
+            const char *kh = k + (h / group) * D * size;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < D; d++) s += qh[d] * LOAD(kh, d);
+            scores[h * len + j] = s * scale;
+        }
+    }
+
+    for (int64_t h = 0; h < heads; h++) {
+        float *s = scores + h * len, m = -INFINITY, sum = 0.f;
+#pragma omp simd reduction(max : m)
+        for (int64_t i = 0; i < len; i++) m = s[i] > m ? s[i] : m;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < len; i++) {
+            s[i] = exp_nonpositive(s[i] - m);
+            sum += s[i];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t i = 0; i < len; i++) s[i] *= inv;
+    }
+
+    memset(acc, 0, sizeof(float) * heads * D);
+    for (j = 0; j + 4 <= len; j += 4) {
+        const char *v0 = ROW(v_cache, j), *v1 = ROW(v_cache, j + 1), *v2 = ROW(v_cache, j + 2), *v3 = ROW(v_cache, j + 3);
+        for (int64_t h = 0; h < heads; h++) {
+            const float *p = scores + h * len + j;
+            const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+            const int64_t o = (h / group) * D * size;
+            const char *r0 = v0 + o, *r1 = v1 + o, *r2 = v2 + o, *r3 = v3 + o;
+            float *a = acc + h * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) a[d] += p0 * LOAD(r0, d) + p1 * LOAD(r1, d) + p2 * LOAD(r2, d) + p3 * LOAD(r3, d);
+        }
+    }
+    for (; j < len; j++) {
+        const char *v = ROW(v_cache, j);
+        for (int64_t h = 0; h < heads; h++) {
+            const float p = scores[h * len + j];
+            const char *vh = v + (h / group) * D * size;
+            float *a = acc + h * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) a[d] += p * LOAD(vh, d);
+        }
+    }
+#undef ROW
+
+    for (int64_t i = 0; i < heads * D; i++) {
+        if (bf16)
+            ((uint16_t *)out)[b * heads * D + i] = f32_to_bf16(acc[i]);
+        else
+            ((float *)out)[b * heads * D + i] = acc[i];
+    }
+    free(buf);
+    return 0;
 }
 
 int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *slots,
                            const int64_t *lens, float *out, int64_t batch, int64_t heads, int64_t kv_heads,
                            int64_t head_dim, int64_t max_kv, float scale, int num_threads) {
-    return decode_attention(q, k_cache, v_cache, slots, lens, out, batch, heads, kv_heads, head_dim, max_kv, scale,
-                            num_threads, 0);
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (batch > 1) reduction(| : failed)
+    for (int64_t b = 0; b < batch; b++)
+        failed |= attend(b, q, k_cache, v_cache, slots, lens, out, heads, kv_heads, head_dim, max_kv, scale, 0);
+    return failed;
 }
 
 int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
                                 const int64_t *slots, const int64_t *lens, uint16_t *out, int64_t batch,
                                 int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_kv, float scale,
                                 int num_threads) {
-    return decode_attention(q, k_cache, v_cache, slots, lens, out, batch, heads, kv_heads, head_dim, max_kv, scale,
-                            num_threads, 1);
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (batch > 1) reduction(| : failed)
+    for (int64_t b = 0; b < batch; b++)
+        failed |= attend(b, q, k_cache, v_cache, slots, lens, out, heads, kv_heads, head_dim, max_kv, scale, 1);
+    return failed;
 }
