@@ -137,6 +137,7 @@ def test_one_request_never_waits_and_failures_stay_in_their_batch():
         await asyncio.sleep(0)  # `first` runs alone; the next three queue behind it and share one batch
         results = await asyncio.gather(batcher(["d", "e"]), batcher(["bad"]), batcher(["fff"]), return_exceptions=True)
         assert await first == ["X"]
+        assert loop.time() - start < 5  # the queued batch started when the one in flight ended, not after max_wait
         return results
 
     ok, bad, other = asyncio.run(main())
