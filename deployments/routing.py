@@ -151,7 +151,7 @@ class ServePipeline:
 
     def __init__(self, chain: StageChain, lane: int, num_blocks: int, block_size: int):
         self.chain, self.num_blocks, self.block_size = chain, num_blocks, block_size
-        self.num_stages = chain.num_stages
+        self.num_stages = self.micro_batches = chain.num_stages
         self.timings = StepTimings(self.num_stages)
         self.set_lane(lane)
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from seedoss.engine import EngineConfig, LLMEngine, RequestError, StageUnavailable, collect
+from seedoss.config import SeedOssConfig
+from seedoss.engine import (EngineConfig, LLMEngine, LocalPipeline, LocalStageExecutor, RequestError,
+                            StageUnavailable, collect)
+from seedoss.loader import load_head, load_stage
+from seedoss.partition import partition_layers
 from seedoss.sampling import SamplingParams
 from seedoss.tokenizer import SeedOssTokenizer
 
@@ -61,14 +66,32 @@ def _kv_blocks_in_use(engine):
     return [s["blocks_in_use"] for s in engine.pipeline.cache_stats()]
 
 
+def _engine_with_a_thread_per_stage(path, num_stages: int, config: EngineConfig) -> LLMEngine:
+    """An in-process engine whose stages compute on threads of their own, so it keeps one micro-batch per stage in
+    flight, as the Serve pipeline does (`from_checkpoint` runs every stage on one thread: one micro-batch)."""
+    ranges = partition_layers(SeedOssConfig.from_pretrained(path), num_stages)
+    pipeline = LocalPipeline([LocalStageExecutor(functools.partial(load_stage, path, s, e), config.kv_budget_bytes,
+                                                 config.block_size) for s, e in ranges])
+    return LLMEngine(pipeline, load_head(path, "generate"), SeedOssTokenizer.from_pretrained(path),
+                     SeedOssConfig.from_pretrained(path), config)
+
+
 @pytest.mark.parametrize(
-    "num_stages, kv_budget, chunk",
-    [(1, 64 << 20, 512), (2, 64 << 20, 512), (3, 64 << 20, 16), (2, 2 * 3 * 16 * 2 * 32 * 4 * 7, 32)],
-    ids=["1-stage", "2-stages", "3-stages-chunked-prefill", "2-stages-tiny-kv-preempting"],
+    "num_stages, kv_budget, chunk, thread_per_stage",
+    [(1, 64 << 20, 512, False), (2, 64 << 20, 512, False), (3, 64 << 20, 16, False),
+     (2, 2 * 3 * 16 * 2 * 32 * 4 * 7, 32, False), (2, 64 << 20, 32, True), (3, 2 * 3 * 16 * 2 * 32 * 4 * 7, 32, True)],
+    ids=["1-stage", "2-stages", "3-stages-chunked-prefill", "2-stages-tiny-kv-preempting",
+         "2-stages-a-thread-each", "3-stages-a-thread-each-tiny-kv-preempting"],
 )
-def test_greedy_equals_transformers_generate(demo_checkpoint, prompt_ids, hf_greedy, num_stages, kv_budget, chunk):
-    engine = LLMEngine.from_checkpoint(demo_checkpoint, num_stages=num_stages,
-                                       config=EngineConfig(kv_budget_bytes=kv_budget, max_batched_tokens=chunk))
+def test_greedy_equals_transformers_generate(demo_checkpoint, prompt_ids, hf_greedy, num_stages, kv_budget, chunk,
+                                             thread_per_stage):
+    config = EngineConfig(kv_budget_bytes=kv_budget, max_batched_tokens=chunk)
+    if thread_per_stage:
+        engine = _engine_with_a_thread_per_stage(demo_checkpoint, num_stages, config)
+        assert engine.pipeline.micro_batches == num_stages  # micro-batches overlap across stages
+    else:
+        engine = LLMEngine.from_checkpoint(demo_checkpoint, num_stages=num_stages, config=config)
+        assert engine.pipeline.micro_batches == 1  # one thread computes every stage
     params = SamplingParams(temperature=0, max_tokens=40)
     results = run(_generate_all(engine, prompt_ids, [params] * len(prompt_ids)))
     for result, ref in zip(results, hf_greedy):
@@ -298,6 +321,7 @@ class _FlakyPipeline:
     def __init__(self, inner, failures):
         self.inner, self.failures = inner, failures
         self.num_stages, self.num_blocks, self.block_size = inner.num_stages, inner.num_blocks, inner.block_size
+        self.micro_batches = inner.micro_batches
         self.head_executor = inner.head_executor
 
     async def run(self, *args):

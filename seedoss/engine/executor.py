@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 class Pipeline(Protocol):
     num_stages: int
+    # How many micro-batches the engine keeps in flight: one per stage when each stage computes on its own
+    # (threads or replicas: different micro-batches occupy different stages at once), one when every stage runs
+    # on one thread (a second micro-batch would only wait, and read every weight once more per token).
+    micro_batches: int
     num_blocks: int  # KV capacity of the smallest stage cache, in blocks of block_size tokens
     block_size: int
     # Where the engine runs the LM head and sampling; None: a thread of its own. An in-process pipeline offers
@@ -52,8 +56,10 @@ class LocalStageExecutor:
     the small preset took 21.4 ms on a worker thread after the main thread had loaded the weights, 16.5 ms with
     everything on one thread (2 cores)."""
 
-    def __init__(self, stage: Stage | Callable[[], Stage], kv_budget_bytes: int, block_size: int = 16):
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
+    def __init__(self, stage: Stage | Callable[[], Stage], kv_budget_bytes: int, block_size: int = 16,
+                 worker: ThreadPoolExecutor | None = None):
+        """`worker`: a one-thread pool to run on, shared with other stages of this process (default: a new one)."""
+        self.worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self.stage, self.cache = self.worker.submit(self._build, stage, kv_budget_bytes, block_size).result()
         self.num_blocks, self.block_size = self.cache.num_blocks, block_size
         self._forward_started: float | None = None  # when the forward now running began (None: idle)
@@ -132,6 +138,7 @@ class LocalPipeline:
             raise ValueError("all stages must use the same KV block size")
         self.num_blocks = min(e.num_blocks for e in executors)
         self.head_executor = executors[-1].worker
+        self.micro_batches = len({id(e.worker) for e in executors})  # stages that can compute at once
 
     async def run(self, tokens, seq_ids, query_lens, context_lens, block_hashes=None):
         x = tokens

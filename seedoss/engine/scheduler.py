@@ -12,7 +12,7 @@ order, so the blocks are written before they are read.
 When a running sequence cannot grow, the most recently admitted idle sequence is preempted: its blocks are
 released (the named ones stay cached until evicted) and it goes back to the front of the queue, to be
 recomputed from whatever of it is still cached. Sequences already in a micro-batch in flight are skipped, so up
-to `num_stages` disjoint micro-batches can be in the pipeline at once.
+to `Pipeline.micro_batches` disjoint micro-batches can be in the pipeline at once.
 """
 
 from __future__ import annotations
