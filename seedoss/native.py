@@ -4,12 +4,14 @@
 `rotary_store_kv` (csrc/fused_layer_ops.c) does a decoder layer's rotary + KV-cache write in one pass; both take
 float32 or bfloat16 tensors (an entry point per type). Every csrc/*.c is built into one shared library with the
 machine's C compiler (`$CC`, else `cc`; -O3 -march=native -fopenmp) in `$SEEDOSS_CACHE/kernels` (default
-~/.cache/seedoss/kernels) under a name that hashes the sources and headers, the flags and the CPU (model name and every /proc/cpuinfo flag: a `-march=native` build may use instructions another CPU lacks),
-so a build is reused by every process on the machine and rebuilt when any of them changes. Loading a shared library
+~/.cache/seedoss/kernels) under a name that hashes the sources and headers, the flags and the CPU (model name and
+every /proc/cpuinfo flag: a `-march=native` build may use instructions another CPU lacks), so a build is reused by
+every process on the machine and rebuilt when any of them changes. Loading a shared library
 runs its code, so a cached one is loaded only when it is a regular file owned by this user and not writable by group
 or others; otherwise a fresh build replaces it (and the log says so). A fresh build is loaded from its private
 build directory before it is moved into the cache, so nothing can be swapped in between. Without a compiler, or
-with SEEDOSS_NATIVE_KERNELS=0, callers fall back to their pure-torch path (same results, slower).
+with SEEDOSS_NATIVE_KERNELS=0, callers fall back to their pure-torch path (same results within float rounding,
+slower).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def cpu_identity(cpuinfo: str | None = None) -> str:
 
 
 def cache_key(compiler: str, cpu: str | None = None) -> str:
-    parts = [*(src.read_bytes() for src in [*SOURCES, *HEADERS]), " ".join(FLAGS).encode(), (cpu or cpu_identity()).encode(), compiler.encode()]
+    parts = [*(src.read_bytes() for src in [*SOURCES, *HEADERS]), " ".join(FLAGS).encode(),
+             (cpu or cpu_identity()).encode(), compiler.encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 

@@ -69,11 +69,12 @@ def _kv_blocks_in_use(engine):
 def _engine_with_a_thread_per_stage(path, num_stages: int, config: EngineConfig) -> LLMEngine:
     """An in-process engine whose stages compute on threads of their own, so it keeps one micro-batch per stage in
     flight, as the Serve pipeline does (`from_checkpoint` runs every stage on one thread: one micro-batch)."""
-    ranges = partition_layers(SeedOssConfig.from_pretrained(path), num_stages)
+    model_config = SeedOssConfig.from_pretrained(path)
+    ranges = partition_layers(model_config, num_stages)
     pipeline = LocalPipeline([LocalStageExecutor(functools.partial(load_stage, path, s, e), config.kv_budget_bytes,
                                                  config.block_size) for s, e in ranges])
-    return LLMEngine(pipeline, load_head(path, "generate"), SeedOssTokenizer.from_pretrained(path),
-                     SeedOssConfig.from_pretrained(path), config)
+    return LLMEngine(pipeline, load_head(path, "generate"), SeedOssTokenizer.from_pretrained(path), model_config,
+                     config)
 
 
 @pytest.mark.parametrize(

@@ -108,7 +108,8 @@ static inline __attribute__((always_inline)) int attend(
 
     memset(acc, 0, sizeof(float) * heads * D);
     for (j = 0; j + 4 <= len; j += 4) {
-        const char *v0 = ROW(v_cache, j), *v1 = ROW(v_cache, j + 1), *v2 = ROW(v_cache, j + 2), *v3 = ROW(v_cache, j + 3);
+        const char *v0 = ROW(v_cache, j), *v1 = ROW(v_cache, j + 1);
+        const char *v2 = ROW(v_cache, j + 2), *v3 = ROW(v_cache, j + 3);
         for (int64_t h = 0; h < heads; h++) {
             const float *p = scores + h * len + j;
             const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
@@ -116,7 +117,8 @@ static inline __attribute__((always_inline)) int attend(
             const char *r0 = v0 + o, *r1 = v1 + o, *r2 = v2 + o, *r3 = v3 + o;
             float *a = acc + h * D;
 #pragma omp simd
-            for (int64_t d = 0; d < D; d++) a[d] += p0 * LOAD(r0, d) + p1 * LOAD(r1, d) + p2 * LOAD(r2, d) + p3 * LOAD(r3, d);
+            for (int64_t d = 0; d < D; d++)
+                a[d] += p0 * LOAD(r0, d) + p1 * LOAD(r1, d) + p2 * LOAD(r2, d) + p3 * LOAD(r3, d);
         }
     }
     for (; j < len; j++) {

@@ -127,10 +127,6 @@ class LLMEngine:
         head = pipeline.head_executor.submit(load_head, path, "generate", dtype=dtype).result()
         return cls(pipeline, head, SeedOssTokenizer.from_pretrained(path), model_config, config, seed)
 
-    @property
-    def num_stages(self) -> int:
-        return self.pipeline.num_stages
-
     # --- public API --------------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                        resume: dict[int, list[int] | None] | None = None,
