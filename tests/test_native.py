@@ -54,6 +54,28 @@ def test_kernel_equals_gather_and_sdpa(heads, kv_heads, dim, dtype):
     torch.testing.assert_close(out.float(), reference, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_lone_sequence_gets_the_numbers_it_gets_in_a_batch(dtype):
+    """Fewer sequences than threads are split by kv head across the threads, more are not: the same arithmetic
+    per head either way, so each sequence's output is bit-identical alone and in a batch."""
+    if native.library() is None:
+        pytest.skip("native kernels unavailable")
+    g = torch.Generator().manual_seed(7)
+    k_cache, v_cache = (torch.randn(256, 4, 64, generator=g).to(dtype) for _ in range(2))
+    lens = torch.tensor([200, 37, 129, 1])
+    slots = torch.stack([torch.randperm(256, generator=g)[:200] for _ in lens])
+    q = torch.randn(len(lens), 12, 64, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batched = native.paged_decode_attention(q, k_cache, v_cache, slots, lens, 0.125)
+        alone = [native.paged_decode_attention(q[b: b + 1], k_cache, v_cache, slots[b: b + 1], lens[b: b + 1], 0.125)
+                 for b in range(len(lens))]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(torch.cat(alone), batched)
+
+
 def test_kernel_declines_what_it_does_not_cover():
     q, cache = torch.randn(2, 4, 8), torch.randn(16, 2, 8)
     slots, lens = torch.zeros(2, 3, dtype=torch.long), torch.tensor([3, 2])
