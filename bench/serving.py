@@ -12,7 +12,7 @@ every stream chunk (deployments/timing.py): per pipeline step, the hop to each s
 transfer, scheduling in the replica), each stage's unpacking, queueing behind an earlier micro-batch, compute and
 packing, the return to the Generation replica, and the engine's own time between steps; per chunk, the relay from
 the Generation replica to the gateway and from the gateway through Serve's proxy to the client; per request, the
-first token's path.
+first token's path; and the CPU milliseconds per output token of each server process (read from /proc).
 
 `--lanes 1 2 --lane-concurrency 32 64` adds lane rows: the app redeployed with 1, then 2 generation lanes (each an
 engine + one replica of each stage), the same streams, with each lane's share of the tokens (warm-up included), its mean sequences per
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from bench.generation import DEFAULT_CHECKPOINT, ensure_checkpoint, log, make_prompts
+from bench.heads import CpuMeter
 
 
 def machine() -> str:
@@ -137,15 +138,22 @@ async def run_served(url: str, prompts, max_tokens) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         await asyncio.gather(*[one(client, p, False) for p in prompts[:2]])  # warm-up
         before = await asyncio.to_thread(step_timing)  # handle calls' .result() may not block this loop
+        meter = CpuMeter()
+        meter.start()
         start = time.perf_counter()
         results = await asyncio.gather(*[one(client, p, True) for p in prompts])
         wall = time.perf_counter() - start
+        cpu = meter.stop(sum(r[2] for r in results))
         steps = await asyncio.to_thread(step_timing, before)
     row = summarize("served over HTTP (2 stage deployments)", len(prompts), wall, sum(r[2] for r in results),
                     [r[0] for r in results], [r[1] for r in results])
     busy = {f"stage{k} busy, % of wall time": 100 * steps[f"step: stage{k}_compute"] * steps["steps timed"] / 1e3 / wall
             for k in range(2)}  # how well the micro-batches keep both stages at work
-    row["breakdown_ms"] = {**steps, **busy, **relay.means_ms()}
+    # CPU per output token by process (the clients and the in-process engine share this one, left out): what the
+    # hops and the stream relay cost in cores, beside the stages' compute
+    cpu_rows = {f"cpu ms per token: {role}": ms for role, ms in sorted(cpu.items()) if role != "clients"}
+    row["breakdown_ms"] = {**steps, **busy, **relay.means_ms(), **cpu_rows,
+                           "cpu ms per token: all server processes": sum(cpu_rows.values())}
     return row
 
 
@@ -180,7 +188,7 @@ def print_breakdown(rows: list[dict]) -> None:
     served = [r for r in rows if "breakdown_ms" in r]
     if not served:
         return
-    names = list(served[0]["breakdown_ms"])
+    names = list(dict.fromkeys(name for r in served for name in r["breakdown_ms"]))  # processes differ by row
     print(f"\n{'where a served token spends its time (mean ms)':58}" + "".join(f"{r['concurrency']:>10}" for r in served))
     for name in names:
         print(f"{name:58}" + "".join(f"{r['breakdown_ms'].get(name, float('nan')):>10.2f}" for r in served))
