@@ -43,7 +43,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     else:
         generation = (serve.deployment(Generation, name="Generation").options(**cfg.generation_options())
                       .bind(cfg.checkpoint, cfg.dtype, cfg.engine.model_dump(), retry, timeouts, *stages,
-                            generation_config=cfg.generation_config))
+                            generation_config=cfg.generation_config, stage_transport=cfg.stage_transport))
     head_args = (cfg.dtype, retry, timeouts, cfg.batching.model_dump(), *stages)
     if cfg.head_placement == "gateway":  # each gateway replica builds the heads itself (`Gateway.__init__`)
         heads, local_heads = {}, {task: (path, *head_args) for task, path in cfg.heads().items()}

@@ -26,9 +26,18 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+class StageConnectionLost(ConnectionError):
+    """A stage replica's step connection (deployments/step_channel.py) broke or could not be made: the replica
+    died or is going away, as a RayActorError says on the Serve path."""
+
+    def __init__(self, replica: str, message: str):
+        super().__init__(message)
+        self.replica = replica
+
+
 # A replica died, is restarting or is being replaced (RayActorError covers ActorDiedError and
 # ActorUnavailableError): the call never completed there, and may be sent again.
-REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, StageConnectionLost)
 
 
 def _causes(exc: BaseException, depth: int = 4):
@@ -47,7 +56,12 @@ def replica_lost(exc: BaseException) -> bool:
 
 def lost_replica(exc: BaseException) -> str | None:
     """The id of the replica actor that died or became unavailable with the call, if the error names one."""
-    return next((e.actor_id for e in _causes(exc) if isinstance(e, RayActorError) and e.actor_id), None)
+    for e in _causes(exc):
+        if isinstance(e, RayActorError) and e.actor_id:
+            return e.actor_id
+        if isinstance(e, StageConnectionLost):
+            return e.replica
+    return None
 
 
 class PoisonRequest(RuntimeError):

@@ -33,7 +33,7 @@ class Generation:
     (`deployments/autoscaling.py`) through `record_autoscaling_stats`."""
 
     def __init__(self, checkpoint: str, dtype: str, engine_config: dict, retry: dict, timeouts: dict, *stages,
-                 generation_config: str = "auto"):
+                 generation_config: str = "auto", stage_transport: str = "direct"):
         self.tokenizer = SeedOssTokenizer.from_pretrained(checkpoint)
         self.defaults = generation_defaults(checkpoint, generation_config)  # for fields a request leaves unset
         self.model_config = SeedOssConfig.from_pretrained(checkpoint)
@@ -43,6 +43,7 @@ class Generation:
         self.chain = StageChain(stages, RetryPolicy.model_validate(retry), Timeouts.model_validate(timeouts).stage_s,
                                 row_bytes=wire_row_bytes(self.model_config, dtype))
         self.lane = _rank(serve.get_replica_context().rank)
+        self.direct = stage_transport == "direct"  # steps over the lane's own connections (step_channel.py)
         self.engine: LLMEngine | None = None
         self.metrics = GenerationMetrics()
         self._connecting = asyncio.Lock()
@@ -58,7 +59,7 @@ class Generation:
     async def _engine(self) -> LLMEngine:
         async with self._connecting:
             if self.engine is None:
-                pipeline = await ServePipeline.connect(self.chain, self.lane)
+                pipeline = await ServePipeline.connect(self.chain, self.lane, self.direct)
                 self.engine = LLMEngine(pipeline, self.lm_head, self.tokenizer, self.model_config, self.engine_config,
                                         observer=self.metrics)
                 self._gauges = asyncio.get_running_loop().create_task(self._update_gauges())
@@ -128,6 +129,7 @@ class Generation:
                 "steps": s.steps,
                 "cache_misses": s.cache_misses, "prefix_cache_queries": s.prefix_cache_queries,
                 "prefix_cache_hits": s.prefix_cache_hits, "lane": self.lane,
+                "stage_transport": "direct" if self.engine.pipeline.direct else "serve",
                 "timing": self._timing(), "replica": serve.get_replica_context().replica_id.unique_id}
 
     def _timing(self) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 
 import torch
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
@@ -26,7 +27,8 @@ from seedoss.engine.errors import MissingSequenceCache
 from seedoss.services.errors import NotFound
 
 from .faults import CallTimeout, RetryPolicy, Timeouts, backpressure, replica_lost, within
-from .timing import StepTimings, now
+from .step_channel import RESOLVE_S, StageUnreachable, StepClient, step_header
+from .timing import StageStamps, StepTimings, now
 from .wire import pack, stamps, unpack
 
 log = logging.getLogger(__name__)
@@ -145,26 +147,31 @@ class StageChain:
 class ServePipeline:
     """The engine's `Pipeline` over the stage deployments, for one lane. A step whose stage replica was lost is
     sent again under the app's retry policy (a retried step is safe: a stage truncates a sequence to the step's
-    context); when the policy gives up, `StageUnavailable` fails the step's requests."""
+    context); when the policy gives up, `StageUnavailable` fails the step's requests. `direct`: steps go over the
+    lane's own connections to its stage replicas (deployments/step_channel.py), not as Serve calls."""
 
     head_executor = None
 
-    def __init__(self, chain: StageChain, lane: int, num_blocks: int, block_size: int):
-        self.chain, self.num_blocks, self.block_size = chain, num_blocks, block_size
+    def __init__(self, chain: StageChain, lane: int, num_blocks: int, block_size: int, direct: bool = False):
+        self.chain, self.num_blocks, self.block_size, self.direct = chain, num_blocks, block_size, direct
         self.num_stages = self.micro_batches = chain.num_stages
         self.timings = StepTimings(self.num_stages)
+        self._clients: list[StepClient] = []
         self.set_lane(lane)
 
     @classmethod
-    async def connect(cls, chain: StageChain, lane: int) -> "ServePipeline":
+    async def connect(cls, chain: StageChain, lane: int, direct: bool = False) -> "ServePipeline":
         infos = [await h.info.remote() for h in chain.for_lane(lane)[False]]
-        return cls(chain, lane, min(i["num_blocks"] for i in infos), infos[0]["block_size"])
+        return cls(chain, lane, min(i["num_blocks"] for i in infos), infos[0]["block_size"], direct)
 
     def set_lane(self, lane: int) -> None:
         self.lane = lane
         self._handles = self.chain.for_lane(lane)  # by whether a step goes by reference
+        self._drop_clients()
 
     async def run(self, tokens, seq_ids, query_lens, context_lens, block_hashes=None):
+        if self.direct:
+            return await self._run_direct(tokens, seq_ids, query_lens, context_lens, block_hashes)
         retries = self.chain.retry.retries(f"lane {self.lane} step")
         handles = self._handles[self.chain.by_reference(sum(query_lens))]
         while True:
@@ -190,6 +197,62 @@ class ServePipeline:
             finally:
                 self.timings.returned(sent, stamps(result) if result is not None else None)
             await asyncio.sleep(delay)
+
+    async def _run_direct(self, tokens, seq_ids, query_lens, context_lens, block_hashes):
+        retries = self.chain.retry.retries(f"lane {self.lane} step")
+        header = step_header(seq_ids, query_lens, context_lens, block_hashes)
+        while True:
+            sent, marks = self.timings.sent(), None
+            try:
+                async with asyncio.timeout(self.chain.timeout_s):
+                    x, passed = tokens, []
+                    for client in await self._step_clients():
+                        x, stamp = await client.step(x, header, MissingSequenceCache)
+                        passed.append(StageStamps(*stamp))
+                marks = passed
+                return x
+            except MissingSequenceCache:
+                raise
+            except StageUnreachable as e:
+                log.warning("lane %d: %s; its steps go as Serve calls from now on", self.lane, e)
+                self.direct = False
+                self._drop_clients()
+                break
+            except TimeoutError:
+                raise StageUnavailable(f"a stage step took longer than {self.chain.timeout_s:g}s") from None
+            except Exception as e:
+                if backpressure(e):
+                    raise StageUnavailable("a stage is at capacity") from None
+                delay = retries.delay_after(e)
+                if delay is None:
+                    if replica_lost(e):
+                        raise StageUnavailable("a stage replica is unavailable") from None
+                    raise
+                self._drop_clients()  # ask Serve again where the lane's replicas are
+            finally:
+                self.timings.returned(sent, marks)
+            await asyncio.sleep(delay)
+        return await self.run(tokens, seq_ids, query_lens, context_lens, block_hashes)  # now as Serve calls
+
+    async def _step_clients(self) -> list[StepClient]:
+        """The lane's step connections, asked of Serve (each replica's `channel()` through the lane's handles)
+        when there are none or they are older than RESOLVE_S; kept while the replicas stay the same."""
+        if self._clients and time.monotonic() - self._clients[0].resolved_at < RESOLVE_S:
+            return self._clients
+        addresses = [await detached(handle.channel.remote) for handle in self._handles[False]]
+        if [c.address for c in self._clients] != addresses:
+            self._drop_clients()
+            self._clients = [StepClient(a, a["replica"]) for a in addresses]
+            for client in self._clients:  # Serve just reached these replicas: a refused connection is the network
+                await client.open()
+        for client in self._clients:
+            client.resolved_at = time.monotonic()
+        return self._clients
+
+    def _drop_clients(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients = []
 
     def _free(self, seq_ids):
         for handle in self._handles[False]:

@@ -4,6 +4,8 @@ A replica loads only its layers and keeps its own paged KV cache, shared by the 
 globally unique, see `deployments/routing.py`). Cache-less forwards (classification, tagging, QA) use `prefill`:
 calls arriving while a forward runs are packed into the next one, up to `max_batch_tokens` (`TokenBatcher`; no
 waiting: a head already batches its own requests, this only merges batches of different heads and head replicas).
+A lane's generation steps come as Serve calls (`forward`) or, with `stage_transport: direct`, over the lane's own
+connection to the replica's step server (`channel()`, deployments/step_channel.py); both run the same `_step`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import ray
 import torch
 
 from seedoss.engine import LocalStageExecutor
+from seedoss.engine.errors import MissingSequenceCache
 from seedoss.loader import load_stage, parameter_bytes
 
 from .batching import TokenBatcher
+from .step_channel import StepServer
 from .timing import StageStamps, now
 from .wire import pack, stamps, unpack
 
@@ -37,6 +41,7 @@ class SeedOssStage:
         self.forward_timeout_s = forward_timeout_s
         self.prefill_batcher = TokenBatcher(self._prefill_batch, torch.cat, max_batch_tokens=max_batch_tokens,
                                            name=f"stage{start}-{end - 1}")
+        self.step_server: StepServer | None = None  # started by the first `channel()` call
 
     async def forward(self, inputs, seq_ids: list[str], query_lens: list[int], context_lens: list[int],
                       block_hashes: list[tuple[int, list[bytes]]] | None = None):
@@ -44,11 +49,28 @@ class SeedOssStage:
         `block_hashes`: the engine's prefix-cache names of the blocks, see `StepBatch`). The output carries the
         step's stage stamps with this stage's appended (deployments/timing.py)."""
         entered = now()
-        x, clock = unpack(inputs), []
-        unpacked = now()
-        y = await self.executor.forward(x, seq_ids, query_lens, context_lens, block_hashes=block_hashes, clock=clock)
+        y, marks = await self._step(unpack(inputs), seq_ids, query_lens, context_lens, block_hashes, entered)
         wire = pack(y)
-        return (*wire, (*stamps(inputs), StageStamps(entered, unpacked, clock[0], clock[1], now())))
+        return (*wire, (*stamps(inputs), StageStamps(*marks, now())))
+
+    async def _step(self, x: torch.Tensor, seq_ids, query_lens, context_lens, block_hashes=None,
+                    entered: float | None = None) -> tuple[torch.Tensor, tuple[float, ...]]:
+        """The step's outputs and its first four stamps (entered, unpacked, started, ended)."""
+        unpacked, clock = now(), []
+        y = await self.executor.forward(x, seq_ids, query_lens, context_lens, block_hashes=block_hashes, clock=clock)
+        return y, (entered or unpacked, unpacked, clock[0], clock[1])
+
+    async def _channel_step(self, x: torch.Tensor, *step) -> tuple[torch.Tensor, StageStamps]:
+        y, marks = await self._step(x, *step)
+        return y, StageStamps(*marks, now())
+
+    async def channel(self) -> dict:
+        """Where this replica takes a lane's generation steps directly (deployments/step_channel.py): its node's
+        address, a port, the token a client must show, and the replica's name."""
+        if self.step_server is None:
+            self.step_server = StepServer(self._channel_step, MissingSequenceCache)
+        address = await self.step_server.address(ray.util.get_node_ip_address())
+        return {**address, "replica": ray.get_runtime_context().get_actor_name()}
 
     async def prefill(self, inputs, lengths: list[int]):
         """Cache-less forward of whole sequences (inputs: their packed ids or hidden states, `lengths` each)."""

@@ -41,10 +41,14 @@ def server(demo_checkpoint, tmp_path_factory):
         yield SimpleNamespace(url=ray_serve.url, nodes=ray_serve.nodes, checkpoint=demo_checkpoint)
 
 
-def _stage_info(k: int) -> dict:
+def serve_handle(deployment: str):
     from ray import serve
 
-    return serve.get_deployment_handle(f"SeedOssStage{k}", APP).info.remote().result()
+    return serve.get_deployment_handle(deployment, APP)
+
+
+def _stage_info(k: int) -> dict:
+    return serve_handle(f"SeedOssStage{k}").info.remote().result()
 
 
 def _reference_generations(checkpoint, requests):
@@ -106,6 +110,8 @@ def test_generate_over_http_equals_in_process(server):
             assert done and "usage" in chunks[-1]
             assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == ref.text
             assert sum((c["choices"][0]["token_ids"] for c in chunks if c["choices"]), []) == ref.token_ids
+    stats = serve_handle("Generation").stats.remote().result()
+    assert stats["stage_transport"] == "direct"  # the default: steps over the lane's own connections, not given up
 
 
 def test_heads_over_http_equal_in_process(server):
@@ -266,9 +272,7 @@ def test_killing_a_stage_replica_mid_stream_recovers(server):
 
 
 def _generation_load() -> tuple[int, float]:
-    from ray import serve
-
-    s = serve.get_deployment_handle("Generation", APP).stats.remote().result()
+    s = serve_handle("Generation").stats.remote().result()
     return s["num_running"] + s["num_waiting"], s["kv_usage"]
 
 

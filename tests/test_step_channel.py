@@ -1,0 +1,165 @@
+"""The direct step connection between a lane's engine and a stage replica (deployments/step_channel.py), with the
+real demo stage behind the server: the same numbers as the stage itself, errors by name, no service without the
+token, and a lost or cancelled connection that never answers the wrong step."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from seedoss.config import SeedOssConfig
+from seedoss.deployments.faults import StageConnectionLost, lost_replica, replica_lost
+from seedoss.deployments.step_channel import (
+    PREFIX, StageUnreachable, StepClient, StepFailed, StepServer, header_step, step_header,
+)
+from seedoss.deployments.timing import StageStamps
+from seedoss.engine import LocalStageExecutor
+from seedoss.engine.errors import MissingSequenceCache
+from seedoss.loader import load_stage
+
+KV_BYTES, BLOCK = 8 << 20, 16
+
+
+def executor(checkpoint, dtype: str) -> LocalStageExecutor:
+    layers = SeedOssConfig.from_pretrained(checkpoint).num_hidden_layers
+    return LocalStageExecutor(lambda: load_stage(str(checkpoint), 0, layers, dtype=dtype), KV_BYTES, BLOCK)
+
+
+def served(stage: LocalStageExecutor, fail_on: int | None = None, delay_s: float = 0.0) -> StepServer:
+    """A StepServer over `stage`; a step whose first token is `fail_on` raises there; each step first waits
+    `delay_s`."""
+    async def step(x, seq_ids, query_lens, context_lens, block_hashes):
+        await asyncio.sleep(delay_s)
+        if fail_on is not None and int(x.flatten()[0]) == fail_on:
+            raise ValueError("this step fails here")
+        clock = []
+        y = await stage.forward(x, seq_ids, query_lens, context_lens, block_hashes=block_hashes, clock=clock)
+        return y, StageStamps(clock[0], clock[0], clock[0], clock[1], clock[1])
+
+    return StepServer(step, MissingSequenceCache)
+
+
+STEPS = [  # (tokens, seq_ids, query_lens, context_lens): two prompts, then decode steps
+    (torch.arange(5, 26), ["a", "b"], [12, 9], [0, 0]),
+    (torch.tensor([7, 8]), ["a", "b"], [1, 1], [12, 9]),
+    (torch.tensor([3, 4]), ["a", "b"], [1, 1], [13, 10]),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_steps_over_the_connection_are_the_stage_s_own_numbers(demo_checkpoint, dtype):
+    remote, local = executor(demo_checkpoint, dtype), executor(demo_checkpoint, dtype)
+
+    async def run():
+        server = served(remote)
+        client = StepClient(await server.address("127.0.0.1"), "stage-0")
+        try:
+            for tokens, seq_ids, q, c in STEPS:
+                got, stamp = await client.step(tokens, step_header(seq_ids, q, c, None), MissingSequenceCache)
+                want = await local.forward(tokens, seq_ids, q, c)
+                assert got.dtype == want.dtype and torch.equal(got, want)
+                assert len(stamp) == len(StageStamps._fields) and stamp[2] <= stamp[3]
+        finally:
+            client.close()
+            server.close()
+
+    asyncio.run(run())
+
+
+def test_block_hashes_travel_as_they_are():
+    hashes = [(0, [bytes(range(16)), b"\xff" * 16]), (3, [])]
+    assert header_step(step_header(["x", "y"], [33, 1], [0, 40], hashes)) == (["x", "y"], [33, 1], [0, 40], hashes)
+    assert header_step(step_header(["x"], [1], [2], None))[3] is None
+
+
+def test_missing_cache_and_failed_steps_come_back_and_the_connection_stays_usable(demo_checkpoint):
+    stage = executor(demo_checkpoint, "float32")
+
+    async def run():
+        server = served(stage, fail_on=99)
+        client = StepClient(await server.address("127.0.0.1"), "stage-0")
+        try:
+            with pytest.raises(MissingSequenceCache) as missing:  # a decode step for a sequence never prefilled
+                await client.step(torch.tensor([5]), step_header(["nobody"], [1], [30], None), MissingSequenceCache)
+            assert missing.value.seq_ids == ["nobody"]
+            with pytest.raises(StepFailed, match="this step fails here"):
+                await client.step(torch.tensor([99, 1]), step_header(["z"], [2], [0], None), MissingSequenceCache)
+            tokens, seq_ids, q, c = STEPS[0]
+            got, _ = await client.step(tokens, step_header(seq_ids, q, c, None), MissingSequenceCache)
+            assert got.shape[0] == len(tokens)
+            assert len(client._idle) == 1  # all three steps used the one connection
+        finally:
+            client.close()
+            server.close()
+
+    asyncio.run(run())
+
+
+def test_no_step_without_the_token_and_no_big_frame_before_it(demo_checkpoint):
+    stage = executor(demo_checkpoint, "float32")
+
+    async def run():
+        server = served(stage)
+        address = await server.address("127.0.0.1")
+        intruder = StepClient({**address, "token": "0" * 32}, "stage-0")
+        tokens, seq_ids, q, c = STEPS[0]
+        with pytest.raises(StageConnectionLost):
+            await intruder.step(tokens, step_header(seq_ids, q, c, None), MissingSequenceCache)
+        reader, writer = await asyncio.open_connection(address["host"], address["port"])
+        writer.write(PREFIX.pack(1 << 30, 0))  # a 1 GiB "hello": refused before anything is read into memory
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
+        writer.close()
+        assert stage.cache_stats()["sequences"] == 0  # nothing ran
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_replica_that_goes_away_is_a_lost_replica_and_a_refused_one_unreachable(demo_checkpoint):
+    stage = executor(demo_checkpoint, "float32")
+
+    async def run():
+        server = served(stage, delay_s=0.5)
+        address = await server.address("127.0.0.1")
+        client = StepClient(address, "stage-7")
+        await client.open()
+        tokens, seq_ids, q, c = STEPS[0]
+        step = asyncio.ensure_future(client.step(tokens, step_header(seq_ids, q, c, None), MissingSequenceCache))
+        await asyncio.sleep(0.1)
+        server.close()  # the replica goes away mid-step: its connections end
+        with pytest.raises(StageConnectionLost) as lost:
+            await asyncio.wait_for(step, 10)
+        assert replica_lost(lost.value) and lost_replica(lost.value) == "stage-7"
+        await asyncio.sleep(0.6)
+        with pytest.raises(StageUnreachable):  # nothing listens there any more
+            await StepClient(address, "stage-7").open()
+
+    asyncio.run(run())
+
+
+def test_a_cancelled_step_closes_its_connection_so_no_later_step_reads_its_reply(demo_checkpoint):
+    stage = executor(demo_checkpoint, "float32")
+    reference = executor(demo_checkpoint, "float32")
+
+    async def run():
+        server = served(stage, delay_s=0.3)
+        client = StepClient(await server.address("127.0.0.1"), "stage-0")
+        try:
+            tokens, seq_ids, q, c = STEPS[0]
+            slow = asyncio.ensure_future(client.step(tokens, step_header(seq_ids, q, c, None), MissingSequenceCache))
+            await asyncio.sleep(0.1)
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            assert client._idle == []  # the cancelled step's connection is gone, not reused
+            other = (torch.arange(40, 47), ["c"], [7], [0])
+            got, _ = await client.step(other[0], step_header(*other[1:], None), MissingSequenceCache)
+            assert torch.equal(got, await reference.forward(*other))
+        finally:
+            client.close()
+            server.close()
+
+    asyncio.run(run())
