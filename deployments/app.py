@@ -50,10 +50,10 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     else:
         heads, local_heads = {
             task: serve.deployment(TaskHead, name=TASK_DEPLOYMENTS[task]).options(**cfg.head_options(task))
-            .bind(task, path, *head_args, limits=cfg.limits)
+            .bind(task, path, *head_args, limits=cfg.limits, stage_transport=cfg.stage_transport)
             for task, path in cfg.heads().items()
         }, {}
     return Gateway.options(**cfg.gateway_options()).bind(
         cfg.checkpoint, cfg.model_name, generation, **heads, local_heads=local_heads, api_keys=cfg.api_keys,
         limits=cfg.limits, require_api_keys=cfg.require_api_keys, retry=retry, timeouts=timeouts,
-        tokenizer_threads=cfg.tokenizer_threads)
+        tokenizer_threads=cfg.tokenizer_threads, stage_transport=cfg.stage_transport)

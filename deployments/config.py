@@ -228,9 +228,9 @@ class AppConfig(BaseModel):
         "cost the heads' many small batches 17% at 32 clients, where both stages and the gateway compute at once "
         "(bench/RESULTS.md); so the default leaves it to num_cpus")
     stage_transport: Literal["direct", "serve"] = Field(
-        "direct", description="how a lane's generation steps reach its stage replicas: direct: the lane's own TCP "
-        "connections to them, found through Serve (deployments/step_channel.py); serve: Serve handle calls. A "
-        "Serve call cost ~2.5-3.7 ms per hop on a 2-core box, the connection ~0.05 ms (bench/RESULTS.md)")
+        "direct", description="how generation steps and the heads' forwards reach the stage replicas: direct: TCP "
+        "connections of their own, to the replicas Serve names (deployments/step_channel.py); serve: Serve handle "
+        "calls. A Serve call cost ~2.5-3.7 ms per hop on a 2-core box, the connection ~0.05 ms (bench/RESULTS.md)")
     lanes: LaneConfig = Field(default_factory=LaneConfig, description="generation lanes: count or autoscaling range")
     timeouts: Timeouts = Field(default_factory=Timeouts, description="stage and head call timeouts (503 past them)")
     retry: RetryPolicy = Field(default_factory=RetryPolicy,

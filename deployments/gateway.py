@@ -98,10 +98,11 @@ class Gateway(GrpcMethods):
     def __init__(self, checkpoint: str, model_name: str, generation, classify=None, tag=None, qa=None, embed=None, *,
                  local_heads: dict[str, tuple] | None = None, api_keys: list[str] | None = None,
                  limits: Limits | None = None, require_api_keys: bool = False, retry: dict | None = None,
-                 timeouts: dict | None = None, tokenizer_threads: int = 2):
+                 timeouts: dict | None = None, tokenizer_threads: int = 2, stage_transport: str = "direct"):
         """`classify` ... `embed`: handles of head deployments; `local_heads`: `TaskHead` arguments by task, for
         heads that run in this replica instead (`AppConfig.head_placement`)."""
-        local = {task: TaskHead(task, *args, limits=limits) for task, args in (local_heads or {}).items()}
+        local = {task: TaskHead(task, *args, limits=limits, stage_transport=stage_transport)
+                 for task, args in (local_heads or {}).items()}
         heads = Heads({"generate": generation, "classify": classify, "tag": tag, "qa": qa, "embed": embed},
                       RetryPolicy.model_validate(retry or {}), Timeouts.model_validate(timeouts or {}), local=local)
         keys = resolve_api_keys(api_keys, os.environ.get("SEEDOSS_API_KEYS", ""), require_api_keys)

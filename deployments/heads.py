@@ -35,13 +35,13 @@ SERVICES = {
 
 class TaskHead:
     def __init__(self, task: str, head_checkpoint: str, dtype: str, retry: dict, timeouts: dict, batching: dict,
-                 *stages, limits: Limits | None = None):
+                 *stages, limits: Limits | None = None, stage_transport: str = "direct"):
         config = SeedOssConfig.from_pretrained(head_checkpoint)
         tokenizer = SeedOssTokenizer.from_pretrained(head_checkpoint)
         self.task = task
         # cache-less forwards: any stage replica serves them
         self.stages = StageChain(stages, RetryPolicy.model_validate(retry), Timeouts.model_validate(timeouts).stage_s,
-                                 row_bytes=wire_row_bytes(config, dtype))
+                                 row_bytes=wire_row_bytes(config, dtype), direct=stage_transport == "direct")
         # embeddings have no head weights: the final hidden states themselves are pooled by the service
         head = torch.nn.Identity() if task == "embed" else load_head(head_checkpoint, task, dtype=dtype)
         self.forward = BatchedHead(self.stages.prefill, head, BatchingConfig.model_validate(batching),

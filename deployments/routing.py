@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import time
 
@@ -26,8 +27,10 @@ from seedoss.engine import StageUnavailable
 from seedoss.engine.errors import MissingSequenceCache
 from seedoss.services.errors import NotFound
 
-from .faults import CallTimeout, RetryPolicy, Timeouts, backpressure, replica_lost, within
-from .step_channel import RESOLVE_S, StageUnreachable, StepClient, step_header
+from .faults import CallTimeout, RetryPolicy, StageConnectionLost, Timeouts, backpressure, replica_lost, within
+from .step_channel import (
+    RESOLVE_S, SERVE_CALLS_S, DirectSwitch, ReplicaPool, StageUnreachable, StepClient, step_header,
+)
 from .timing import StageStamps, StepTimings, now
 from .wire import pack, stamps, unpack
 
@@ -99,13 +102,16 @@ class StageChain:
     the array is not copied through gRPC messages, and its ObjectRef goes to the next stage without the caller
     receiving the array (bench/RESULTS.md, issues 15 and 18)."""
 
-    def __init__(self, handles: list, retry: RetryPolicy, stage_timeout_s: float, row_bytes: int):
-        """`row_bytes`: one token's hidden state on the wire (hidden size × the element size)."""
-        self.retry, self.row_bytes = retry, row_bytes
+    def __init__(self, handles: list, retry: RetryPolicy, stage_timeout_s: float, row_bytes: int,
+                 direct: bool = False):
+        """`row_bytes`: one token's hidden state on the wire (hidden size × the element size); `direct`: cache-less
+        forwards go over connections to the stage replicas (`ReplicaPool`, deployments/step_channel.py)."""
+        self.retry, self.row_bytes, self.direct = retry, row_bytes, DirectSwitch(direct)
         self.num_stages = len(handles)
         self.timeout_s = stage_timeout_s * self.num_stages  # a forward through every stage
         self._by_value = [h.options(_by_reference=False) for h in handles]
         self._by_reference = [h.options(_by_reference=True) for h in handles]
+        self._pools = [ReplicaPool(functools.partial(detached, h.channel.remote)) for h in self._by_value]
 
     def by_reference(self, tokens: int) -> bool:
         """Whether a call carrying `tokens` rows of hidden states goes by reference."""
@@ -124,9 +130,18 @@ class StageChain:
         """Cache-less forward of whole sequences → final hidden states [sum(len), hidden]; any replica serves it,
         and it is sent again while a stage replica is lost (see `RetryPolicy`)."""
         lengths = [len(s) for s in sequences]
-        tokens = pack(torch.tensor([t for s in sequences for t in s]))
+        ids = torch.tensor([t for s in sequences for t in s])
+        tokens = pack(ids)
 
         async def attempt():
+            if self.direct:
+                try:
+                    return await self._prefill_direct(ids, lengths)
+                except StageUnreachable as e:
+                    log.warning("%s; cache-less forwards go as Serve calls for %gs", e, SERVE_CALLS_S)
+                    self.direct.unreachable()
+                    for pool in self._pools:
+                        pool.close()
             response = chained(self.handles(sum(lengths)), "prefill", tokens, lengths)
             try:
                 return unpack(await response)
@@ -143,6 +158,16 @@ class StageChain:
                 raise StageUnavailable("a stage replica is unavailable") from None
             raise
 
+    async def _prefill_direct(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        for pool in self._pools:
+            client = await pool.client()
+            try:
+                x = await client.prefill(x, lengths)
+            except StageConnectionLost:
+                pool.drop(client.replica)  # the retry goes to another replica, or asks Serve again
+                raise
+        return x
+
 
 class ServePipeline:
     """The engine's `Pipeline` over the stage deployments, for one lane. A step whose stage replica was lost is
@@ -153,7 +178,8 @@ class ServePipeline:
     head_executor = None
 
     def __init__(self, chain: StageChain, lane: int, num_blocks: int, block_size: int, direct: bool = False):
-        self.chain, self.num_blocks, self.block_size, self.direct = chain, num_blocks, block_size, direct
+        self.chain, self.num_blocks, self.block_size = chain, num_blocks, block_size
+        self.direct = DirectSwitch(direct)
         self.num_stages = self.micro_batches = chain.num_stages
         self.timings = StepTimings(self.num_stages)
         self._clients: list[StepClient] = []
@@ -170,54 +196,21 @@ class ServePipeline:
         self._drop_clients()
 
     async def run(self, tokens, seq_ids, query_lens, context_lens, block_hashes=None):
-        if self.direct:
-            return await self._run_direct(tokens, seq_ids, query_lens, context_lens, block_hashes)
+        step = (seq_ids, query_lens, context_lens, block_hashes)
         retries = self.chain.retry.retries(f"lane {self.lane} step")
-        handles = self._handles[self.chain.by_reference(sum(query_lens))]
-        while True:
-            sent, result = self.timings.sent(), None
-            step = chained(handles, "forward", pack(tokens), seq_ids, query_lens, context_lens, block_hashes)
-            try:
-                async with asyncio.timeout(self.chain.timeout_s):  # no task per step, unlike wait_for
-                    result = await step
-                return unpack(result)
-            except MissingSequenceCache as e:  # Ray re-raises the replica's exception as a subclass of it
-                raise MissingSequenceCache(getattr(e, "cause", e).seq_ids) from None
-            except TimeoutError:
-                step.cancel()
-                raise StageUnavailable(f"a stage step took longer than {self.chain.timeout_s:g}s") from None
-            except Exception as e:
-                if backpressure(e):
-                    raise StageUnavailable("a stage is at capacity") from None
-                delay = retries.delay_after(e)
-                if delay is None:
-                    if replica_lost(e):
-                        raise StageUnavailable("a stage replica is unavailable") from None
-                    raise
-            finally:
-                self.timings.returned(sent, stamps(result) if result is not None else None)
-            await asyncio.sleep(delay)
-
-    async def _run_direct(self, tokens, seq_ids, query_lens, context_lens, block_hashes):
-        retries = self.chain.retry.retries(f"lane {self.lane} step")
-        header = step_header(seq_ids, query_lens, context_lens, block_hashes)
         while True:
             sent, marks = self.timings.sent(), None
             try:
-                async with asyncio.timeout(self.chain.timeout_s):
-                    x, passed = tokens, []
-                    for client in await self._step_clients():
-                        x, stamp = await client.step(x, header, MissingSequenceCache)
-                        passed.append(StageStamps(*stamp))
-                marks = passed
+                async with asyncio.timeout(self.chain.timeout_s):  # no task per step, unlike wait_for
+                    x, marks = await (self._direct_step if self.direct else self._serve_step)(tokens, *step)
                 return x
-            except MissingSequenceCache:
-                raise
+            except MissingSequenceCache as e:  # Ray re-raises the replica's exception as a subclass of it
+                raise MissingSequenceCache(getattr(e, "cause", e).seq_ids) from None
             except StageUnreachable as e:
-                log.warning("lane %d: %s; its steps go as Serve calls from now on", self.lane, e)
-                self.direct = False
+                log.warning("lane %d: %s; its steps go as Serve calls for %gs", self.lane, e, SERVE_CALLS_S)
+                self.direct.unreachable()
                 self._drop_clients()
-                break
+                continue
             except TimeoutError:
                 raise StageUnavailable(f"a stage step took longer than {self.chain.timeout_s:g}s") from None
             except Exception as e:
@@ -228,11 +221,29 @@ class ServePipeline:
                     if replica_lost(e):
                         raise StageUnavailable("a stage replica is unavailable") from None
                     raise
-                self._drop_clients()  # ask Serve again where the lane's replicas are
+                self._drop_clients()  # a direct step asks Serve again where the lane's replicas are
             finally:
                 self.timings.returned(sent, marks)
             await asyncio.sleep(delay)
-        return await self.run(tokens, seq_ids, query_lens, context_lens, block_hashes)  # now as Serve calls
+
+    async def _serve_step(self, tokens, seq_ids, query_lens, context_lens, block_hashes):
+        """One try as Serve calls → (outputs, the stages' stamps)."""
+        handles = self._handles[self.chain.by_reference(sum(query_lens))]
+        response = chained(handles, "forward", pack(tokens), seq_ids, query_lens, context_lens, block_hashes)
+        try:
+            result = await response
+        except asyncio.CancelledError:  # timed out
+            response.cancel()
+            raise
+        return unpack(result), stamps(result)
+
+    async def _direct_step(self, tokens, *step):
+        """One try over the lane's connections → (outputs, the stages' stamps)."""
+        header, x, marks = step_header(*step), tokens, []
+        for client in await self._step_clients():
+            x, stamp = await client.step(x, header, MissingSequenceCache)
+            marks.append(StageStamps(*stamp))
+        return x, marks
 
     async def _step_clients(self) -> list[StepClient]:
         """The lane's step connections, asked of Serve (each replica's `channel()` through the lane's handles)

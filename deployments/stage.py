@@ -6,6 +6,7 @@ calls arriving while a forward runs are packed into the next one, up to `max_bat
 waiting: a head already batches its own requests, this only merges batches of different heads and head replicas).
 A lane's generation steps come as Serve calls (`forward`) or, with `stage_transport: direct`, over the lane's own
 connection to the replica's step server (`channel()`, deployments/step_channel.py); both run the same `_step`.
+The heads' cache-less forwards come the same two ways (`prefill`, or the step server), into the same batcher.
 """
 
 from __future__ import annotations
@@ -64,11 +65,14 @@ class SeedOssStage:
         y, marks = await self._step(x, *step)
         return y, StageStamps(*marks, now())
 
+    async def _channel_prefill(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        return await self.prefill_batcher(x.split(lengths))
+
     async def channel(self) -> dict:
         """Where this replica takes a lane's generation steps directly (deployments/step_channel.py): its node's
         address, a port, the token a client must show, and the replica's name."""
         if self.step_server is None:
-            self.step_server = StepServer(self._channel_step, MissingSequenceCache)
+            self.step_server = StepServer(self._channel_step, self._channel_prefill, MissingSequenceCache)
         address = await self.step_server.address(ray.util.get_node_ip_address())
         return {**address, "replica": ray.get_runtime_context().get_actor_name()}
 
@@ -94,6 +98,7 @@ class SeedOssStage:
             "block_size": self.executor.block_size, "parameter_bytes": parameter_bytes(self.executor.stage),
             "node_id": ray.get_runtime_context().get_node_id(), "actor_name": ray.get_runtime_context().get_actor_name(),
             "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+            "direct": self.step_server.served if self.step_server else {},  # calls answered over step connections
             **self.executor.cache_stats(),
         }
 

@@ -42,6 +42,7 @@ HELLO_MAX_BYTES = 1024  # what a client may send before it has shown the token
 HEADER_MAX_BYTES = 64 << 20
 PAYLOAD_MAX_BYTES = 1 << 31
 RESOLVE_S = 5.0
+SERVE_CALLS_S = 60.0  # after a replica Serve named could not be connected to: Serve calls this long, then try again
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -92,15 +93,21 @@ def header_step(header: dict) -> tuple:
 StepFn = Callable[..., Awaitable[tuple[torch.Tensor, tuple]]]
 
 
-class StepServer:
-    """A stage replica's listener: runs each step a client sends through `step` and answers it."""
+# A cache-less forward on the stage side: (inputs, lengths) -> outputs
+PrefillFn = Callable[[torch.Tensor, list[int]], Awaitable[torch.Tensor]]
 
-    def __init__(self, step: StepFn, missing: type[Exception]):
+
+class StepServer:
+    """A stage replica's listener: runs each step a client sends through `step`, and each cache-less forward (a
+    frame whose header has `lengths`) through `prefill`, and answers it."""
+
+    def __init__(self, step: StepFn, prefill: PrefillFn, missing: type[Exception]):
         """`missing`: the exception that names sequences this stage holds no cache for (sent back by name)."""
-        self.step, self.missing = step, missing
+        self.step, self.prefill, self.missing = step, prefill, missing
         self.token = secrets.token_hex(16)
         self.server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.served = {"steps": 0, "prefills": 0}  # answered calls, for the replica's `info`
 
     async def address(self, host: str) -> dict:
         if self.server is None:
@@ -116,14 +123,20 @@ class StepServer:
             while True:
                 header, payload = await read_frame(reader)
                 try:
-                    y, stamp = await self.step(frame_tensor(header, payload), *header_step(header))
+                    x = frame_tensor(header, payload)
+                    if "lengths" in header:
+                        y, reply, kind = await self.prefill(x, header["lengths"]), {}, "prefills"
+                    else:
+                        y, stamp = await self.step(x, *header_step(header))
+                        reply, kind = {"stamp": list(stamp)}, "steps"
                 except self.missing as e:
                     write_frame(writer, {"missing": e.seq_ids})
-                except Exception as e:  # the step failed here: the client raises it, the connection stays usable
+                except Exception as e:  # it failed here: the client raises it, the connection stays usable
                     write_frame(writer, {"error": f"{type(e).__name__}: {e}"})
                 else:
                     meta, data = tensor_frame(y)
-                    write_frame(writer, {**meta, "stamp": list(stamp)}, data)
+                    write_frame(writer, {**meta, **reply}, data)
+                    self.served[kind] += 1
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, KeyError, TypeError):
             pass  # the client went away, or sent what no client of ours sends
@@ -147,7 +160,23 @@ class StepFailed(RuntimeError):
 
 class StageUnreachable(ConnectionError):
     """A stage replica that Serve just said is there could not be connected to (a network policy between pods
-    that lets Ray's ports through and not ours, say): the lane goes on with Serve calls."""
+    that lets Ray's ports through and not ours, say): the caller goes on with Serve calls (`DirectSwitch`)."""
+
+
+class DirectSwitch:
+    """Whether calls go over step connections: when configured, except for SERVE_CALLS_S after a replica that Serve
+    named could not be connected to (`unreachable`). Then they are tried again: a network that lets only Ray's
+    ports through refuses again, but a replica that died between being named and being reached must not cost the
+    caller its connections for good."""
+
+    def __init__(self, configured: bool):
+        self.configured, self.off_until = configured, float("-inf")
+
+    def __bool__(self) -> bool:
+        return self.configured and time.monotonic() >= self.off_until
+
+    def unreachable(self) -> None:
+        self.off_until = time.monotonic() + SERVE_CALLS_S
 
 
 class StepClient:
@@ -158,6 +187,7 @@ class StepClient:
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.resolved_at = time.monotonic()
         self.closed = False
+        self.in_flight = 0  # calls waiting for their answer (the heads send theirs to the least busy replica)
 
     async def _connect(self):
         try:
@@ -179,31 +209,97 @@ class StepClient:
         """`x` through this stage → (its output, the stage's StageStamps as a list). Raises `missing` for
         sequences the stage lacks, StepFailed for a step that failed there, StageConnectionLost when the replica
         is unreachable."""
-        connection = self._idle.pop() if self._idle else await self._connect()
-        reader, writer = connection
-        meta, data = tensor_frame(x)
+        reply, payload = await self._call(x, header)
+        if "missing" in reply:
+            raise missing(reply["missing"])
+        return frame_tensor(reply, payload), reply["stamp"]
+
+    async def prefill(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """The cache-less forward of sequences of `lengths` (their ids or hidden states packed in `x`) through this
+        stage. Raises as `step` does."""
+        reply, payload = await self._call(x, {"lengths": list(lengths)})
+        return frame_tensor(reply, payload)
+
+    def drop_closed(self) -> bool:
+        """Drops the idle connections the replica has closed (it went away); whether there were any."""
+        alive = [(r, w) for r, w in self._idle if not (r.at_eof() or r.exception() or w.is_closing())]
+        for _, writer in set(self._idle) - set(alive):
+            writer.close()
+        gone, self._idle = len(alive) < len(self._idle), alive
+        return gone
+
+    async def _call(self, x: torch.Tensor, header: dict) -> tuple[dict, bytes]:
+        self.in_flight += 1
         try:
-            write_frame(writer, {**header, **meta}, data)
-            await writer.drain()
-            reply, payload = await read_frame(reader)
-        except (asyncio.IncompleteReadError, ConnectionError) as e:
-            writer.close()
-            raise StageConnectionLost(self.replica, f"stage replica {self.replica} went away: {e}") from None
-        except BaseException:  # cancelled or timed out mid-step: the reply would desynchronize this connection
-            writer.close()
-            raise
-        if self.closed:  # replaced while this step ran
+            self.drop_closed()  # a fresh connection (or its refusal) then says whether the replica is there
+            connection = self._idle.pop() if self._idle else await self._connect()
+            reader, writer = connection
+            meta, data = tensor_frame(x)
+            try:
+                write_frame(writer, {**header, **meta}, data)
+                await writer.drain()
+                reply, payload = await read_frame(reader)
+            except (asyncio.IncompleteReadError, ConnectionError) as e:
+                writer.close()
+                raise StageConnectionLost(self.replica, f"stage replica {self.replica} went away: {e}") from None
+            except BaseException:  # cancelled or timed out mid-call: the reply would desynchronize this connection
+                writer.close()
+                raise
+        finally:
+            self.in_flight -= 1
+        if self.closed:  # replaced while this call ran
             writer.close()
         else:
             self._idle.append(connection)
-        if "missing" in reply:
-            raise missing(reply["missing"])
         if "error" in reply:
             raise StepFailed(f"stage replica {self.replica}: {reply['error']}")
-        return frame_tensor(reply, payload), reply["stamp"]
+        return reply, payload
 
     def close(self) -> None:
         self.closed = True
         for _, writer in self._idle:
             writer.close()
         self._idle.clear()
+
+
+class ReplicaPool:
+    """Connections to the replicas of one stage that Serve has named to this process, for calls that any replica
+    may serve (the heads' cache-less forwards): each goes to the replica with the fewest calls in flight from here.
+    Serve is asked again (`resolve`: a `channel()` call through a handle with no lane) every RESOLVE_S, so replicas
+    Serve starts join the pool as its router names them; one whose connection breaks leaves it (`drop`)."""
+
+    def __init__(self, resolve: Callable[[], Awaitable[dict]]):
+        self.resolve = resolve
+        self.clients: dict[str, StepClient] = {}
+        self.resolved_at = float("-inf")
+        self._resolving = asyncio.Lock()  # one question to Serve at a time: two would open two clients for one
+
+    async def client(self) -> StepClient:
+        """The least busy known replica's client (raises StageUnreachable for a replica Serve names and that
+        cannot be connected to)."""
+        for name, client in list(self.clients.items()):
+            if client.drop_closed():  # the replica died or was replaced: not tried again, and Serve is asked now
+                self.drop(name)
+        async with self._resolving:
+            if not self.clients or time.monotonic() - self.resolved_at >= RESOLVE_S:
+                address = await self.resolve()
+                known = self.clients.get(address["replica"])
+                if known is None or known.address != address:
+                    client = StepClient(address, address["replica"])
+                    await client.open()
+                    if known is not None:
+                        known.close()
+                    self.clients[address["replica"]] = client
+                self.resolved_at = time.monotonic()
+        return min(self.clients.values(), key=lambda c: c.in_flight)
+
+    def drop(self, replica: str) -> None:
+        client = self.clients.pop(replica, None)
+        if client is not None:
+            client.close()
+        self.resolved_at = float("-inf")  # ask Serve at the next call
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+        self.clients.clear()

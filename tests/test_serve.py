@@ -144,6 +144,7 @@ def test_heads_over_http_equal_in_process(server):
             assert r.status_code == 200, r.text
             expected = asyncio.run(local(body)).model_dump(mode="json", exclude_none=True)
             _assert_close(r.json(), expected)
+    assert all(_stage_info(k)["direct"]["prefills"] > 0 for k in range(2))  # over the heads' own connections
 
 
 def _assert_close(got, expected, path="$"):
@@ -269,6 +270,9 @@ def test_killing_a_stage_replica_mid_stream_recovers(server):
         time.sleep(2)
     assert r.status_code == 200
     assert _stage_info(1)["actor_name"] != old_name  # a new replica serves stage 1
+    with httpx.Client(base_url=server.url, timeout=120) as client:  # the heads' connection to the killed replica
+        r = client.post("/v1/classify", json={"inputs": ["after the restart"]})  # breaks: they ask Serve again
+    assert r.status_code == 200, r.text
 
 
 def _generation_load() -> tuple[int, float]:

@@ -12,7 +12,7 @@ import torch
 from seedoss.config import SeedOssConfig
 from seedoss.deployments.faults import StageConnectionLost, lost_replica, replica_lost
 from seedoss.deployments.step_channel import (
-    PREFIX, StageUnreachable, StepClient, StepFailed, StepServer, header_step, step_header,
+    PREFIX, DirectSwitch, ReplicaPool, StageUnreachable, StepClient, StepFailed, StepServer, header_step, step_header,
 )
 from seedoss.deployments.timing import StageStamps
 from seedoss.engine import LocalStageExecutor
@@ -22,9 +22,10 @@ from seedoss.loader import load_stage
 KV_BYTES, BLOCK = 8 << 20, 16
 
 
-def executor(checkpoint, dtype: str) -> LocalStageExecutor:
-    layers = SeedOssConfig.from_pretrained(checkpoint).num_hidden_layers
-    return LocalStageExecutor(lambda: load_stage(str(checkpoint), 0, layers, dtype=dtype), KV_BYTES, BLOCK)
+def executor(checkpoint, dtype: str, start: int = 0, end: int | None = None) -> LocalStageExecutor:
+    """Layers [start, end) of the checkpoint (all by default) as a stage."""
+    end = SeedOssConfig.from_pretrained(checkpoint).num_hidden_layers if end is None else end
+    return LocalStageExecutor(lambda: load_stage(str(checkpoint), start, end, dtype=dtype), KV_BYTES, BLOCK)
 
 
 def served(stage: LocalStageExecutor, fail_on: int | None = None, delay_s: float = 0.0) -> StepServer:
@@ -38,7 +39,17 @@ def served(stage: LocalStageExecutor, fail_on: int | None = None, delay_s: float
         y = await stage.forward(x, seq_ids, query_lens, context_lens, block_hashes=block_hashes, clock=clock)
         return y, StageStamps(clock[0], clock[0], clock[0], clock[1], clock[1])
 
-    return StepServer(step, MissingSequenceCache)
+    async def prefill(x, lengths):
+        await asyncio.sleep(delay_s)
+        return await cache_less(stage, x, lengths)
+
+    return StepServer(step, prefill, MissingSequenceCache)
+
+
+async def cache_less(stage: LocalStageExecutor, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """The stage's cache-less forward of sequences of `lengths` packed in `x` (as SeedOssStage's batcher runs it)."""
+    return await stage.forward(list(x.split(lengths)), list(range(len(lengths))), lengths, [0] * len(lengths),
+                               use_cache=False)
 
 
 STEPS = [  # (tokens, seq_ids, query_lens, context_lens): two prompts, then decode steps
@@ -163,3 +174,72 @@ def test_a_cancelled_step_closes_its_connection_so_no_later_step_reads_its_reply
             server.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_cache_less_forward_over_the_connection_is_the_stage_s_own(demo_checkpoint, dtype):
+    half = SeedOssConfig.from_pretrained(demo_checkpoint).num_hidden_layers // 2
+    ids, lengths = torch.arange(3, 30), [5, 12, 10]
+
+    async def run():
+        servers = [served(executor(demo_checkpoint, dtype, 0, half)), served(executor(demo_checkpoint, dtype, half))]
+        clients = [StepClient(await s.address("127.0.0.1"), f"stage-{k}") for k, s in enumerate(servers)]
+        try:
+            x, want = ids, ids
+            for k, (start, end) in enumerate([(0, half), (half, None)]):  # ids in, then hidden states
+                x = await clients[k].prefill(x, lengths)
+                want = await cache_less(executor(demo_checkpoint, dtype, start, end), want, lengths)
+                assert x.dtype == getattr(torch, dtype) and torch.equal(x, want)
+                assert servers[k].served == {"steps": 0, "prefills": 1}
+        finally:
+            for client, server in zip(clients, servers):
+                client.close()
+                server.close()
+
+    asyncio.run(run())
+
+
+def test_the_pool_sends_each_forward_to_the_least_busy_replica_and_drops_a_lost_one(demo_checkpoint):
+    stage = executor(demo_checkpoint, "float32")
+    ids, lengths = torch.arange(3, 12), [9]
+
+    async def run():
+        servers = [served(stage, delay_s=0.3), served(stage)]
+        addresses = [{**await s.address("127.0.0.1"), "replica": f"stage-{k}"} for k, s in enumerate(servers)]
+        named = []  # the replicas "Serve" named, in turn
+
+        async def resolve():
+            named.append(addresses[len(named) % 2])
+            return named[-1]
+
+        pool = ReplicaPool(resolve)
+        first = await pool.client()
+        assert first.replica == "stage-0" and len(named) == 1
+        busy = asyncio.ensure_future(first.prefill(ids, lengths))
+        await asyncio.sleep(0.1)
+        assert await pool.client() is first  # asked again only after RESOLVE_S
+        pool.resolved_at = float("-inf")  # RESOLVE_S later: Serve names the other replica
+        second = await pool.client()
+        assert second.replica == "stage-1" and len(named) == 2  # stage-0 is busy
+        await busy
+        servers[1].close()  # stage-1 goes away: the pool sees its connection closed and never sends it a forward
+        await asyncio.sleep(0.1)
+        assert (await pool.client()).replica == "stage-0" and len(named) == 3  # and asks Serve again at once
+        assert list(pool.clients) == ["stage-0"]
+        with pytest.raises(StageConnectionLost):  # a client that still tries it learns at once
+            await second.prefill(ids, lengths)
+        pool.drop("stage-0")
+        assert pool.clients == {} and pool.resolved_at == float("-inf")
+        servers[0].close()
+
+    asyncio.run(run())
+
+
+def test_an_unreachable_replica_switches_to_serve_calls_for_a_while_not_for_good():
+    assert not DirectSwitch(False)
+    switch = DirectSwitch(True)
+    assert switch
+    switch.unreachable()
+    assert not switch  # Serve calls now
+    switch.off_until -= 3600  # SERVE_CALLS_S later
+    assert switch
