@@ -129,12 +129,13 @@ class Generation:
                 "steps": s.steps,
                 "cache_misses": s.cache_misses, "prefix_cache_queries": s.prefix_cache_queries,
                 "prefix_cache_hits": s.prefix_cache_hits, "lane": self.lane,
-                "stage_transport": "direct" if self.engine.pipeline.direct else "serve",
-                "timing": self._timing(), "replica": serve.get_replica_context().replica_id.unique_id}
+                **self._pipeline(), "replica": serve.get_replica_context().replica_id.unique_id}
 
-    def _timing(self) -> dict:
-        """Where a step's time went, per component (deployments/timing.py: hops, queues, compute)."""
-        return self.engine.pipeline.timings.as_dict()
+    def _pipeline(self) -> dict:
+        """How the steps went: where their time went, per component (deployments/timing.py: hops, queues,
+        compute), and how they reached the stages (`stage_transport`, as configured unless given up for now)."""
+        pipeline = self.engine.pipeline
+        return {"timing": pipeline.timings.as_dict(), "stage_transport": "direct" if pipeline.direct else "serve"}
 
     async def max_model_len(self) -> int:
         return (await self._engine()).max_model_len

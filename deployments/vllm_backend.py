@@ -366,9 +366,9 @@ class VllmGeneration(Generation):
                 self._gauges = asyncio.get_running_loop().create_task(self._update_gauges())
         return self.engine
 
-    def _timing(self) -> dict:
-        """No per-hop breakdown: vLLM's pipeline runs inside its own worker processes."""
-        return {}
+    def _pipeline(self) -> dict:
+        """No per-hop breakdown and no stage calls: vLLM's pipeline runs inside its own worker processes."""
+        return {"timing": {}}
 
     async def stats(self) -> dict:
         """`Generation.stats` plus the tokens vLLM's engine core generated (`engine_generation_tokens`)."""
