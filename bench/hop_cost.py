@@ -5,10 +5,11 @@ caller that sends a [1, 768] float32 array (a decode step's hidden states in the
 returns it, one call at a time:
 
 - `serve handle`: a Serve deployment calling another through its DeploymentHandle (gRPC by value, router on the
-  replica's loop: how the Generation replica calls a stage today);
+  replica's loop: how a Generation replica calls a stage with `stage_transport: serve`);
 - `ray actor call`: a Ray actor calling another actor's async method (what Serve's calls are built on);
 - `plain tcp`: the same two actors, the array sent over an asyncio TCP connection between them and echoed back
-  (no framing beyond the fixed size: the floor of any process-to-process data plane).
+  (no framing beyond the fixed size: the floor of any process-to-process data plane, and what
+  `stage_transport: direct` builds on).
 
 For each: the mean round trip, and the CPU milliseconds per call in the caller and in the callee (their
 `getrusage`), best of `--repeats`. Prints the CPU model and flags and the load.

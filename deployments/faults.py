@@ -26,6 +26,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
 class StageConnectionLost(ConnectionError):
     """A stage replica's step connection (deployments/step_channel.py) broke or could not be made: the replica
     died or is going away, as a RayActorError says on the Serve path."""

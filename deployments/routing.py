@@ -183,6 +183,7 @@ class ServePipeline:
         self.num_stages = self.micro_batches = chain.num_stages
         self.timings = StepTimings(self.num_stages)
         self._clients: list[StepClient] = []
+        self._resolved_at = float("-inf")  # when Serve last named the lane's replicas
         self.set_lane(lane)
 
     @classmethod
@@ -248,7 +249,7 @@ class ServePipeline:
     async def _step_clients(self) -> list[StepClient]:
         """The lane's step connections, asked of Serve (each replica's `channel()` through the lane's handles)
         when there are none or they are older than RESOLVE_S; kept while the replicas stay the same."""
-        if self._clients and time.monotonic() - self._clients[0].resolved_at < RESOLVE_S:
+        if self._clients and time.monotonic() - self._resolved_at < RESOLVE_S:
             return self._clients
         addresses = [await detached(handle.channel.remote) for handle in self._handles[False]]
         if [c.address for c in self._clients] != addresses:
@@ -256,8 +257,7 @@ class ServePipeline:
             self._clients = [StepClient(a, a["replica"]) for a in addresses]
             for client in self._clients:  # Serve just reached these replicas: a refused connection is the network
                 await client.open()
-        for client in self._clients:
-            client.resolved_at = time.monotonic()
+        self._resolved_at = time.monotonic()
         return self._clients
 
     def _drop_clients(self) -> None:

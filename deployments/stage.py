@@ -69,8 +69,8 @@ class SeedOssStage:
         return await self.prefill_batcher(x.split(lengths))
 
     async def channel(self) -> dict:
-        """Where this replica takes a lane's generation steps directly (deployments/step_channel.py): its node's
-        address, a port, the token a client must show, and the replica's name."""
+        """Where this replica takes generation steps and the heads' forwards directly (deployments/step_channel.py):
+        its node's address, a port, the token a client must show, and the replica's name."""
         if self.step_server is None:
             self.step_server = StepServer(self._channel_step, self._channel_prefill, MissingSequenceCache)
         address = await self.step_server.address(ray.util.get_node_ip_address())

@@ -1,12 +1,14 @@
-"""A direct connection for generation steps, from a lane's engine to each of its stage replicas.
+"""Direct connections for stage calls: generation steps from a lane's engine to each of its stage replicas, and the
+heads' cache-less forwards to any replica of each stage.
 
-A Serve handle call between two replicas costs ~2.5-3.7 ms round trip and ~4 ms of CPU (caller and callee) on our
-2-core boxes; the same array over a TCP connection between the same two processes costs 0.05 ms and 0.03 ms
+A Serve handle call between two replicas costs 2.5-5.9 ms round trip and 3.4-6.9 ms of CPU (caller and callee) on
+our 2-core boxes; the same array over a TCP connection between the same two processes 0.05-0.09 ms
 (`python -m bench.hop_cost`, bench/RESULTS.md, issue 15). A generation step makes three such hops (to each stage and
-back), at one stream every token. With `AppConfig.stage_transport: direct` a lane's steps go over a connection of
-their own to each of its stage replicas; Serve still places, scales, health-checks and replaces the replicas, routes
-everything else (the heads' forwards, frees, `info`), and tells the engine where each replica listens: a stage
-replica's `channel()`, called through the lane's handle, names the replica Serve routes the lane to. So:
+back), at one stream every token. With `AppConfig.stage_transport: direct` a lane's steps (`StepClient`) and the
+heads' batches (`ReplicaPool`) go over connections of their own; Serve still places, scales, health-checks and
+replaces the replicas, carries the rest (frees, `info`), and tells callers where each replica listens: a stage
+replica's `channel()`, called through the lane's handle, names the replica Serve routes the lane to (through a
+handle without a lane, the replica Serve picks for a head). So:
 
 - a connection that breaks (the replica died) is a lost replica (`StageConnectionLost`, retried under the app's
   `RetryPolicy`); the next try asks Serve again, reaches the replacement, and the engine recomputes the sequences it
@@ -185,7 +187,6 @@ class StepClient:
     def __init__(self, address: dict, replica: str):
         self.address, self.replica = address, replica
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.resolved_at = time.monotonic()
         self.closed = False
         self.in_flight = 0  # calls waiting for their answer (the heads send theirs to the least busy replica)
 

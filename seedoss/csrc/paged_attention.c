@@ -6,7 +6,8 @@
  * every context that `k_cache[slots]` + SDPA makes. Sequences are spread over OpenMP threads (the libgomp that
  * torch already loaded, so both share one thread pool). Fewer sequences than threads are split by kv head (each
  * item: one group of query heads over that kv head's slice of the rows), so that a lone sequence uses every thread
- * too (512 cached tokens: 52 -> 32 us per layer call in float32, 75 -> 35-43 us in bfloat16, 2 threads); more are
+ * too (512 cached tokens: 46 -> 35-38 us per layer call in float32, 62 -> 42-43 us in bfloat16, 2 threads,
+ * bench/RESULTS.md); more are
  * not: whole rows per item read the cache in longer runs. Each head's arithmetic is the same either way.
  * bfloat16 tensors are read into float32 and everything is computed in float32 (torch's CPU attention accumulates
  * in float32 too); only the output is rounded to bfloat16.
