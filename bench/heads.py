@@ -287,9 +287,9 @@ def _timed(fn) -> float:
 # --------------------------------------------------------------------------------------------------- report
 
 
-def report(served: list[dict], hf: list[dict], concurrency: list[int]) -> str:
+def report(served: list[dict], hf: list[dict], concurrency: list[int], tasks=TASKS) -> str:
     lines = []
-    for task in TASKS:
+    for task in tasks:
         reference = next(r for r in hf if r["task"] == task)
         lines += [f"#### {task}: {reference['system']}: {reference['inputs_per_s']:.0f} inputs/s", "",
                   ("| clients | HTTP req/s | HTTP p50 ms | HTTP p95 ms | gRPC req/s | gRPC p50 ms | gRPC p95 ms | "
@@ -302,6 +302,8 @@ def report(served: list[dict], hf: list[dict], concurrency: list[int]) -> str:
                          f"{g['requests_per_s']:.0f} | {g['p50_ms']:.1f} | {g['p95_ms']:.1f} | "
                          f"{h['requests_per_s'] / reference['inputs_per_s']:.2f}x | {h['not_ok'] + g['not_ok']} |")
         lines.append("")
+    if "classify" not in tasks:
+        return "\n".join(lines)
     seen = {role for row in served for role in row["cpu_ms_per_request"]}  # Classification: only as a deployment
     roles = [r for r in ("proxy", "Gateway", "Classification", "SeedOssStage0", "SeedOssStage1", "clients")
              if r in seen]
@@ -325,6 +327,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
     parser.add_argument("--head-placement", choices=["gateway", "deployments"], default="gateway",
                         help="AppConfig.head_placement (deployments: a Serve call more per request)")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="the tasks to measure")
     parser.add_argument("--json", help="also write every row to this file")
     parser.add_argument("--app-config", type=json.loads, default={},
                         help='more AppConfig fields for the served app, as JSON, e.g. \'{"stage_threads": 2}\'')
@@ -338,11 +341,11 @@ def main() -> None:
     inputs = make_inputs()
     url, grpc_target = start_server(checkpoint, args.head_placement, args.app_config)
     hf, served = [], []
-    for task in TASKS:  # HF right before the task's served cells: both under much the same machine load
+    for task in args.tasks:  # HF right before the task's served cells: both under much the same machine load
         hf.append(run_hf(checkpoint, task, inputs[task]))
         served += asyncio.run(run_served(task, url, grpc_target, inputs[task], args.concurrency, args.seconds,
                                          args.warmup))
-    print("\n" + report(served, hf, args.concurrency))
+    print("\n" + report(served, hf, args.concurrency, args.tasks))
     log(f"load average at end: {load()}")
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_info(), "hf": hf, "served": served}, indent=2))
