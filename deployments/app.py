@@ -56,4 +56,5 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     return Gateway.options(**cfg.gateway_options()).bind(
         cfg.checkpoint, cfg.model_name, generation, **heads, local_heads=local_heads, api_keys=cfg.api_keys,
         limits=cfg.limits, require_api_keys=cfg.require_api_keys, retry=retry, timeouts=timeouts,
-        tokenizer_threads=cfg.tokenizer_threads, stage_transport=cfg.stage_transport)
+        tokenizer_threads=cfg.tokenizer_threads, stage_transport=cfg.stage_transport,
+        stream_transport=cfg.stream_transport)

@@ -231,6 +231,10 @@ class AppConfig(BaseModel):
         "direct", description="how generation steps and the heads' forwards reach the stage replicas: direct: TCP "
         "connections of their own, to the replicas Serve names (deployments/step_channel.py); serve: Serve handle "
         "calls. A Serve call cost 2.5-5.9 ms per hop on 2-core boxes, the connection 0.05-0.09 ms (bench/RESULTS.md)")
+    stream_transport: Literal["direct", "serve"] = Field(
+        "direct", description="how generation streams' chunks reach the gateway: direct: over a connection from each "
+        "Generation replica to each gateway replica, a step's chunks in one frame (deployments/stream_channel.py); "
+        "serve: as Serve stream items, one per chunk (a third of both replicas' CPU at 32 streams, bench/RESULTS.md)")
     lanes: LaneConfig = Field(default_factory=LaneConfig, description="generation lanes: count or autoscaling range")
     timeouts: Timeouts = Field(default_factory=Timeouts, description="stage and head call timeouts (503 past them)")
     retry: RetryPolicy = Field(default_factory=RetryPolicy,

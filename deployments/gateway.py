@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 
+import ray
 from fastapi import FastAPI, Request
 from ray import serve
 from starlette.datastructures import Headers
@@ -39,6 +40,7 @@ from .grpc_api import GrpcMethods
 from .ingress import error_response
 from .metrics import LATENCY, REQUESTS
 from .routing import Heads
+from .stream_channel import StreamReceiver
 
 
 def http_app(core: GatewayCore) -> FastAPI:
@@ -98,13 +100,16 @@ class Gateway(GrpcMethods):
     def __init__(self, checkpoint: str, model_name: str, generation, classify=None, tag=None, qa=None, embed=None, *,
                  local_heads: dict[str, tuple] | None = None, api_keys: list[str] | None = None,
                  limits: Limits | None = None, require_api_keys: bool = False, retry: dict | None = None,
-                 timeouts: dict | None = None, tokenizer_threads: int = 2, stage_transport: str = "direct"):
+                 timeouts: dict | None = None, tokenizer_threads: int = 2, stage_transport: str = "direct",
+                 stream_transport: str = "direct"):
         """`classify` ... `embed`: handles of head deployments; `local_heads`: `TaskHead` arguments by task, for
         heads that run in this replica instead (`AppConfig.head_placement`)."""
         local = {task: TaskHead(task, *args, limits=limits, stage_transport=stage_transport)
                  for task, args in (local_heads or {}).items()}
+        receiver = StreamReceiver(ray.util.get_node_ip_address()) if stream_transport == "direct" else None
         heads = Heads({"generate": generation, "classify": classify, "tag": tag, "qa": qa, "embed": embed},
-                      RetryPolicy.model_validate(retry or {}), Timeouts.model_validate(timeouts or {}), local=local)
+                      RetryPolicy.model_validate(retry or {}), Timeouts.model_validate(timeouts or {}), local=local,
+                      receiver=receiver)
         keys = resolve_api_keys(api_keys, os.environ.get("SEEDOSS_API_KEYS", ""), require_api_keys)
         self.core = GatewayCore(heads, SeedOssTokenizer.from_pretrained(checkpoint), model_name, limits=limits,
                                 api_keys=keys, tokenizer_threads=tokenizer_threads)

@@ -19,6 +19,7 @@ from .autoscaling import LOAD_KV, LOAD_SEQUENCES
 from .faults import RetryPolicy, Timeouts
 from .metrics import GenerationMetrics
 from .routing import ServePipeline, StageChain, wire_row_bytes
+from .stream_channel import StreamSender
 from .timing import STREAM_TIMING, now
 
 GAUGE_INTERVAL_S = 1.0
@@ -46,6 +47,8 @@ class Generation:
         self.direct = stage_transport == "direct"  # steps over the lane's own connections (step_channel.py)
         self.engine: LLMEngine | None = None
         self.metrics = GenerationMetrics()
+        self.links = StreamSender()  # to the gateway replicas that relay this lane's streams (`relay`)
+        self.relayed = 0  # streams whose chunks went over those connections
         self._connecting = asyncio.Lock()
         self._gauges: asyncio.Task | None = None
 
@@ -112,6 +115,21 @@ class Generation:
         except Exception as e:
             raise from_exception(e) from None
 
+    async def relay(self, body: dict, resume: dict | None, to: dict) -> int:
+        """`stream(body, resume)` with its chunks sent over this replica's connection to the gateway replica that
+        `to` names (its receiver's address and token, and the stream's key; deployments/stream_channel.py), not as
+        Serve stream items. Returns the number of chunks sent once all are written; errors are raised as `stream`
+        raises them."""
+        link = await self.links.link(to)
+        self.relayed += 1
+        sent, key = 0, to["key"]
+        async for chunk in self.stream(body, resume):
+            link.send(key, chunk)
+            sent += 1
+            await link.drain()
+        await link.flush()
+        return sent
+
     async def complete(self, body: dict) -> dict:
         request, ids = self._parse(body)
         engine = await self._engine()
@@ -128,7 +146,7 @@ class Generation:
                 "prompt_tokens": s.prompt_tokens, "requests_finished": s.requests_finished, "batches": s.batches,
                 "steps": s.steps,
                 "cache_misses": s.cache_misses, "prefix_cache_queries": s.prefix_cache_queries,
-                "prefix_cache_hits": s.prefix_cache_hits, "lane": self.lane,
+                "prefix_cache_hits": s.prefix_cache_hits, "lane": self.lane, "relayed_streams": self.relayed,
                 **self._pipeline(), "replica": serve.get_replica_context().replica_id.unique_id}
 
     def _pipeline(self) -> dict:

@@ -31,6 +31,7 @@ from .faults import CallTimeout, RetryPolicy, StageConnectionLost, Timeouts, bac
 from .step_channel import (
     RESOLVE_S, SERVE_CALLS_S, DirectSwitch, ReplicaPool, StageUnreachable, StepClient, step_header,
 )
+from .stream_channel import DirectSource, StreamLinkLost, StreamReceiver, StreamUnreachable
 from .timing import StageStamps, StepTimings, now
 from .wire import pack, stamps, unpack
 
@@ -282,10 +283,12 @@ class Heads:
     (or `n`), so a lane's ongoing requests track its running + waiting sequences, the same load the lane autoscaler
     reads."""
 
-    def __init__(self, handles: dict, retry: RetryPolicy, timeouts: Timeouts, local: dict | None = None):
+    def __init__(self, handles: dict, retry: RetryPolicy, timeouts: Timeouts, local: dict | None = None,
+                 receiver: StreamReceiver | None = None):
         """`handles`: a Serve handle per task; `local`: heads that run in this replica (`TaskHead`s, with
-        `AppConfig.head_placement: gateway`), called as coroutines: no hop to retry."""
-        self.local = set(local or {})
+        `AppConfig.head_placement: gateway`), called as coroutines: no hop to retry; `receiver`: where generation
+        streams send their chunks (`AppConfig.stream_transport: direct`); None: as Serve stream items."""
+        self.local, self.receiver = set(local or {}), receiver
         self.handles, self.retry, self.timeouts = {**handles, **(local or {})}, retry, timeouts
 
     def get(self, task: str):
@@ -319,7 +322,7 @@ class Heads:
         await (head.ready() if task in self.local else head.ready.remote())
 
     def stream(self, body: dict) -> "GenerationStream":
-        return GenerationStream(self.get("generate"), body, self.retry, self.timeouts.head_s)
+        return GenerationStream(self.get("generate"), body, self.retry, self.timeouts.head_s, self.receiver)
 
 
 class GenerationStream:
@@ -327,10 +330,15 @@ class GenerationStream:
     choice's token ids, which choices finished); when the lane's replica is lost — killed, crashed, or removed by a
     scale-in before the stream finished — it asks another lane to resume after exactly those tokens, so the client
     sees one stream with no token repeated or missing. Greedy and seeded requests continue as if nothing happened
-    (the engine replays penalties, seeded draws, detokenizer and stop-string state)."""
+    (the engine replays penalties, seeded draws, detokenizer and stop-string state).
 
-    def __init__(self, handle, body: dict, retry: RetryPolicy, chunk_timeout_s: float):
-        self.handle, self.body, self.chunk_timeout_s = handle, body, chunk_timeout_s
+    With a `receiver` the chunks come over a connection from the Generation replica (`Generation.relay`,
+    deployments/stream_channel.py); without one, or for a while after that connection could not be made or broke,
+    as Serve stream items (`Generation.stream`)."""
+
+    def __init__(self, handle, body: dict, retry: RetryPolicy, chunk_timeout_s: float,
+                 receiver: StreamReceiver | None = None):
+        self.handle, self.body, self.chunk_timeout_s, self.receiver = handle, body, chunk_timeout_s, receiver
         self.id: str | None = None
         self.delivered: dict[int, list[int]] = {}
         self.finished: set[int] = set()
@@ -339,6 +347,8 @@ class GenerationStream:
         self._stream = self._start(None)
 
     def _start(self, resume: dict | None):
+        if self.receiver is not None and self.receiver.direct:
+            return DirectSource(self.handle, self.receiver, self.body, resume)
         stream = self.handle.options(stream=True).stream
         return stream.remote(self.body) if resume is None else stream.remote(self.body, resume)
 
@@ -361,6 +371,12 @@ class GenerationStream:
             except TimeoutError:
                 self._stream.cancel()
                 raise CallTimeout(f"no generation output for {self.chunk_timeout_s:g}s") from None
+            except (StreamUnreachable, StreamLinkLost) as e:  # the connection, not the lane: Serve streams instead
+                log.warning("generation stream %s: %s; streams go as Serve stream items for %gs", self.id, e,
+                            SERVE_CALLS_S)
+                self.receiver.direct.unreachable()
+                self._stream = self._start(self._resume())
+                continue
             except Exception as e:
                 delay = self._retries.delay_after(e)
                 if delay is None:

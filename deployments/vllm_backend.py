@@ -45,6 +45,7 @@ from .generation import Generation, _rank
 # SamplingParams fields this adapter does not map onto vLLM's yet: answered 400 naming the field, never ignored.
 UNSUPPORTED = ("structured_outputs", "thinking_token_budget")
 from .metrics import GenerationMetrics
+from .stream_channel import StreamSender
 
 # Any integer is a valid `seed` of ours; vLLM's generators take a torch seed: fold it into int64's positive range.
 SEED_MASK = (1 << 63) - 1
@@ -344,6 +345,7 @@ class VllmGeneration(Generation):
         self.lane = _rank(serve.get_replica_context().rank)
         self.engine: VllmEngine | None = None
         self.metrics = GenerationMetrics()
+        self.links, self.relayed = StreamSender(), 0  # as Generation: streams relayed to the gateways directly
         self._starting: asyncio.Future | None = None
         self._gauges: asyncio.Task | None = None
 

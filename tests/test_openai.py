@@ -52,9 +52,10 @@ def server(demo_checkpoint, tmp_path_factory):
                                  "embed": str(demo_checkpoint),
                                  "classify": str(_single_label_head(demo_checkpoint, tmp_path_factory))},
                              "model_name": MODEL,
-                             # the Serve-call path of generation steps is covered here; the other modules use the
-                             # default direct connections (deployments/step_channel.py)
-                             "stage_transport": "serve"}),
+                             # the Serve-call path of generation steps and the Serve stream items of generation
+                             # streams are covered here; the other modules use the default direct connections
+                             # (deployments/step_channel.py, deployments/stream_channel.py)
+                             "stage_transport": "serve", "stream_transport": "serve"}),
                   name="seedoss", route_prefix="/")
         url = ray_serve.url
         with httpx.Client(base_url=url, timeout=120) as http:
@@ -700,9 +701,12 @@ def test_vllm_pooling_routes(server):
         assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (path, r.text)
 
 
-def test_the_steps_went_as_serve_calls_as_configured(server):
+def test_the_steps_and_streams_went_through_serve_as_configured(server):
     from ray import serve
 
-    server.client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0)
+    chunks = list(server.client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0,
+                                                   stream=True))
+    assert chunks
     stats = serve.get_deployment_handle("Generation", "seedoss").stats.remote().result()
     assert stats["stage_transport"] == "serve" and stats["steps"] > 0
+    assert stats["relayed_streams"] == 0  # streams came as Serve stream items

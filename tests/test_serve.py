@@ -112,6 +112,7 @@ def test_generate_over_http_equals_in_process(server):
             assert sum((c["choices"][0]["token_ids"] for c in chunks if c["choices"]), []) == ref.token_ids
     stats = serve_handle("Generation").stats.remote().result()
     assert stats["stage_transport"] == "direct"  # the default: steps over the lane's own connections, not given up
+    assert stats["relayed_streams"] >= len(requests)  # the default: chunks over the gateway's own connection
 
 
 def test_heads_over_http_equal_in_process(server):
