@@ -148,7 +148,7 @@ def main() -> None:
         answers[backend] = [asyncio.run(greedy(url, p, args.max_tokens)) for p in PARITY_PROMPTS]
         for c in [] if args.skip_throughput else args.concurrency:
             log(f"{backend}: {c} concurrent streams …")
-            rows.append({**asyncio.run(run_served(url, prompts[:c], args.max_tokens)),
+            rows.append({**asyncio.run(run_served(url, prompts[:c], args.max_tokens, c)),
                          "system": f"served, backend {backend}"})
         serve.delete(backend)
     parity_rows = parity(answers, tol)

@@ -2,8 +2,10 @@
 
 `python -m bench.serving` deploys the Serve app (2 pipeline stages + the generation head + gateway) on a local
 Ray instance with the "small" demo preset, then for 1, 8 and 32 concurrent streaming clients (greedy, ignore_eos,
-the same prompts for both) measures output tokens/s, per-request latency p50/p99 and time to first token p50/p99
-— and the same numbers for the in-process engine with 2 stages, so the table shows what serving costs. The two run
+the same prompts for both; at least 4 requests a row, so 1 stream runs 4 one after another) measures output
+tokens/s, per-request latency p50/p99 and time to first token p50/p99 — and the same numbers for the in-process
+engine with 2 stages, so the table shows what serving costs. Each served run sends a fresh `cache_salt`: the
+in-process engine is new each run, and the served app must not hit the prefix cache on an earlier row's prompts. The two run
 back to back per concurrency (`--repeats N`: alternately N times each, the best kept), so load on a shared machine
 hits both alike; each row notes the 1-minute load average.
 
@@ -66,7 +68,23 @@ def summarize(name: str, concurrency: int, wall: float, tokens: int, latencies: 
             "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p99_s": percentile(ttfts, 0.99)}
 
 
-async def run_in_process(checkpoint, prompts, max_tokens) -> dict:
+MIN_REQUESTS = 4  # per row: at 1 stream, 4 requests one after another, so TTFT p50 is not one sample
+
+
+def row_prompts(prompts: list, concurrency: int) -> list:
+    return prompts[:max(concurrency, MIN_REQUESTS)]
+
+
+async def in_streams(one, prompts: list, concurrency: int) -> list:
+    """`one(prompt)` for every prompt, `concurrency` streams at a time, each running its share one after another."""
+    async def stream(share):
+        return [await one(p) for p in share]
+
+    shares = await asyncio.gather(*[stream(prompts[i::concurrency]) for i in range(concurrency)])
+    return [r for share in shares for r in share]
+
+
+async def run_in_process(checkpoint, prompts, max_tokens, concurrency: int) -> dict:
     from seedoss.engine import LLMEngine
     from seedoss.sampling import SamplingParams
 
@@ -82,10 +100,10 @@ async def run_in_process(checkpoint, prompts, max_tokens) -> dict:
 
     await asyncio.gather(*[one(p) for p in prompts[:2]])  # warm-up
     start = time.perf_counter()
-    results = await asyncio.gather(*[one(p) for p in prompts])
+    results = await in_streams(one, prompts, concurrency)
     wall = time.perf_counter() - start
     await engine.shutdown()
-    return summarize("engine, 2 in-process stages", len(prompts), wall, sum(r[2] for r in results),
+    return summarize("engine, 2 in-process stages", concurrency, wall, sum(r[2] for r in results),
                      [r[0] for r in results], [r[1] for r in results])
 
 
@@ -115,13 +133,17 @@ class Relay:
                 **{f"first token: {k}": 1e3 * v / max(self.requests, 1) for k, v in self.first.items()}}
 
 
-async def run_served(url: str, prompts, max_tokens) -> dict:
+async def run_served(url: str, prompts, max_tokens, concurrency: int) -> dict:
     import httpx
 
     relay = Relay()
+    # The served app outlives a run; the in-process engine is new each run: without a fresh salt the served rows
+    # would hit the prefix cache on prompts earlier rows sent, and the in-process rows would not
+    salt = os.urandom(8).hex()
 
     async def one(client, ids, timed):
-        body = {"prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+        body = {"prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                "cache_salt": salt}
         sent, start, first, n = time.time(), time.perf_counter(), None, 0
         async with client.stream("POST", "/v1/generate", json=body) as response:
             response.raise_for_status()
@@ -141,11 +163,11 @@ async def run_served(url: str, prompts, max_tokens) -> dict:
         meter = CpuMeter()
         meter.start()
         start = time.perf_counter()
-        results = await asyncio.gather(*[one(client, p, True) for p in prompts])
+        results = await in_streams(lambda p: one(client, p, True), prompts, concurrency)
         wall = time.perf_counter() - start
         cpu = meter.stop(sum(r[2] for r in results))
         steps = await asyncio.to_thread(step_timing, before)
-    row = summarize("served over HTTP (2 stage deployments)", len(prompts), wall, sum(r[2] for r in results),
+    row = summarize("served over HTTP (2 stage deployments)", concurrency, wall, sum(r[2] for r in results),
                     [r[0] for r in results], [r[1] for r in results])
     busy = {f"stage{k} busy, % of wall time": 100 * steps[f"step: stage{k}_compute"] * steps["steps timed"] / 1e3 / wall
             for k in range(2)}  # how well the micro-batches keep both stages at work
@@ -211,7 +233,7 @@ def lane_stats(app: str = "seedoss") -> list[dict]:
 
 def run_lanes(url: str, prompts, max_tokens, lanes: int) -> dict:
     before = {s["replica"]: s for s in lane_stats()}
-    row = asyncio.run(run_served(url, prompts, max_tokens))
+    row = asyncio.run(run_served(url, prompts, max_tokens, len(prompts)))
     after = lane_stats()
 
     def delta(s, key):
@@ -275,9 +297,9 @@ def main() -> None:
         runs = {"engine": [], "served": []}
         for i in range(args.repeats):
             log(f"in-process engine, {c} concurrent (run {i + 1}/{args.repeats}) …")
-            runs["engine"].append(asyncio.run(run_in_process(checkpoint, prompts[:c], args.max_tokens)))
+            runs["engine"].append(asyncio.run(run_in_process(checkpoint, row_prompts(prompts, c), args.max_tokens, c)))
             log(f"served, {c} concurrent streams (run {i + 1}/{args.repeats}) …")
-            runs["served"].append(asyncio.run(run_served(url, prompts[:c], args.max_tokens)))
+            runs["served"].append(asyncio.run(run_served(url, row_prompts(prompts, c), args.max_tokens, c)))
         local.append(max(runs["engine"], key=lambda r: r["tokens_per_s"]))
         served.append(max(runs["served"], key=lambda r: r["tokens_per_s"]))
     rows = local + served
