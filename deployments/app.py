@@ -29,7 +29,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     stages = [] if not cfg.deploys_stages() else [
         serve.deployment(SeedOssStage, name=f"SeedOssStage{k}").options(**cfg.stage_options(k))
         .bind(cfg.checkpoint, start, end, cfg.dtype, cfg.engine.kv_budget_bytes, cfg.engine.block_size, cfg.device,
-              cfg.timeouts.stage_s, prefill_chunk, cfg.stage_threads)
+              cfg.timeouts.stage_s, prefill_chunk, cfg.stage_threads, cfg.stage_prompt_threads)
         for k, (start, end) in enumerate(ranges)
     ]
     retry, timeouts = cfg.retry.model_dump(), cfg.timeouts.model_dump()

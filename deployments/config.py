@@ -227,6 +227,12 @@ class AppConfig(BaseModel):
         "use every core: 2 on a 2-core box took 1 stream from 0.66-0.71 to 0.74-0.79 of the in-process engine, but "
         "cost the heads' many small batches 17% at 32 clients, where both stages and the gateway compute at once "
         "(bench/RESULTS.md); so the default leaves it to num_cpus")
+    stage_prompt_threads: int | None = Field(
+        2, ge=1, le=1024, description="torch threads a stage replica uses for a prompt step (16 or more new tokens) "
+        "that its lane sent with no other step in flight — at low load, when the other stages idle meanwhile; null "
+        "or not above the replica's threads: never more. A prompt is compute-bound: at 1 stream on a 2-core box it "
+        "cut the TTFT of fresh prompts (bench/RESULTS.md). Steps over Serve calls (`stage_transport: serve`) and the "
+        "heads' forwards keep the replica's threads")
     stage_transport: Literal["direct", "serve"] = Field(
         "direct", description="how generation steps and the heads' forwards reach the stage replicas: direct: TCP "
         "connections of their own, to the replicas Serve names (deployments/step_channel.py); serve: Serve handle "

@@ -183,6 +183,7 @@ class ServePipeline:
         self.direct = DirectSwitch(direct)
         self.num_stages = self.micro_batches = chain.num_stages
         self.timings = StepTimings(self.num_stages)
+        self.in_flight = 0  # steps sent and not yet answered
         self._clients: list[StepClient] = []
         self._resolved_at = float("-inf")  # when Serve last named the lane's replicas
         self.set_lane(lane)
@@ -200,6 +201,13 @@ class ServePipeline:
     async def run(self, tokens, seq_ids, query_lens, context_lens, block_hashes=None):
         step = (seq_ids, query_lens, context_lens, block_hashes)
         retries = self.chain.retry.retries(f"lane {self.lane} step")
+        self.in_flight += 1
+        try:
+            return await self._run(tokens, step, retries)
+        finally:
+            self.in_flight -= 1
+
+    async def _run(self, tokens, step, retries):
         while True:
             sent, marks = self.timings.sent(), None
             try:
@@ -241,7 +249,7 @@ class ServePipeline:
 
     async def _direct_step(self, tokens, *step):
         """One try over the lane's connections → (outputs, the stages' stamps)."""
-        header, x, marks = step_header(*step), tokens, []
+        header, x, marks = step_header(*step, alone=self.in_flight == 1), tokens, []
         for client in await self._step_clients():
             x, stamp = await client.step(x, header, MissingSequenceCache)
             marks.append(StageStamps(*stamp))

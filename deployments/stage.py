@@ -27,10 +27,18 @@ from .timing import StageStamps, now
 from .wire import pack, stamps, unpack
 
 
+# A step with this many new tokens is a prompt (or a chunk of one): compute-bound, so more threads shorten it (a
+# 64-token prompt through 6 layers of the small preset: 70 → 43 ms with 2 threads on 2 cores); a decode step reads
+# weights and gains nothing from a second thread on our 2-core boxes (bench/RESULTS.md).
+PROMPT_STEP_TOKENS = 16
+
+
 class SeedOssStage:
     def __init__(self, checkpoint: str, start: int, end: int, dtype: str, kv_budget_bytes: int, block_size: int,
                  device: str = "auto", forward_timeout_s: float = 60.0, max_batch_tokens: int = 16384,
-                 threads: int | None = None):
+                 threads: int | None = None, prompt_threads: int | None = None):
+        """`prompt_threads`: torch threads for a step of at least PROMPT_STEP_TOKENS new tokens that its lane sent
+        with no other step in flight (`AppConfig.stage_prompt_threads`)."""
         if threads:  # else Ray's OMP_NUM_THREADS from this replica's num_cpus (1 for a fraction), read by torch
             torch.set_num_threads(threads)
         if device == "auto":
@@ -39,6 +47,7 @@ class SeedOssStage:
         self.executor = LocalStageExecutor(functools.partial(load_stage, checkpoint, start, end, dtype=dtype,
                                                              device=device), kv_budget_bytes, block_size)
         self.start, self.end = start, end
+        self.prompt_threads = prompt_threads if prompt_threads and prompt_threads > torch.get_num_threads() else None
         self.forward_timeout_s = forward_timeout_s
         self.prefill_batcher = TokenBatcher(self._prefill_batch, torch.cat, max_batch_tokens=max_batch_tokens,
                                            name=f"stage{start}-{end - 1}")
@@ -55,14 +64,17 @@ class SeedOssStage:
         return (*wire, (*stamps(inputs), StageStamps(*marks, now())))
 
     async def _step(self, x: torch.Tensor, seq_ids, query_lens, context_lens, block_hashes=None,
-                    entered: float | None = None) -> tuple[torch.Tensor, tuple[float, ...]]:
-        """The step's outputs and its first four stamps (entered, unpacked, started, ended)."""
+                    entered: float | None = None, alone: bool = False) -> tuple[torch.Tensor, tuple[float, ...]]:
+        """The step's outputs and its first four stamps (entered, unpacked, started, ended). `alone`: its lane has
+        no other step in flight (at low load the other stages idle meanwhile: a prompt may use their cores)."""
         unpacked, clock = now(), []
-        y = await self.executor.forward(x, seq_ids, query_lens, context_lens, block_hashes=block_hashes, clock=clock)
+        threads = self.prompt_threads if alone and sum(query_lens) >= PROMPT_STEP_TOKENS else None
+        y = await self.executor.forward(x, seq_ids, query_lens, context_lens, block_hashes=block_hashes, clock=clock,
+                                        threads=threads)
         return y, (entered or unpacked, unpacked, clock[0], clock[1])
 
-    async def _channel_step(self, x: torch.Tensor, *step) -> tuple[torch.Tensor, StageStamps]:
-        y, marks = await self._step(x, *step)
+    async def _channel_step(self, x: torch.Tensor, *step, alone: bool = False) -> tuple[torch.Tensor, StageStamps]:
+        y, marks = await self._step(x, *step, alone=alone)
         return y, StageStamps(*marks, now())
 
     async def _channel_prefill(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:

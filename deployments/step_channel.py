@@ -79,8 +79,10 @@ def frame_tensor(header: dict, payload: bytes) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
-def step_header(seq_ids, query_lens, context_lens, block_hashes) -> dict:
+def step_header(seq_ids, query_lens, context_lens, block_hashes, alone: bool = False) -> dict:
+    """`alone`: the lane has no other step in flight (a stage may then give a prompt more threads)."""
     return {"seq_ids": list(seq_ids), "query_lens": list(query_lens), "context_lens": list(context_lens),
+            "alone": alone,
             "block_hashes": None if block_hashes is None else
             [[start, [h.hex() for h in hashes]] for start, hashes in block_hashes]}
 
@@ -91,7 +93,8 @@ def header_step(header: dict) -> tuple:
             None if hashes is None else [(start, [bytes.fromhex(h) for h in hs]) for start, hs in hashes])
 
 
-# A step on the stage side: (inputs, seq_ids, query_lens, context_lens, block_hashes) -> (outputs, its StageStamps)
+# A step on the stage side: (inputs, seq_ids, query_lens, context_lens, block_hashes, alone=) -> (outputs, its
+# StageStamps)
 StepFn = Callable[..., Awaitable[tuple[torch.Tensor, tuple]]]
 
 
@@ -129,7 +132,7 @@ class StepServer:
                     if "lengths" in header:
                         y, reply, kind = await self.prefill(x, header["lengths"]), {}, "prefills"
                     else:
-                        y, stamp = await self.step(x, *header_step(header))
+                        y, stamp = await self.step(x, *header_step(header), alone=header.get("alone", False))
                         reply, kind = {"stamp": list(stamp)}, "steps"
                 except self.missing as e:
                     write_frame(writer, {"missing": e.seq_ids})

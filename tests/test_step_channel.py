@@ -31,7 +31,7 @@ def executor(checkpoint, dtype: str, start: int = 0, end: int | None = None) -> 
 def served(stage: LocalStageExecutor, fail_on: int | None = None, delay_s: float = 0.0) -> StepServer:
     """A StepServer over `stage`; a step whose first token is `fail_on` raises there; each step first waits
     `delay_s`."""
-    async def step(x, seq_ids, query_lens, context_lens, block_hashes):
+    async def step(x, seq_ids, query_lens, context_lens, block_hashes, alone=False):
         await asyncio.sleep(delay_s)
         if fail_on is not None and int(x.flatten()[0]) == fail_on:
             raise ValueError("this step fails here")

@@ -74,13 +74,19 @@ class LocalStageExecutor:
         started = self._forward_started
         return 0.0 if started is None else time.monotonic() - started
 
-    def _forward(self, inputs, seq_ids, query_lens, context_lens, use_cache, block_hashes=None, clock=None):
+    def _forward(self, inputs, seq_ids, query_lens, context_lens, use_cache, block_hashes=None, clock=None,
+                 threads=None):
         self._forward_started = time.monotonic()
         if clock is not None:
             clock.append(time.time())
+        base = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
         try:
             return self._run(inputs, seq_ids, query_lens, context_lens, use_cache, block_hashes)
         finally:
+            if threads:
+                torch.set_num_threads(base)
             self._forward_started = None
             if clock is not None:
                 clock.append(time.time())
@@ -102,13 +108,13 @@ class LocalStageExecutor:
             return self.stage(inputs, batch, self.cache)
 
     async def forward(self, inputs, seq_ids, query_lens, context_lens, use_cache: bool = True, block_hashes=None,
-                      clock: list[float] | None = None):
+                      clock: list[float] | None = None, threads: int | None = None):
         """One step of these sequences through this stage (`use_cache=False`: a cache-less prefill). `clock`, when
         given, gets the wall-clock times the worker thread started and ended the forward (the Serve stage reports
-        them per step: deployments/timing.py)."""
+        them per step: deployments/timing.py); `threads`: torch threads for this forward only."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.worker, self._forward, inputs, seq_ids, query_lens, context_lens,
-                                          use_cache, block_hashes, clock)
+                                          use_cache, block_hashes, clock, threads)
 
     def _free(self, seq_ids):
         for s in seq_ids:
