@@ -79,6 +79,45 @@ def test_steps_over_the_connection_are_the_stage_s_own_numbers(demo_checkpoint, 
     asyncio.run(run())
 
 
+def test_a_prompt_step_sent_alone_runs_on_the_prompt_threads_with_the_same_numbers(demo_checkpoint):
+    """`alone` travels in the step header: a step of 16+ new tokens that its lane sent with no other in flight runs
+    on the stage's `prompt_threads`; a decode step, or a prompt sent beside another step, keeps the replica's one
+    thread; and the outputs are the stage's own either way."""
+    from seedoss.deployments.stage import PROMPT_STEP_TOKENS, SeedOssStage
+
+    before = torch.get_num_threads()
+    layers = SeedOssConfig.from_pretrained(demo_checkpoint).num_hidden_layers
+    stage = SeedOssStage(str(demo_checkpoint), 0, layers, "float32", KV_BYTES, BLOCK, "cpu", threads=1,
+                         prompt_threads=2)
+    local = executor(demo_checkpoint, "float32")
+    seen = []
+    stage.executor.stage.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    prompt = PROMPT_STEP_TOKENS + 4
+    steps = [  # (tokens, seq_ids, query_lens, context_lens, alone, threads the forward should run on)
+        (torch.arange(5, 5 + prompt), ["a"], [prompt], [0], True, 2),
+        (torch.tensor([7]), ["a"], [1], [prompt], True, 1),
+        (torch.arange(9, 9 + prompt), ["b"], [prompt], [0], False, 1),
+        (torch.arange(3, 3 + prompt), ["c"], [prompt], [0], True, 2),
+    ]
+
+    async def run():
+        server = StepServer(stage._channel_step, stage._channel_prefill, MissingSequenceCache)
+        client = StepClient(await server.address("127.0.0.1"), "stage-0")
+        try:
+            for tokens, seq_ids, q, c, alone, threads in steps:
+                got, _ = await client.step(tokens, step_header(seq_ids, q, c, None, alone=alone), MissingSequenceCache)
+                torch.testing.assert_close(got, await local.forward(tokens, seq_ids, q, c))
+                assert seen[-1] == threads, (q, alone, seen)
+        finally:
+            client.close()
+            server.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_block_hashes_travel_as_they_are():
     hashes = [(0, [bytes(range(16)), b"\xff" * 16]), (3, [])]
     assert header_step(step_header(["x", "y"], [33, 1], [0, 40], hashes)) == (["x", "y"], [33, 1], [0, 40], hashes)
