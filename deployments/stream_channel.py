@@ -30,8 +30,9 @@ import asyncio
 import hmac
 import itertools
 import secrets
+import time
 
-from .step_channel import CONNECT_TIMEOUT_S, HELLO_MAX_BYTES, DirectSwitch, read_frame, write_frame
+from .step_channel import CONNECT_TIMEOUT_S, HELLO_MAX_BYTES, SERVE_CALLS_S, DirectSwitch, read_frame, write_frame
 
 
 class StreamUnreachable(ConnectionError):
@@ -150,18 +151,30 @@ class StreamLink:
 
 
 class StreamSender:
-    """A Generation replica's links, one per gateway replica that has asked it for a stream."""
+    """A Generation replica's links, one per gateway replica that has asked it for a stream. A gateway it could not
+    connect to is not tried again for SERVE_CALLS_S (that gateway takes Serve stream items meanwhile): on a network
+    that drops the packets, streams queued behind the first would otherwise each wait out the connect timeout."""
 
     def __init__(self):
         self._links: dict[tuple, StreamLink] = {}
+        self._unreachable: dict[tuple, float] = {}  # gateway → when a connection to it last failed
         self._opening = asyncio.Lock()  # streams that start together share one new link
 
     async def link(self, to: dict) -> StreamLink:
         key = (to["host"], to["port"], to["token"])
+        link = self._links.get(key)
+        if link is not None and not link.closed:
+            return link
         async with self._opening:
             link = self._links.get(key)
             if link is None or link.closed:
-                self._links[key] = link = await StreamLink.open(to)
+                if time.monotonic() - self._unreachable.get(key, float("-inf")) < SERVE_CALLS_S:
+                    raise StreamUnreachable(f"the gateway at {to['host']}:{to['port']} was unreachable just now")
+                try:
+                    self._links[key] = link = await StreamLink.open(to)
+                except StreamUnreachable:
+                    self._unreachable[key] = time.monotonic()
+                    raise
             for other in [k for k, v in self._links.items() if v.closed]:  # gateways that went away
                 del self._links[other]
         return link

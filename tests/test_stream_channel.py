@@ -241,7 +241,14 @@ def test_a_gateway_the_replica_cannot_reach_gets_serve_stream_items_instead():
         handle = Handle(stream, port=refused)
         got = [c async for c in GenerationStream(handle, {}, RetryPolicy(), 10.0, receiver)]
         assert got == chunks(5) and not receiver.direct and handle.replica.relayed == 0
+        to = {**await receiver.address(), "port": refused, "key": "0"}
         with pytest.raises(StreamUnreachable):
-            await Generation.relay(handle.replica, {}, None, {**await receiver.address(), "port": refused, "key": "0"})
+            await Generation.relay(handle.replica, {}, None, to)
+        # Now something listens there; the replica does not try again for a while (no connect timeout per stream)
+        server = await asyncio.start_server(lambda r, w: w.close(), HOST, refused)
+        with pytest.raises(StreamUnreachable, match="just now"):
+            await handle.replica.links.link(to)
+        assert await StreamSender().link(to)  # a replica that has not failed to reach it connects
+        server.close()
 
     run(main())
