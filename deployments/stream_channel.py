@@ -20,6 +20,8 @@ How (`AppConfig.stream_transport: direct`, the default):
 - a Generation replica that cannot connect to the gateway (a network policy that lets only Ray's ports through)
   raises `StreamUnreachable` before it generates anything, and a connection that breaks mid-stream `StreamLinkLost`:
   the gateway then goes on with Serve streams for SERVE_CALLS_S (`DirectSwitch`), resuming after what it received.
+  The receiver knows which streams a connection carried by the chunks it brought: a stream none of whose chunks had
+  arrived when its connection died learns it from its relay (whose next send fails at once), or at the chunk timeout.
 
 Frames are deployments/step_channel.py's (JSON header, no payload): ``{"chunks": [[key, chunk], ...]}``.
 """
