@@ -64,6 +64,21 @@ def write_frame(writer: asyncio.StreamWriter, header: dict, payload: bytes | mem
         writer.write(payload)
 
 
+async def connect(address: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the listener at `address` (host, port, token), the token sent first. Raises OSError or
+    TimeoutError (after CONNECT_TIMEOUT_S)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(address["host"], address["port"]),
+                                            CONNECT_TIMEOUT_S)
+    write_frame(writer, {"token": address["token"]})
+    return reader, writer
+
+
+async def accepted(reader: asyncio.StreamReader, token: str) -> bool:
+    """Whether a new connection's first frame (at most HELLO_MAX_BYTES, no payload) shows `token`."""
+    hello, _ = await read_frame(reader, HELLO_MAX_BYTES, 0)
+    return hmac.compare_digest(str(hello.get("token", "")).encode(), token.encode())
+
+
 def tensor_frame(t: torch.Tensor) -> tuple[dict, memoryview]:
     """A tensor's header fields and its bytes (bfloat16 as its raw 16-bit pattern)."""
     t = t.detach().cpu().contiguous()
@@ -122,8 +137,7 @@ class StepServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         try:
-            hello, _ = await read_frame(reader, HELLO_MAX_BYTES, 0)
-            if not hmac.compare_digest(str(hello.get("token", "")).encode(), self.token.encode()):
+            if not await accepted(reader, self.token):
                 return
             while True:
                 header, payload = await read_frame(reader)
@@ -195,12 +209,9 @@ class StepClient:
 
     async def _connect(self):
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.address["host"], self.address["port"]), CONNECT_TIMEOUT_S)
+            return await connect(self.address)
         except (OSError, TimeoutError) as e:
             raise StageConnectionLost(self.replica, f"cannot connect to stage replica {self.replica}: {e}") from None
-        write_frame(writer, {"token": self.address["token"]})
-        return reader, writer
 
     async def open(self) -> None:
         """One connection, made now (raises StageUnreachable)."""

@@ -29,12 +29,11 @@ Frames are deployments/step_channel.py's (JSON header, no payload): ``{"chunks":
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import secrets
 import time
 
-from .step_channel import CONNECT_TIMEOUT_S, HELLO_MAX_BYTES, SERVE_CALLS_S, DirectSwitch, read_frame, write_frame
+from .step_channel import SERVE_CALLS_S, DirectSwitch, accepted, connect, read_frame, write_frame
 
 
 class StreamUnreachable(ConnectionError):
@@ -75,8 +74,7 @@ class StreamReceiver:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         keys: set[str] = set()  # the streams this connection carried
         try:
-            hello, _ = await read_frame(reader, HELLO_MAX_BYTES, 0)
-            if not hmac.compare_digest(str(hello.get("token", "")).encode(), self.token.encode()):
+            if not await accepted(reader, self.token):
                 return
             while True:
                 header, _ = await read_frame(reader, max_payload=0)
@@ -107,11 +105,9 @@ class StreamLink:
     @classmethod
     async def open(cls, to: dict) -> "StreamLink":
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(to["host"], to["port"]), CONNECT_TIMEOUT_S)
+            return cls(*await connect(to))
         except (OSError, TimeoutError) as e:
             raise StreamUnreachable(f"cannot connect to the gateway at {to['host']}:{to['port']}: {e}") from None
-        write_frame(writer, {"token": to["token"]})
-        return cls(reader, writer)
 
     async def _watch_eof(self) -> None:
         """The gateway sends nothing after the hello: any read ending means it closed the connection or went away."""
