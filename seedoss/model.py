@@ -26,7 +26,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from .config import SeedOssConfig
 from .kv_cache import PagedKVCache
-from .native import paged_decode_attention, rotary_store_kv
+from .native import paged_chunk_attention, paged_decode_attention, rotary_store_kv
 from .rope import RotaryEmbedding, apply_rotary
 
 # The batch size oneDNN lays packed weights out for; it is a tuning hint only (any batch size runs).
@@ -173,6 +173,13 @@ class StepBatch:
                 starts.setdefault(n, []).append(start)
         return [(n, (torch.tensor(s)[:, None] + torch.arange(n)).flatten()) for n, s in starts.items()]
 
+    @functools.cached_property
+    def chunk_runs(self) -> torch.Tensor:
+        """Prompt chunks over a cached context (more than one new token, some cached): [chunks, 4] int64 rows of
+        (first packed token, new tokens, cached tokens, row)."""
+        rows = [(start, n, ctx, row) for row, start, n, ctx in self.runs if n > 1 and ctx > 0]
+        return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 4)
+
     @property
     def last_token_index(self) -> torch.Tensor:
         """Index of each sequence's last new token in the packed layout."""
@@ -224,8 +231,9 @@ class Attention(nn.Module):
             rows, tokens = batch.decode_rows, batch.decode_tokens
             out[tokens] = self._decode(q[tokens].contiguous(), k_cache, v_cache, read[rows], batch.kv_lens[rows])
         self._prompts(out, q, k, v, [(n, rows) for n, rows in batch.prompt_groups if n > 1])  # 1 token: decoded
-        for row, start, n, ctx in batch.runs:
-            if n > 1 and ctx > 0:  # a later chunk of a prompt: over the cached context, then the chunk
+        chunks = batch.chunk_runs  # later chunks of prompts: over the cached context, then the chunk itself
+        if len(chunks) and not paged_chunk_attention(q, k_cache, v_cache, read, chunks, self.head_dim**-0.5, out):
+            for start, n, ctx, row in chunks.tolist():
                 span = slice(start, start + n)
                 keys, values = k_cache[read[row, : ctx + n]], v_cache[read[row, : ctx + n]]
                 out[span] = self._sdpa(q[span], keys, values, causal_lower_right(n, ctx + n))

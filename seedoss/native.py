@@ -1,7 +1,8 @@
 """CPU kernels in C that torch has no op for, compiled on first use and called through ctypes.
 
-`paged_decode_attention` (csrc/paged_attention.c) reads the paged KV cache in place for decode steps;
-`rotary_store_kv` (csrc/fused_layer_ops.c) does a decoder layer's rotary + KV-cache write in one pass; both take
+`paged_decode_attention` (csrc/paged_attention.c) reads the paged KV cache in place for decode steps,
+`paged_chunk_attention` (csrc/chunk_attention.c) for prompt chunks over a cached context;
+`rotary_store_kv` (csrc/fused_layer_ops.c) does a decoder layer's rotary + KV-cache write in one pass; all take
 float32 or bfloat16 tensors (an entry point per type). Every csrc/*.c is built into one shared library with the
 machine's C compiler (`$CC`, else `cc`; -O3 -march=native -fopenmp) in `$SEEDOSS_CACHE/kernels` (default
 ~/.cache/seedoss/kernels) under a name that hashes the sources and headers, the flags and the CPU (model name and
@@ -115,6 +116,7 @@ def library() -> ctypes.CDLL | None:
         ptr, i64, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         for name, restype, argtypes in (
                 ("paged_decode_attention", ctypes.c_int, [ptr] * 6 + [i64] * 5 + [ctypes.c_float, threads]),
+                ("paged_chunk_attention", ctypes.c_int, [ptr] * 6 + [i64] * 5 + [ctypes.c_float, threads]),
                 ("rotary_store_kv", None, [ptr] * 8 + [i64] * 4 + [threads])):
             for typed in (name, name + "_bf16"):
                 getattr(lib, typed).restype, getattr(lib, typed).argtypes = restype, argtypes
@@ -157,6 +159,29 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if failed:
         raise MemoryError("paged_decode_attention: out of memory for the attention scores")
     return out
+
+
+def paged_chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                          runs: torch.Tensor, scale: float, out: torch.Tensor) -> bool:
+    """Attention of prompt chunks over their cached context and themselves (causal, lower right), written into
+    `out`: the chunk of n tokens at packed rows [start, start + n) of sequence row `row`, with `ctx` tokens cached
+    before it, has query i attend to keys 0 .. ctx + i at slots[row] (its own keys already stored there).
+
+    q, out [T, heads, D]; k_cache/v_cache [num_slots, kv_heads, D] (one layer); slots [B, max_kv] int64;
+    runs [chunks, 4] int64 rows of (start, n, ctx, row). False when not covered here (not contiguous float32 or
+    bfloat16 CPU tensors of one dtype, D not a multiple of 16, no native library): then the caller runs its torch
+    path."""
+    kernel = _typed("paged_chunk_attention", q, k_cache, v_cache, out)
+    if kernel is None or q.shape[-1] % 16 or not (slots.dtype == runs.dtype == torch.int64 and slots.is_contiguous()
+                                                   and runs.is_contiguous()):
+        return False
+    heads, dim = q.shape[1], q.shape[2]
+    failed = kernel(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), runs.data_ptr(), out.data_ptr(),
+        runs.shape[0], heads, k_cache.shape[1], dim, slots.shape[1], scale, torch.get_num_threads())
+    if failed:
+        raise MemoryError("paged_chunk_attention: out of memory for its buffers")
+    return True
 
 
 def rotary_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,

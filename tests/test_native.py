@@ -1,6 +1,6 @@
-"""The native kernels: they build here; decode attention equals gather + SDPA on a paged cache, the fused rotary +
-KV write equals apply_rotary + index_copy_ bit for bit, in float32 and in bfloat16; a stage gives the same decode
-outputs with and without them."""
+"""The native kernels: they build here; decode attention equals gather + SDPA on a paged cache, and chunk attention
+gather + masked SDPA; the fused rotary + KV write equals apply_rotary + index_copy_ bit for bit, in float32 and in
+bfloat16; a stage gives the same decode and chunked-prefill outputs with and without them."""
 
 from __future__ import annotations
 
@@ -86,6 +86,75 @@ def test_kernel_declines_what_it_does_not_cover():
     assert native.paged_decode_attention(q, cache, cache, slots.int(), lens, 1.0) is None
 
 
+def _chunk_case(heads, kv_heads, dim, dtype, chunks, seed=0):
+    """A paged cache with scattered slots and `chunks` [(cached tokens, new tokens)] packed one after another:
+    (q, k_cache, v_cache, slots, runs)."""
+    g = torch.Generator().manual_seed(seed)
+    max_kv, num_slots = max(c + n for c, n in chunks), 4096
+    k_cache, v_cache = (torch.randn(num_slots, kv_heads, dim, generator=g).to(dtype) for _ in range(2))
+    slots = torch.stack([torch.randperm(num_slots, generator=g)[:max_kv] for _ in chunks])
+    starts = torch.cumsum(torch.tensor([0] + [n for _, n in chunks]), 0)[:-1].tolist()
+    runs = torch.tensor([(start, n, c, row) for row, (start, (c, n)) in enumerate(zip(starts, chunks))])
+    q = torch.randn(sum(n for _, n in chunks), heads, dim, generator=g).to(dtype)
+    return q, k_cache, v_cache, slots, runs
+
+
+def _chunk_reference(q, k_cache, v_cache, slots, runs):
+    out = torch.zeros(q.shape)
+    for start, n, ctx, row in runs.tolist():
+        keys, values = k_cache[slots[row, : ctx + n]].float(), v_cache[slots[row, : ctx + n]].float()
+        out[start: start + n] = F.scaled_dot_product_attention(
+            q[start: start + n].float().transpose(0, 1)[None], keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None], attn_mask=model_module.causal_lower_right(n, ctx + n),
+            scale=q.shape[-1] ** -0.5, enable_gqa=True)[0].transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(12, 4, 64), (4, 2, 32), (8, 8, 16), (10, 2, 128), (6, 2, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_kernel_equals_gather_and_masked_sdpa(heads, kv_heads, dim, dtype):
+    """Chunks shorter and longer than a tile of query rows, contexts on and off the kernel's 64-key blocks."""
+    if native.library() is None:
+        pytest.skip("native kernels unavailable")
+    q, k_cache, v_cache, slots, runs = _chunk_case(heads, kv_heads, dim, dtype,
+                                                   [(37, 5), (1024, 48), (3, 130), (64, 64), (1, 2)])
+    out = torch.full_like(q, float("nan"))
+    assert native.paged_chunk_attention(q, k_cache, v_cache, slots, runs, dim**-0.5, out)
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8  # bfloat16: computed in float32, rounded once
+    torch.testing.assert_close(out.float(), _chunk_reference(q, k_cache, v_cache, slots, runs),
+                               rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_chunk_row_gets_the_same_numbers_in_any_tile_and_batch(dtype):
+    """A row's arithmetic does not depend on the chunk's length (its tiling), the other chunks or the threads:
+    the first 20 queries of a 300-token chunk packed with another chunk equal a 20-token chunk alone."""
+    if native.library() is None:
+        pytest.skip("native kernels unavailable")
+    q, k_cache, v_cache, slots, runs = _chunk_case(12, 4, 64, dtype, [(100, 300), (500, 7)], seed=3)
+    out = torch.empty_like(q)
+    assert native.paged_chunk_attention(q, k_cache, v_cache, slots, runs, 0.125, out)
+    alone = torch.empty_like(q[:20])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert native.paged_chunk_attention(q[:20].contiguous(), k_cache, v_cache, slots[:1].contiguous(),
+                                            torch.tensor([[0, 20, 100, 0]]), 0.125, alone)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, out[:20])
+
+
+def test_chunk_kernel_declines_what_it_does_not_cover():
+    q, k_cache, v_cache, slots, runs = _chunk_case(4, 2, 16, torch.float32, [(5, 3)])
+    out = torch.empty_like(q)
+    assert not native.paged_chunk_attention(q[..., :8].contiguous(), k_cache[..., :8].contiguous(),
+                                            v_cache[..., :8].contiguous(), slots, runs, 1.0, out[..., :8].contiguous())
+    assert not native.paged_chunk_attention(q.bfloat16(), k_cache, v_cache, slots, runs, 1.0, out)  # mixed dtypes
+    assert not native.paged_chunk_attention(q, k_cache, v_cache, slots.int(), runs, 1.0, out)
+    assert not native.paged_chunk_attention(q.half(), k_cache.half(), v_cache.half(), slots, runs, 1.0, out.half())
+
+
 @pytest.mark.parametrize("tokens,heads,kv_heads,dim", [(1, 12, 4, 64), (37, 8, 2, 32), (5, 4, 4, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rotary_store_equals_rotary_and_index_copy(tokens, heads, kv_heads, dim, dtype):
@@ -138,6 +207,33 @@ def test_stage_decode_is_the_same_with_and_without_the_kernels(demo_checkpoint, 
         torch.testing.assert_close(without, with_kernel, rtol=1e-5, atol=1e-5)
     else:  # torch's attention rounds the softmax weights to bfloat16 before it weighs the values, the kernel keeps
         # them in float32: as in the parity test, allow 4 bfloat16 ulps (2^-7 relative) of the largest value
+        ulp = 2.0**-7 * with_kernel.float().abs().max()
+        assert (without.float() - with_kernel.float()).abs().max() <= 4 * ulp
+
+
+def _chunked_prefill(stage):
+    """Prompts of 40 and 23 tokens, then both continued by chunks of 9 and 30 tokens over their cached context."""
+    cache = stage.new_kv_cache(1 << 20, block_size=4)
+    g = torch.Generator().manual_seed(2)
+    stage(torch.randint(3, 300, (63,), generator=g), StepBatch([0, 1], [40, 23], [0, 0]), cache)
+    return stage(torch.randint(3, 300, (39,), generator=g), StepBatch([0, 1], [9, 30], [40, 23]), cache)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stage_chunked_prefill_is_the_same_with_and_without_the_chunk_kernel(demo_checkpoint, monkeypatch, dtype):
+    if native.library() is None:
+        pytest.skip("native kernels unavailable")
+    stage = load_stage(demo_checkpoint, dtype=dtype)
+    calls = []
+    kernel = model_module.paged_chunk_attention
+    monkeypatch.setattr(model_module, "paged_chunk_attention", lambda *a: calls.append(len(a[4])) or kernel(*a))
+    with_kernel = _chunked_prefill(stage)
+    assert calls == [2] * len(stage.layers)  # both chunks, one call per layer of the second step
+    monkeypatch.setattr(model_module, "paged_chunk_attention", lambda *a: False)
+    without = _chunked_prefill(stage)
+    if dtype == "float32":
+        torch.testing.assert_close(without, with_kernel, rtol=1e-5, atol=1e-5)
+    else:  # as for decode: torch rounds the softmax weights to bfloat16, the kernel does not
         ulp = 2.0**-7 * with_kernel.float().abs().max()
         assert (without.float() - with_kernel.float()).abs().max() <= 4 * ulp
 
