@@ -174,10 +174,10 @@ class StepBatch:
         return [(n, (torch.tensor(s)[:, None] + torch.arange(n)).flatten()) for n, s in starts.items()]
 
     @functools.cached_property
-    def chunk_runs(self) -> torch.Tensor:
-        """Prompt chunks over a cached context (more than one new token, some cached): [chunks, 4] int64 rows of
-        (first packed token, new tokens, cached tokens, row)."""
-        rows = [(start, n, ctx, row) for row, start, n, ctx in self.runs if n > 1 and ctx > 0]
+    def prompt_runs(self) -> torch.Tensor:
+        """Sequences with more than one new token (a prompt, or a later chunk of one over its cached context):
+        [runs, 4] int64 rows of (first packed token, new tokens, cached tokens, row)."""
+        rows = [(start, n, ctx, row) for row, start, n, ctx in self.runs if n > 1]
         return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 4)
 
     @property
@@ -230,13 +230,15 @@ class Attention(nn.Module):
         if len(batch.decode_tokens):
             rows, tokens = batch.decode_rows, batch.decode_tokens
             out[tokens] = self._decode(q[tokens].contiguous(), k_cache, v_cache, read[rows], batch.kv_lens[rows])
-        self._prompts(out, q, k, v, [(n, rows) for n, rows in batch.prompt_groups if n > 1])  # 1 token: decoded
-        chunks = batch.chunk_runs  # later chunks of prompts: over the cached context, then the chunk itself
-        if len(chunks) and not paged_chunk_attention(q, k_cache, v_cache, read, chunks, self.head_dim**-0.5, out):
-            for start, n, ctx, row in chunks.tolist():
-                span = slice(start, start + n)
-                keys, values = k_cache[read[row, : ctx + n]], v_cache[read[row, : ctx + n]]
-                out[span] = self._sdpa(q[span], keys, values, causal_lower_right(n, ctx + n))
+        # prompts and later chunks of them (over the cached context, then themselves), straight from the cache
+        prompts = batch.prompt_runs
+        if len(prompts) and not paged_chunk_attention(q, k_cache, v_cache, read, prompts, self.head_dim**-0.5, out):
+            self._prompts(out, q, k, v, [(n, rows) for n, rows in batch.prompt_groups if n > 1])  # 1 token: decoded
+            for start, n, ctx, row in prompts.tolist():
+                if ctx > 0:
+                    span = slice(start, start + n)
+                    keys, values = k_cache[read[row, : ctx + n]], v_cache[read[row, : ctx + n]]
+                    out[span] = self._sdpa(q[span], keys, values, causal_lower_right(n, ctx + n))
         return self.o_proj(out.view(t, self.n_heads * self.head_dim))
 
     def _prompts(self, out, q, k, v, groups: list[tuple[int, torch.Tensor]]) -> None:

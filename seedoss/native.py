@@ -1,7 +1,7 @@
 """CPU kernels in C that torch has no op for, compiled on first use and called through ctypes.
 
 `paged_decode_attention` (csrc/paged_attention.c) reads the paged KV cache in place for decode steps,
-`paged_chunk_attention` (csrc/chunk_attention.c) for prompt chunks over a cached context;
+`paged_chunk_attention` (csrc/chunk_attention.c) for prompts and chunks of them over a cached context;
 `rotary_store_kv` (csrc/fused_layer_ops.c) does a decoder layer's rotary + KV-cache write in one pass; all take
 float32 or bfloat16 tensors (an entry point per type). Every csrc/*.c is built into one shared library with the
 machine's C compiler (`$CC`, else `cc`; -O3 -march=native -fopenmp) in `$SEEDOSS_CACHE/kernels` (default
@@ -163,12 +163,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                           runs: torch.Tensor, scale: float, out: torch.Tensor) -> bool:
-    """Attention of prompt chunks over their cached context and themselves (causal, lower right), written into
-    `out`: the chunk of n tokens at packed rows [start, start + n) of sequence row `row`, with `ctx` tokens cached
-    before it, has query i attend to keys 0 .. ctx + i at slots[row] (its own keys already stored there).
+    """Attention of prompts and prompt chunks over their cached context and themselves (causal, lower right),
+    written into `out`: the run of n tokens at packed rows [start, start + n) of sequence row `row`, with `ctx`
+    tokens cached before it, has query i attend to keys 0 .. ctx + i at slots[row] (its own keys stored there).
 
     q, out [T, heads, D]; k_cache/v_cache [num_slots, kv_heads, D] (one layer); slots [B, max_kv] int64;
-    runs [chunks, 4] int64 rows of (start, n, ctx, row). False when not covered here (not contiguous float32 or
+    runs [runs, 4] int64 rows of (start, n, ctx, row). False when not covered here (not contiguous float32 or
     bfloat16 CPU tensors of one dtype, D not a multiple of 16, no native library): then the caller runs its torch
     path."""
     kernel = _typed("paged_chunk_attention", q, k_cache, v_cache, out)

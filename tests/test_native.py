@@ -113,11 +113,12 @@ def _chunk_reference(q, k_cache, v_cache, slots, runs):
 @pytest.mark.parametrize("heads,kv_heads,dim", [(12, 4, 64), (4, 2, 32), (8, 8, 16), (10, 2, 128), (6, 2, 48)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunk_kernel_equals_gather_and_masked_sdpa(heads, kv_heads, dim, dtype):
-    """Chunks shorter and longer than a tile of query rows, contexts on and off the kernel's 64-key blocks."""
+    """Chunks shorter and longer than a tile of query rows, contexts on and off the kernel's 64-key blocks, and a
+    whole prompt (nothing cached before it)."""
     if native.library() is None:
         pytest.skip("native kernels unavailable")
     q, k_cache, v_cache, slots, runs = _chunk_case(heads, kv_heads, dim, dtype,
-                                                   [(37, 5), (1024, 48), (3, 130), (64, 64), (1, 2)])
+                                                   [(37, 5), (1024, 48), (3, 130), (64, 64), (1, 2), (0, 70)])
     out = torch.full_like(q, float("nan"))
     assert native.paged_chunk_attention(q, k_cache, v_cache, slots, runs, dim**-0.5, out)
     tolerance = 1e-5 if dtype == torch.float32 else 2**-8  # bfloat16: computed in float32, rounded once
@@ -228,7 +229,7 @@ def test_stage_chunked_prefill_is_the_same_with_and_without_the_chunk_kernel(dem
     kernel = model_module.paged_chunk_attention
     monkeypatch.setattr(model_module, "paged_chunk_attention", lambda *a: calls.append(len(a[4])) or kernel(*a))
     with_kernel = _chunked_prefill(stage)
-    assert calls == [2] * len(stage.layers)  # both chunks, one call per layer of the second step
+    assert calls == [2] * 2 * len(stage.layers)  # both prompts, then both chunks: one call per layer and step
     monkeypatch.setattr(model_module, "paged_chunk_attention", lambda *a: False)
     without = _chunked_prefill(stage)
     if dtype == "float32":

@@ -1,14 +1,13 @@
-/* Attention of prompt chunks over their cached context, straight out of the paged KV cache (float32 or bfloat16,
- * CPU).
+/* Attention of prompts and prompt chunks straight out of the paged KV cache (float32 or bfloat16, CPU).
  *
- * A chunk is n > 1 new tokens of one sequence whose first `ctx` tokens are already cached (a prompt continued after
- * a prefix-cache hit, or a long prompt split over steps). Its query i sits at position ctx + i and attends to keys
- * 0 .. ctx + i (causal, lower right); the chunk's own keys were written to the cache by `rotary_store_kv` before
- * this runs. In torch this was a gather of the whole context per chunk and layer (`k_cache[slots]`) plus a masked
- * SDPA call: 32 requests sharing a 1,024-token system prompt spent a third of each prefill step there
- * (bench/RESULTS.md).
+ * A run is n > 1 new tokens of one sequence whose first `ctx` tokens are already cached: a whole prompt (ctx 0),
+ * a prompt continued after a prefix-cache hit, or a later chunk of a long prompt split over steps. Its query i sits
+ * at position ctx + i and attends to keys 0 .. ctx + i (causal, lower right); the run's own keys were written to the
+ * cache by `rotary_store_kv` before this runs. In torch a chunk was a gather of its whole context per layer
+ * (`k_cache[slots]`) plus a masked SDPA call: 32 requests sharing a 1,024-token system prompt spent a third of each
+ * prefill step there (bench/RESULTS.md); whole prompts took torch's causal flash kernel, 1.6x slower at 512 tokens.
  *
- * Flash-attention style, one task per (chunk, kv head, tile of query positions): the tile's rows are its positions
+ * Flash-attention style, one task per (run, kv head, tile of query positions): the tile's rows are its positions
  * x the query heads that share the kv head (grouped-query attention), so each block of KB keys is read from the
  * cache once per tile and used by all of them. Per block: the keys are gathered transposed (key index fastest)
  * and the values row by row into small buffers, scores are a register-tiled product of 4 rows x KB keys, then an
@@ -17,7 +16,9 @@
  * them, pairs of AVX2 registers elsewhere (the library is built with -march=native). Tasks are spread over OpenMP
  * threads (the libgomp torch already loaded). Arithmetic is float32 throughout (bfloat16 is read into float32 and
  * only the output rounded), so results match torch's SDPA within float rounding, not bit for bit: the scale is
- * folded into the query, and sums run in a different order.
+ * folded into the query, and sums run in a different order. A row's arithmetic depends only on its own position
+ * and context (key blocks start at key 0 whatever the tiling; blocks past its position add exact zeros), so its
+ * result does not depend on the other runs of the step, the tiling or the thread count.
  */
 #include <math.h>
 #include <stdint.h>
@@ -92,7 +93,7 @@ static inline __attribute__((always_inline)) void values4(const float *p, const 
 /* Element i of a cache row of float32 (bf16 = 0) or bfloat16 (bf16 = 1); `bf16` is a literal wherever it is used. */
 #define LOAD(row, i) (bf16 ? bf16_to_f32(((const uint16_t *)(row))[i]) : ((const float *)(row))[i])
 
-/* One task: query positions [i0, i1) of the chunk that starts at packed token `start`, over kv head `kvh`.
+/* One task: query positions [i0, i1) of the run that starts at packed token `start`, over kv head `kvh`.
  * Always inlined into the typed entry points (see paged_attention.c: a captured `bf16` kept loops from
  * vectorizing). */
 static inline __attribute__((always_inline)) int chunk_task(
@@ -181,14 +182,14 @@ static inline __attribute__((always_inline)) int chunk_task(
     return 0;
 }
 
-/* Tasks of chunk c: kv_heads x tiles, a tile of ceil(n / tiles) positions, tiles = ceil(n * group / TILE_ROWS). */
+/* Tasks of run c: kv_heads x tiles, a tile of ceil(n / tiles) positions, tiles = ceil(n * group / TILE_ROWS). */
 static int64_t tiles_of(int64_t n, int64_t group) {
     const int64_t t = (n * group + TILE_ROWS - 1) / TILE_ROWS;
     return t < 1 ? 1 : t;
 }
 
-/* runs [num_runs, 4] int64: (first packed token, new tokens n, cached tokens ctx, row of `slots`) per chunk;
- * q, out [tokens, heads, head_dim] (only the chunks' rows of `out` are written); k_cache / v_cache [num_slots,
+/* runs [num_runs, 4] int64: (first packed token, new tokens n, cached tokens ctx, row of `slots`) per run;
+ * q, out [tokens, heads, head_dim] (only the runs' rows of `out` are written); k_cache / v_cache [num_slots,
  * kv_heads, head_dim] (one layer); slots [rows, max_kv] int64 flat cache slots of each sequence's positions.
  * head_dim must be a multiple of 16. Returns nonzero when out of memory. */
 #define ENTRY(name, T, bf16)                                                                                        \
