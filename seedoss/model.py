@@ -26,7 +26,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from .config import SeedOssConfig
 from .kv_cache import PagedKVCache
-from .native import paged_chunk_attention, paged_decode_attention, rotary_store_kv
+from .native import paged_chunk_attention, paged_decode_attention, rms_norm, rotary_store_kv, silu_and_mul
 from .rope import RotaryEmbedding, apply_rotary
 
 # The batch size oneDNN lays packed weights out for; it is a tuning hint only (any batch size runs).
@@ -108,7 +108,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # torch's fused op: one pass instead of five, bit-identical in float32
+        out = rms_norm(x, self.weight, self.eps)  # one native pass (seedoss/csrc/fused_layer_ops.c)
+        return self._torch(x) if out is None else out
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, this norm of it): a decoder layer's residual add and the norm after it, one pass."""
+        fused = rms_norm(x, self.weight, self.eps, residual)
+        if fused is None:
+            x = x + residual
+            return x, self._torch(x)
+        return fused
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # torch's op, bit-identical to the reference's in float32
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()  # the reference numerics (DESIGN §2): normalize in float32, scale in the activation dtype
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -124,8 +136,12 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        h = silu_and_mul(gate_up)  # one native pass, else torch's two ops
+        if h is None:
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            h = F.silu(gate) * up
+        return self.down_proj(h)
 
 
 @dataclass
@@ -283,8 +299,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, batch, kv):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add(x, self.self_attn(self.input_layernorm(x), cos, sin, batch, kv))
+        return x + self.mlp(h)
 
 
 class Stage(nn.Module):

@@ -2,7 +2,8 @@
 
 `paged_decode_attention` (csrc/paged_attention.c) reads the paged KV cache in place for decode steps,
 `paged_chunk_attention` (csrc/chunk_attention.c) for prompts and chunks of them over a cached context;
-`rotary_store_kv` (csrc/fused_layer_ops.c) does a decoder layer's rotary + KV-cache write in one pass; all take
+`rotary_store_kv` (csrc/fused_layer_ops.c) does a decoder layer's rotary + KV-cache write in one pass, `rms_norm`
+(optionally after the residual add) and `silu_and_mul` the layer's other elementwise chains; all take
 float32 or bfloat16 tensors (an entry point per type). Every csrc/*.c is built into one shared library with the
 machine's C compiler (`$CC`, else `cc`; -O3 -march=native -fopenmp) in `$SEEDOSS_CACHE/kernels` (default
 ~/.cache/seedoss/kernels) under a name that hashes the sources and headers, the flags and the CPU (model name and
@@ -117,7 +118,9 @@ def library() -> ctypes.CDLL | None:
         for name, restype, argtypes in (
                 ("paged_decode_attention", ctypes.c_int, [ptr] * 6 + [i64] * 5 + [ctypes.c_float, threads]),
                 ("paged_chunk_attention", ctypes.c_int, [ptr] * 6 + [i64] * 5 + [ctypes.c_float, threads]),
-                ("rotary_store_kv", None, [ptr] * 8 + [i64] * 4 + [threads])):
+                ("rotary_store_kv", None, [ptr] * 8 + [i64] * 4 + [threads]),
+                ("rms_norm", None, [ptr] * 5 + [i64] * 2 + [ctypes.c_float, threads]),
+                ("silu_and_mul", None, [ptr] * 2 + [i64] * 2 + [threads])):
             for typed in (name, name + "_bf16"):
                 getattr(lib, typed).restype, getattr(lib, typed).argtypes = restype, argtypes
         _lib = lib
@@ -200,3 +203,30 @@ def rotary_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_c
            v_cache.data_ptr(), write.data_ptr(), tokens, heads, kv_heads, dim, torch.get_num_threads())
     return q, k
 
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """`weight * rms_norm(x)` over the last dim; with `residual`, the residual add first: (x + residual, weight *
+    rms_norm(x + residual)), one pass. None when not covered here (not contiguous float32 or bfloat16 CPU tensors of
+    one dtype, no native library): then the caller runs its torch path."""
+    kernel = _typed("rms_norm", *((x, weight) if residual is None else (x, residual, weight)))
+    if kernel is None or (residual is not None and residual.shape != x.shape):
+        return None
+    out, summed = torch.empty_like(x), None if residual is None else torch.empty_like(x)
+    dim = x.shape[-1]
+    kernel(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+           None if summed is None else summed.data_ptr(), out.data_ptr(), x.numel() // max(dim, 1), dim, eps,
+           torch.get_num_threads())
+    return out if summed is None else (summed, out)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """`silu(gate) * up` for gate_up [..., 2 * inter] (gate ; up) → [..., inter], one pass; None when not covered
+    here (then the caller runs its torch path)."""
+    kernel = _typed("silu_and_mul", gate_up)
+    if kernel is None:
+        return None
+    inter = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], inter)
+    kernel(gate_up.data_ptr(), out.data_ptr(), out.numel() // max(inter, 1), inter, torch.get_num_threads())
+    return out

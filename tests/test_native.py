@@ -1,6 +1,7 @@
 """The native kernels: they build here; decode attention equals gather + SDPA on a paged cache, and chunk attention
-gather + masked SDPA; the fused rotary + KV write equals apply_rotary + index_copy_ bit for bit, in float32 and in
-bfloat16; a stage gives the same decode and chunked-prefill outputs with and without them."""
+gather + masked SDPA; the fused rotary + KV write equals apply_rotary + index_copy_ bit for bit, RMSNorm and
+SiLU * up torch's ops within float rounding, in float32 and in bfloat16; a stage gives the same decode and
+chunked-prefill outputs with and without them."""
 
 from __future__ import annotations
 
@@ -178,6 +179,51 @@ def test_fused_rotary_store_equals_rotary_and_index_copy(tokens, heads, kv_heads
     assert native.rotary_store_kv(qkv.float(), cos.double(), sin, k_cache.float(), v_cache.float(), write) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_silu_and_mul_equal_the_torch_ops(dtype):
+    """The reference's arithmetic (DESIGN §2) up to the order of the sum of squares and the exp: float32 within
+    float rounding; bfloat16 within one bfloat16 rounding of torch's ops; the residual sum exact."""
+    if native.library() is None:
+        pytest.skip("native kernels unavailable")
+    g = torch.Generator().manual_seed(5)
+    x, residual = ((torch.randn(37, 768, generator=g) * 3).to(dtype) for _ in range(2))
+    weight = torch.randn(768, generator=g).to(dtype)
+    h = (x + residual).float()
+    reference = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    summed, normed = native.rms_norm(x, weight, 1e-6, residual)
+    assert torch.equal(summed, x + residual)
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(normed.float(), reference.float(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(native.rms_norm(summed, weight, 1e-6).float(), normed.float(), rtol=0, atol=0)
+    gate_up = (torch.randn(37, 2 * 300, generator=g) * 6).to(dtype)  # silu's tails on both sides
+    gate, up = gate_up.split(300, dim=-1)
+    torch.testing.assert_close(native.silu_and_mul(gate_up).float(), (F.silu(gate) * up).float(), rtol=tolerance,
+                               atol=tolerance)
+
+
+def test_rms_norm_and_silu_and_mul_give_a_row_the_same_numbers_alone_and_in_a_batch():
+    """Rows are independent and computed alike whatever their count (the heads' results must not depend on the
+    batch a request lands in), also where a large batch spreads rows over threads."""
+    if native.library() is None:
+        pytest.skip("native kernels unavailable")
+    g = torch.Generator().manual_seed(6)
+    x, residual = torch.randn(300, 768, generator=g), torch.randn(300, 768, generator=g)
+    weight, gate_up = torch.randn(768, generator=g), torch.randn(300, 4096, generator=g)
+    summed, normed = native.rms_norm(x, weight, 1e-6, residual)
+    alone = native.rms_norm(x[7:8].contiguous(), weight, 1e-6, residual[7:8].contiguous())
+    assert torch.equal(alone[0], summed[7:8]) and torch.equal(alone[1], normed[7:8])
+    assert torch.equal(native.silu_and_mul(gate_up[7:8].contiguous()), native.silu_and_mul(gate_up)[7:8])
+
+
+def test_norm_and_silu_kernels_decline_what_they_do_not_cover():
+    x, weight = torch.randn(3, 16), torch.randn(16)
+    assert native.rms_norm(x.half(), weight.half(), 1e-6) is None
+    assert native.rms_norm(x, weight.bfloat16(), 1e-6) is None  # mixed dtypes
+    assert native.rms_norm(x, weight, 1e-6, torch.randn(3, 8)) is None  # residual of another shape
+    assert native.rms_norm(x.t(), torch.randn(3), 1e-6) is None  # not contiguous
+    assert native.silu_and_mul(x.half()) is None
+
+
 def _decode(stage, steps=6):
     cache = stage.new_kv_cache(1 << 20, block_size=4)
     g = torch.Generator().manual_seed(1)
@@ -201,7 +247,7 @@ def test_stage_decode_is_the_same_with_and_without_the_kernels(demo_checkpoint, 
     with_kernel = _decode(stage)
     # every layer of every decode step used it, and of the prompt step too (for its 1-token prompt)
     assert len(calls) == 7 * len(stage.layers)
-    for name in ("paged_decode_attention", "rotary_store_kv"):
+    for name in ("paged_decode_attention", "rotary_store_kv", "rms_norm", "silu_and_mul"):
         monkeypatch.setattr(model_module, name, lambda *a: None)
     without = _decode(stage)
     if dtype == "float32":
