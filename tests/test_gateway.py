@@ -104,13 +104,19 @@ def test_overload_gets_429_with_retry_after_not_timeouts(server):
         assert c.post("/v1/classify", json={"inputs": "still serving"}).status_code == 200
 
 
-def _scrape(url: str, names: list[str], deadline_s: float = 60, needles: tuple[str, ...] = ()) -> str:
-    """The metrics text once every name and needle is in it (Ray exports every few seconds: series recorded by
-    earlier tests can be there while this test's are not yet), or at the deadline."""
+def _series(text: str, metric: str, *labels: str) -> list[str]:
+    """The lines of `metric` that carry every one of `labels` (e.g. 'status="400"')."""
+    return [line for line in text.splitlines() if line.startswith(metric) and all(x in line for x in labels)]
+
+
+def _scrape(url: str, names: list[str], series: tuple[tuple[str, ...], ...] = (), deadline_s: float = 60) -> str:
+    """The metrics text once every name is in it and every `series` (metric, *labels) has a line, or at the deadline
+    (Ray exports every few seconds: series recorded by earlier tests can be there while this test's are not yet, so
+    wait for the exact series, not for one of its labels)."""
     end = time.monotonic() + deadline_s
     while True:
         text = httpx.get(url, timeout=10).text
-        if all(n in text for n in (*names, *needles)) or time.monotonic() > end:
+        if all(n in text for n in names) and all(_series(text, *s) for s in series) or time.monotonic() > end:
             return text
         time.sleep(2)
 
@@ -128,15 +134,14 @@ def test_prometheus_metrics(server):
              "ray_seedoss_prefix_cache_queries_total", "ray_seedoss_batch_sequences_bucket",
              "ray_seedoss_batch_tokens_bucket"]
     batchers = ('batcher="tag"', 'batcher="stage0-1"', 'batcher="stage2-3"')  # the head's and each stage's prefill
-    text = _scrape(server.metrics, names, needles=('route="/v1/answer"', 'task="tag"', *batchers))
+    answered = ("ray_seedoss_requests_total", 'route="/v1/answer"', 'status="400"')
+    tagged = ("ray_seedoss_head_requests_total", 'task="tag"', 'outcome="ok"')
+    batched = tuple(("ray_seedoss_batch_sequences_count", b) for b in batchers)
+    text = _scrape(server.metrics, names, series=(answered, tagged, *batched))
     missing = [n for n in names if n not in text]
     assert not missing, missing
-    lines = [line for line in text.splitlines() if line.startswith("ray_seedoss_requests_total")]
-    assert any('route="/v1/answer"' in line and 'status="400"' in line for line in lines)
-    assert any('task="tag"' in line and 'outcome="ok"' in line for line in text.splitlines()
-               if line.startswith("ray_seedoss_head_requests_total"))
-    sizes = [line for line in text.splitlines() if line.startswith("ray_seedoss_batch_sequences_count")]
-    assert all(any(b in line for line in sizes) for b in batchers), sizes
+    assert _series(text, *answered) and _series(text, *tagged)
+    assert all(_series(text, *b) for b in batched), _series(text, "ray_seedoss_batch_sequences_count")
 
 
 def _replicas(deployment: str) -> int:

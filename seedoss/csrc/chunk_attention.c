@@ -188,32 +188,58 @@ static int64_t tiles_of(int64_t n, int64_t group) {
     return t < 1 ? 1 : t;
 }
 
+struct task {
+    int64_t run, kv_head, i0, i1; /* query positions [i0, i1) of `run` over `kv_head` */
+};
+
+static int64_t count_tasks(const int64_t *runs, int64_t num_runs, int64_t group, int64_t kv_heads) {
+    int64_t tasks = 0;
+    for (int64_t c = 0; c < num_runs; c++) tasks += kv_heads * tiles_of(runs[c * 4 + 1], group);
+    return tasks;
+}
+
+static struct task task_of(int64_t t, const int64_t *runs, int64_t group, int64_t kv_heads) {
+    int64_t c = 0;
+    for (int64_t size; t >= (size = kv_heads * tiles_of(runs[c * 4 + 1], group)); c++) t -= size;
+    const int64_t n = runs[c * 4 + 1], tiles = tiles_of(n, group), per = (n + tiles - 1) / tiles;
+    const int64_t i0 = t % tiles * per;
+    return (struct task){c, t / tiles, i0, i0 + per < n ? i0 + per : n};
+}
+
 /* runs [num_runs, 4] int64: (first packed token, new tokens n, cached tokens ctx, row of `slots`) per run;
  * q, out [tokens, heads, head_dim] (only the runs' rows of `out` are written); k_cache / v_cache [num_slots,
  * kv_heads, head_dim] (one layer); slots [rows, max_kv] int64 flat cache slots of each sequence's positions.
- * head_dim must be a multiple of 16. Returns nonzero when out of memory. */
-#define ENTRY(name, T, bf16)                                                                                        \
-    int name(const T *q, const T *k_cache, const T *v_cache, const int64_t *slots, const int64_t *runs, T *out,      \
-             int64_t num_runs, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_kv, float scale,     \
-             int num_threads) {                                                                                     \
-        const int64_t group = heads / kv_heads;                                                                     \
-        int64_t tasks = 0;                                                                                          \
-        for (int64_t c = 0; c < num_runs; c++) tasks += kv_heads * tiles_of(runs[c * 4 + 1], group);               \
-        int failed = 0;                                                                                             \
-        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(| : failed)")              \
-        for (int64_t t = 0; t < tasks; t++) {                                                                       \
-            int64_t c = 0, first = 0;                                                                               \
-            while (first + kv_heads * tiles_of(runs[c * 4 + 1], group) <= t)                                        \
-                first += kv_heads * tiles_of(runs[c * 4 + 1], group), c++;                                          \
-            const int64_t n = runs[c * 4 + 1], tiles = tiles_of(n, group), per = (n + tiles - 1) / tiles;           \
-            const int64_t kvh = (t - first) / tiles, i0 = (t - first) % tiles * per;                               \
-            const int64_t i1 = i0 + per < n ? i0 + per : n;                                                         \
-            if (i0 < i1)                                                                                            \
-                failed |= chunk_task(runs[c * 4], runs[c * 4 + 2], slots + runs[c * 4 + 3] * max_kv, kvh, i0, i1,   \
-                                     q, k_cache, v_cache, out, heads, kv_heads, head_dim, scale, bf16);             \
-        }                                                                                                           \
-        return failed;                                                                                              \
+ * head_dim must be a multiple of 16. Returns nonzero when out of memory. The task loop is written out in both entry
+ * points so that `bf16` is a literal inside it. */
+int paged_chunk_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *slots,
+                          const int64_t *runs, float *out, int64_t num_runs, int64_t heads, int64_t kv_heads,
+                          int64_t head_dim, int64_t max_kv, float scale, int num_threads) {
+    const int64_t group = heads / kv_heads, tasks = count_tasks(runs, num_runs, group, kv_heads);
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(| : failed)
+    for (int64_t t = 0; t < tasks; t++) {
+        const struct task k = task_of(t, runs, group, kv_heads);
+        const int64_t *run = runs + k.run * 4;
+        if (k.i0 < k.i1)
+            failed |= chunk_task(run[0], run[2], slots + run[3] * max_kv, k.kv_head, k.i0, k.i1, q, k_cache, v_cache,
+                                 out, heads, kv_heads, head_dim, scale, 0);
     }
+    return failed;
+}
 
-ENTRY(paged_chunk_attention, float, 0)
-ENTRY(paged_chunk_attention_bf16, uint16_t, 1)
+int paged_chunk_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                               const int64_t *slots, const int64_t *runs, uint16_t *out, int64_t num_runs,
+                               int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_kv, float scale,
+                               int num_threads) {
+    const int64_t group = heads / kv_heads, tasks = count_tasks(runs, num_runs, group, kv_heads);
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(| : failed)
+    for (int64_t t = 0; t < tasks; t++) {
+        const struct task k = task_of(t, runs, group, kv_heads);
+        const int64_t *run = runs + k.run * 4;
+        if (k.i0 < k.i1)
+            failed |= chunk_task(run[0], run[2], slots + run[3] * max_kv, k.kv_head, k.i0, k.i1, q, k_cache, v_cache,
+                                 out, heads, kv_heads, head_dim, scale, 1);
+    }
+    return failed;
+}

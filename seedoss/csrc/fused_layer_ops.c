@@ -84,63 +84,62 @@ NO_FMA void rotary_store_kv_bf16(const uint16_t *qkv, const uint16_t *cos, const
 #define LOAD(p, i) (bf16 ? bf16_to_f32(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
 #define STORE(p, i, v) (bf16 ? (void)(((uint16_t *)(p))[i] = f32_to_bf16(v)) : (void)(((float *)(p))[i] = (v)))
 
-/* rows x dim: out = weight * rms_norm(x) (residual_out == NULL), or residual_out = x + residual and out = weight *
- * rms_norm(residual_out) (the residual add of a decoder layer and the next norm in one pass). bfloat16 as the
- * reference model does it: the sum rounded, normalized in float32, rounded, then times the weight and rounded. */
-static inline __attribute__((always_inline)) NO_FMA void add_rms_norm(
-    const void *x, const void *residual, const void *weight, void *residual_out, void *out, int64_t rows,
-    int64_t dim, float eps, int num_threads, const int bf16) {
-#pragma omp parallel for num_threads(num_threads) if (rows * dim >= 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t o = r * dim;
-        const void *h = x;
-        if (residual_out != NULL) {
-            for (int64_t i = 0; i < dim; i++) STORE(residual_out, o + i, LOAD(x, o + i) + LOAD(residual, o + i));
-            h = residual_out;
-        }
-        float squares = 0.f;
+/* Row `o / dim` of rows x dim: out = weight * rms_norm(x) (residual_out == NULL), or residual_out = x + residual and
+ * out = weight * rms_norm(residual_out) (the residual add of a decoder layer and the next norm in one pass).
+ * bfloat16 as the reference model does it: the sum rounded, normalized in float32, rounded, then times the weight
+ * and rounded. Inlined into the typed entry points' OpenMP loops, so `bf16` is a literal there (paged_attention.c
+ * says why). */
+static inline __attribute__((always_inline)) NO_FMA void add_rms_norm_row(
+    const void *x, const void *residual, const void *weight, void *residual_out, void *out, int64_t o, int64_t dim,
+    float eps, const int bf16) {
+    const void *h = x;
+    if (residual_out != NULL) {
+        for (int64_t i = 0; i < dim; i++) STORE(residual_out, o + i, LOAD(x, o + i) + LOAD(residual, o + i));
+        h = residual_out;
+    }
+    float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
-        for (int64_t i = 0; i < dim; i++) squares += LOAD(h, o + i) * LOAD(h, o + i);
-        const float inv = 1.f / sqrtf(squares / (float)dim + eps);
-        for (int64_t i = 0; i < dim; i++) {
-            const float normed = LOAD(h, o + i) * inv;
-            STORE(out, o + i, LOAD(weight, i) * (bf16 ? round_bf16(normed) : normed));
-        }
+    for (int64_t i = 0; i < dim; i++) squares += LOAD(h, o + i) * LOAD(h, o + i);
+    const float inv = 1.f / sqrtf(squares / (float)dim + eps);
+    for (int64_t i = 0; i < dim; i++) {
+        const float normed = LOAD(h, o + i) * inv;
+        STORE(out, o + i, LOAD(weight, i) * (bf16 ? round_bf16(normed) : normed));
     }
 }
 
-void rms_norm(const float *x, const float *residual, const float *weight, float *residual_out, float *out,
-              int64_t rows, int64_t dim, float eps, int num_threads) {
-    add_rms_norm(x, residual, weight, residual_out, out, rows, dim, eps, num_threads, 0);
+NO_FMA void rms_norm(const float *x, const float *residual, const float *weight, float *residual_out, float *out,
+                     int64_t rows, int64_t dim, float eps, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows * dim >= 65536)
+    for (int64_t r = 0; r < rows; r++) add_rms_norm_row(x, residual, weight, residual_out, out, r * dim, dim, eps, 0);
 }
 
-void rms_norm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *weight, uint16_t *residual_out,
-                   uint16_t *out, int64_t rows, int64_t dim, float eps, int num_threads) {
-    add_rms_norm(x, residual, weight, residual_out, out, rows, dim, eps, num_threads, 1);
+NO_FMA void rms_norm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *weight, uint16_t *residual_out,
+                          uint16_t *out, int64_t rows, int64_t dim, float eps, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows * dim >= 65536)
+    for (int64_t r = 0; r < rows; r++) add_rms_norm_row(x, residual, weight, residual_out, out, r * dim, dim, eps, 1);
 }
 
-/* gate_up [rows, 2 * inter] (gate ; up) -> out [rows, inter] = silu(gate) * up, silu(g) = g / (1 + exp(-g)) written
- * with exp of a non-positive argument only (g * e / (1 + e), e = exp(g), for g < 0), so nothing overflows. */
-static inline __attribute__((always_inline)) NO_FMA void silu_mul(const void *gate_up, void *out, int64_t rows,
-                                                                  int64_t inter, int num_threads, const int bf16) {
-#pragma omp parallel for num_threads(num_threads) if (rows * inter >= 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t in = r * 2 * inter, o = r * inter;
+/* Row r of gate_up [rows, 2 * inter] (gate ; up) -> out [rows, inter] = silu(gate) * up, silu(g) = g / (1 + exp(-g))
+ * written with exp of a non-positive argument only (g * e / (1 + e), e = exp(g), for g < 0), so nothing overflows. */
+static inline __attribute__((always_inline)) NO_FMA void silu_mul_row(const void *gate_up, void *out, int64_t r,
+                                                                      int64_t inter, const int bf16) {
+    const int64_t in = r * 2 * inter, o = r * inter;
 #pragma omp simd
-        for (int64_t i = 0; i < inter; i++) {
-            const float g = LOAD(gate_up, in + i);
-            const float e = exp_nonpositive(g < 0.f ? g : -g);
-            float s = (g < 0.f ? g * e : g) / (1.f + e);
-            if (bf16) s = round_bf16(s);
-            STORE(out, o + i, s * LOAD(gate_up, in + inter + i));
-        }
+    for (int64_t i = 0; i < inter; i++) {
+        const float g = LOAD(gate_up, in + i);
+        const float e = exp_nonpositive(g < 0.f ? g : -g);
+        float s = (g < 0.f ? g * e : g) / (1.f + e);
+        if (bf16) s = round_bf16(s);
+        STORE(out, o + i, s * LOAD(gate_up, in + inter + i));
     }
 }
 
-void silu_and_mul(const float *gate_up, float *out, int64_t rows, int64_t inter, int num_threads) {
-    silu_mul(gate_up, out, rows, inter, num_threads, 0);
+NO_FMA void silu_and_mul(const float *gate_up, float *out, int64_t rows, int64_t inter, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows * inter >= 65536)
+    for (int64_t r = 0; r < rows; r++) silu_mul_row(gate_up, out, r, inter, 0);
 }
 
-void silu_and_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inter, int num_threads) {
-    silu_mul(gate_up, out, rows, inter, num_threads, 1);
+NO_FMA void silu_and_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inter, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows * inter >= 65536)
+    for (int64_t r = 0; r < rows; r++) silu_mul_row(gate_up, out, r, inter, 1);
 }
