@@ -249,10 +249,13 @@ def test_stage_decode_is_the_same_with_and_without_the_kernels(demo_checkpoint, 
     assert len(calls) == 7 * len(stage.layers)
     for name in ("paged_decode_attention", "rotary_store_kv", "rms_norm", "silu_and_mul"):
         monkeypatch.setattr(model_module, name, lambda *a: None)
-    without = _decode(stage)
-    if dtype == "float32":
+    _assert_same_within_rounding(_decode(stage), with_kernel)
+
+
+def _assert_same_within_rounding(without: torch.Tensor, with_kernel: torch.Tensor) -> None:
+    if with_kernel.dtype == torch.float32:
         torch.testing.assert_close(without, with_kernel, rtol=1e-5, atol=1e-5)
-    else:  # torch's attention rounds the softmax weights to bfloat16 before it weighs the values, the kernel keeps
+    else:  # torch's attention rounds the softmax weights to bfloat16 before it weighs the values, the kernels keep
         # them in float32: as in the parity test, allow 4 bfloat16 ulps (2^-7 relative) of the largest value
         ulp = 2.0**-7 * with_kernel.float().abs().max()
         assert (without.float() - with_kernel.float()).abs().max() <= 4 * ulp
@@ -277,12 +280,7 @@ def test_stage_chunked_prefill_is_the_same_with_and_without_the_chunk_kernel(dem
     with_kernel = _chunked_prefill(stage)
     assert calls == [2] * 2 * len(stage.layers)  # both prompts, then both chunks: one call per layer and step
     monkeypatch.setattr(model_module, "paged_chunk_attention", lambda *a: False)
-    without = _chunked_prefill(stage)
-    if dtype == "float32":
-        torch.testing.assert_close(without, with_kernel, rtol=1e-5, atol=1e-5)
-    else:  # as for decode: torch rounds the softmax weights to bfloat16, the kernel does not
-        ulp = 2.0**-7 * with_kernel.float().abs().max()
-        assert (without.float() - with_kernel.float()).abs().max() <= 4 * ulp
+    _assert_same_within_rounding(_chunked_prefill(stage), with_kernel)
 
 
 CPUINFO = """processor\t: 0
