@@ -204,13 +204,12 @@ def rotary_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_c
     return q, k
 
 
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """`weight * rms_norm(x)` over the last dim; with `residual`, the residual add first: (x + residual, weight *
     rms_norm(x + residual)), one pass. None when not covered here (not contiguous float32 or bfloat16 CPU tensors of
-    one dtype, no native library): then the caller runs its torch path."""
+    one dtype, a weight or residual of another shape, no native library): then the caller runs its torch path."""
     kernel = _typed("rms_norm", *((x, weight) if residual is None else (x, residual, weight)))
-    if kernel is None or (residual is not None and residual.shape != x.shape):
+    if kernel is None or weight.shape != x.shape[-1:] or (residual is not None and residual.shape != x.shape):
         return None
     out, summed = torch.empty_like(x), None if residual is None else torch.empty_like(x)
     dim = x.shape[-1]

@@ -220,6 +220,7 @@ def test_norm_and_silu_kernels_decline_what_they_do_not_cover():
     assert native.rms_norm(x.half(), weight.half(), 1e-6) is None
     assert native.rms_norm(x, weight.bfloat16(), 1e-6) is None  # mixed dtypes
     assert native.rms_norm(x, weight, 1e-6, torch.randn(3, 8)) is None  # residual of another shape
+    assert native.rms_norm(x, torch.randn(8), 1e-6) is None  # weight of another size: it would be read past its end
     assert native.rms_norm(x.t(), torch.randn(3), 1e-6) is None  # not contiguous
     assert native.silu_and_mul(x.half()) is None
 

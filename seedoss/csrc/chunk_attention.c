@@ -90,9 +90,6 @@ static inline __attribute__((always_inline)) void values4(const float *p, const 
         for (int c = 0; c < units; c++) store16(acc + r * D + d0 + c * 16, a[r][c]);
 }
 
-/* Element i of a cache row of float32 (bf16 = 0) or bfloat16 (bf16 = 1); `bf16` is a literal wherever it is used. */
-#define LOAD(row, i) (bf16 ? bf16_to_f32(((const uint16_t *)(row))[i]) : ((const float *)(row))[i])
-
 /* One task: query positions [i0, i1) of the run that starts at packed token `start`, over kv head `kvh`.
  * Always inlined into the typed entry points (see paged_attention.c: a captured `bf16` kept loops from
  * vectorizing). */
@@ -169,13 +166,7 @@ static inline __attribute__((always_inline)) int chunk_task(
 
     for (int64_t r = 0; r < rows; r++) {
         const float inv = 1.f / l[r];
-        for (int64_t d = 0; d < D; d++) {
-            const float y = acc[r * D + d] * inv;
-            if (bf16)
-                ((uint16_t *)out)[QROW(r) + d] = f32_to_bf16(y);
-            else
-                ((float *)out)[QROW(r) + d] = y;
-        }
+        for (int64_t d = 0; d < D; d++) STORE(out, QROW(r) + d, acc[r * D + d] * inv);
     }
 #undef QROW
     free(buf);

@@ -22,8 +22,6 @@
 
 #define NO_FMA __attribute__((optimize("fp-contract=off")))
 
-static inline float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
-
 /* x [half * 2] rotated NeoX style (rotate halves) into out: out = x * cos + rotate_half(x) * sin. */
 static inline NO_FMA void rotate(const float *x, const float *cos, const float *sin, float *out, int64_t dim) {
     const int64_t half = dim / 2;
@@ -79,10 +77,6 @@ NO_FMA void rotary_store_kv_bf16(const uint16_t *qkv, const uint16_t *cos, const
                                  int64_t tokens, int64_t heads, int64_t kv_heads, int64_t dim, int num_threads) {
     rotary_store(qkv, cos, sin, q_out, k_out, k_cache, v_cache, write, tokens, heads, kv_heads, dim, num_threads, 2);
 }
-
-/* Element i of a row of float32 (bf16 = 0) or bfloat16 (bf16 = 1); `bf16` is a literal wherever it is used. */
-#define LOAD(p, i) (bf16 ? bf16_to_f32(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
-#define STORE(p, i, v) (bf16 ? (void)(((uint16_t *)(p))[i] = f32_to_bf16(v)) : (void)(((float *)(p))[i] = (v)))
 
 /* Row `o / dim` of rows x dim: out = weight * rms_norm(x) (residual_out == NULL), or residual_out = x + residual and
  * out = weight * rms_norm(residual_out) (the residual add of a decoder layer and the next norm in one pass).

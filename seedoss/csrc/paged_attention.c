@@ -26,10 +26,6 @@
 #include "bf16.h"
 #include "expf.h"
 
-/* Element i of a cache row of float32 (bf16 = 0) or bfloat16 (bf16 = 1). `bf16` is a constant wherever this is
- * used (see `attend`), so each loop is compiled for one type. */
-#define LOAD(row, i) (bf16 ? bf16_to_f32(((const uint16_t *)(row))[i]) : ((const float *)(row))[i])
-
 /* Sequence b's attention for the query heads of kv heads [g, g + kv_count), written to out. Always inlined into
  * the typed entry points below, inside their OpenMP loops: `bf16` is then a literal in the outlined loop body (a
  * value captured by the parallel region would be a runtime test in every inner loop, which kept them from
@@ -121,12 +117,7 @@ static inline __attribute__((always_inline)) int attend(
     }
 #undef ROW
 
-    for (int64_t i = 0; i < heads * D; i++) {
-        if (bf16)
-            ((uint16_t *)out)[first + i] = f32_to_bf16(acc[i]);
-        else
-            ((float *)out)[first + i] = acc[i];
-    }
+    for (int64_t i = 0; i < heads * D; i++) STORE(out, first + i, acc[i]);
     free(buf);
     return 0;
 }
