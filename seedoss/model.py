@@ -180,14 +180,24 @@ class StepBatch:
 
     @functools.cached_property
     def prompt_groups(self) -> list[tuple[int, torch.Tensor]]:
-        """Whole prompts (no cached context) grouped by length: (length n, the packed rows of the group's B prompts
-        [B * n]). Their causal attention runs as one [B, heads, n, d] call per group instead of one per prompt:
-        the same kernel computes each batch entry alone, so the numbers are those of separate calls."""
+        """Whole prompts (no cached context) of more than one token grouped by length, for the torch path when the
+        chunk-attention kernel is unavailable: (length n, the packed rows of the group's B prompts [B * n]). Their
+        causal attention runs as one [B, heads, n, d] call per group instead of one per prompt: the same kernel
+        computes each batch entry alone, so the numbers are those of separate calls. (A one-token prompt attends
+        as a decode row.)"""
         starts: dict[int, list[int]] = {}
         for _, start, n, ctx in self.runs:
-            if ctx == 0:
+            if ctx == 0 and n > 1:
                 starts.setdefault(n, []).append(start)
         return [(n, (torch.tensor(s)[:, None] + torch.arange(n)).flatten()) for n, s in starts.items()]
+
+    @functools.cached_property
+    def own_slots(self) -> torch.Tensor:
+        """Each sequence's packed rows [B, most new tokens] (padded with its last row): the slots of its keys when
+        a cache-less step keeps its own keys as the cache (`Stage._scratch_kv`)."""
+        q = torch.tensor(self.query_lens)
+        offsets = torch.minimum(torch.arange(int(q.max()))[None, :], (q - 1)[:, None])
+        return (torch.cumsum(q, 0) - q)[:, None] + offsets
 
     @functools.cached_property
     def prompt_runs(self) -> torch.Tensor:
@@ -219,22 +229,19 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(h, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=config.attention_out_bias)
 
-    def forward(self, x, cos, sin, batch: StepBatch, kv: tuple[torch.Tensor, ...] | None):
-        """kv: (key cache, value cache, write slots, read slots) of this layer, or None for cache-less prefill."""
+    def forward(self, x, cos, sin, batch: StepBatch, kv: tuple[torch.Tensor, ...]):
+        """kv: (key cache, value cache, write slots, read slots) of this layer (a cache-less step's own scratch
+        cache: `Stage._scratch_kv`)."""
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.head_dim)
         v = qkv[:, self.n_heads + self.n_kv:]
-        # with a cache: rotary and the cache write in one pass (seedoss/csrc/fused_layer_ops.c), else torch ops
-        fused = rotary_store_kv(qkv, cos, sin, kv[0], kv[1], kv[2]) if kv is not None else None
+        # rotary and the cache write in one pass (seedoss/csrc/fused_layer_ops.c), else torch ops
+        fused = rotary_store_kv(qkv, cos, sin, kv[0], kv[1], kv[2])
         if fused is None:
             qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv], cos, sin)
             q, k = qk[:, : self.n_heads], qk[:, self.n_heads:]
         else:
             q, k = fused
-        if kv is None:  # cache-less: every sequence is a whole prompt whose keys are the new ones
-            out = q.new_empty(t, self.n_heads, self.head_dim)
-            self._prompts(out, q, k, v, batch.prompt_groups)
-            return self.o_proj(out.view(t, self.n_heads * self.head_dim))
         k_cache, v_cache, write, read = kv
         if fused is None:
             k_cache.index_copy_(0, write, k)
@@ -249,7 +256,7 @@ class Attention(nn.Module):
         # prompts and later chunks of them (over the cached context, then themselves), straight from the cache
         prompts = batch.prompt_runs
         if len(prompts) and not paged_chunk_attention(q, k_cache, v_cache, read, prompts, self.head_dim**-0.5, out):
-            self._prompts(out, q, k, v, [(n, rows) for n, rows in batch.prompt_groups if n > 1])  # 1 token: decoded
+            self._prompts(out, q, k, v, batch.prompt_groups)
             for start, n, ctx, row in prompts.tolist():
                 if ctx > 0:
                     span = slice(start, start + n)
@@ -377,9 +384,20 @@ class Stage(nn.Module):
             batch = batch.to(self.device)
         x = self.embed_tokens(inputs.to(self.device)) if self.is_first else inputs.to(self.device, self.dtype)
         cos, sin = self.rotary(batch.positions, self.dtype, batch.token_seq_lens)
+        scratch = self._scratch_kv(batch, x) if cache is None else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, batch, (cache.k[i], cache.v[i], *slots) if cache is not None else None)
+            x = layer(x, cos, sin, batch, (cache.k[i], cache.v[i], *slots) if cache is not None else scratch)
         return self.norm(x) if self.is_last else x
+
+    def _scratch_kv(self, batch: StepBatch, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A cache-less step's (keys, values, write slots, read slots): its own tokens' keys and values in a
+        scratch cache that every layer overwrites before it reads. Whole prompts then take the kernels of prompts
+        with a cache — rotary + store in one pass, one chunk-attention call per layer for all of them — instead of
+        a gather and an SDPA call per group of equal-length prompts (what a head's batch of many short inputs of
+        different lengths paid)."""
+        keys = x.new_empty(batch.num_tokens, self.config.num_key_value_heads, self.config.head_dim)
+        write = torch.arange(batch.num_tokens, device=x.device)
+        return keys, torch.empty_like(keys), write, batch.own_slots.to(x.device)
 
 
 def run_stages(stages: Sequence[Stage], input_ids: torch.Tensor, batch: StepBatch,

@@ -284,6 +284,30 @@ def test_stage_chunked_prefill_is_the_same_with_and_without_the_chunk_kernel(dem
     _assert_same_within_rounding(_chunked_prefill(stage), with_kernel)
 
 
+def _cacheless(stage):
+    """A cache-less step (the heads' forward): prompts of 40, 1, 23 and 40 tokens."""
+    g = torch.Generator().manual_seed(3)
+    return stage(torch.randint(3, 300, (104,), generator=g), StepBatch([0, 1, 2, 3], [40, 1, 23, 40], [0] * 4))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stage_cacheless_forward_is_the_same_with_and_without_the_kernels(demo_checkpoint, monkeypatch, dtype):
+    """Without a cache a step's own keys are its scratch cache: its prompts take the chunk kernel, one call per
+    layer, and its one-token prompt the decode kernel."""
+    if native.library() is None:
+        pytest.skip("native kernels unavailable")
+    stage = load_stage(demo_checkpoint, dtype=dtype)
+    calls = {"paged_chunk_attention": [], "paged_decode_attention": []}
+    for name, seen in calls.items():
+        kernel = getattr(model_module, name)
+        monkeypatch.setattr(model_module, name, lambda *a, k=kernel, seen=seen: seen.append(len(a[0])) or k(*a))
+    with_kernels = _cacheless(stage)
+    assert calls == {"paged_chunk_attention": [104] * len(stage.layers), "paged_decode_attention": [1] * len(stage.layers)}
+    for name in ("paged_decode_attention", "paged_chunk_attention", "rotary_store_kv", "rms_norm", "silu_and_mul"):
+        monkeypatch.setattr(model_module, name, lambda *a: None)
+    _assert_same_within_rounding(_cacheless(stage), with_kernels)
+
+
 CPUINFO = """processor\t: 0
 model name\t: Example CPU @ 3.00GHz
 flags\t\t: fpu sse2 avx2 {extra}

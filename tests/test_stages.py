@@ -12,6 +12,7 @@ from transformers import SeedOssForCausalLM
 
 from seedoss.config import SeedOssConfig
 from seedoss.engine.errors import KVCacheFull, MissingSequenceCache
+from seedoss import model as model_module
 from seedoss.loader import load_head, load_stage, parameter_bytes
 from seedoss.model import Linear, StepBatch, packed_rows, run_stages
 from seedoss.partition import partition_layers, stage_param_counts
@@ -48,17 +49,22 @@ def test_chained_stages_equal_one_stage(checkpoint, num_stages):
     assert torch.equal(chained, whole)
 
 
+@pytest.mark.parametrize("kernels", ["native", "torch"])
 @pytest.mark.parametrize("cached", [False, True])
-def test_prompts_of_equal_length_attend_together_exactly_as_alone(checkpoint, cached):
-    """Whole prompts of one length share one attention call (`StepBatch.prompt_groups`); each prompt's hidden states
-    are bit-identical to its forward alone, beside prompts of other lengths too. Without a cache (the heads' forward)
-    that holds for a one-token prompt too."""
+def test_prompts_attend_together_exactly_as_alone(checkpoint, cached, kernels, monkeypatch):
+    """Whole prompts of a step attend in one chunk-attention call per layer (the native kernel; a cache-less step's
+    own keys are its scratch cache), or, on the torch path, in one SDPA call per group of equal length
+    (`StepBatch.prompt_groups`): either way each prompt's hidden states are bit-identical to its forward alone,
+    beside prompts of other lengths too. Without a cache (the heads' forward) that holds for a one-token prompt too."""
+    if kernels == "torch":
+        for name in ("paged_decode_attention", "paged_chunk_attention", "rotary_store_kv", "rms_norm", "silu_and_mul"):
+            monkeypatch.setattr(model_module, name, lambda *a: None)
     path, _ = checkpoint
     stage = load_stage(path)
     lengths = [9, 4, 9, 1, 9, 4, 30, 1] if not cached else [9, 4, 9, 2, 9, 4, 30, 2]
     prompts = _prompts(lengths, seed=5)
     batch = StepBatch(list(range(len(lengths))), lengths, [0] * len(lengths))
-    assert sorted(len(rows) // n for n, rows in batch.prompt_groups) == [1, 2, 2, 3]
+    assert sorted(len(rows) // n for n, rows in batch.prompt_groups) == ([1, 2, 3] if not cached else [1, 2, 2, 3])
 
     def forward(x, b):
         return stage(x, b, stage.new_kv_cache(budget_bytes=1 << 20)) if cached else stage(x, b)
