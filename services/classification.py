@@ -22,6 +22,7 @@ from pydantic import AliasChoices, BaseModel, Field, ValidationInfo, field_valid
 from .limits import Limits
 from .schemas import (
     Forward, ServiceModel, Texts, Usage, as_numpy, fit_context, off_loop, parse, run_forward, sigmoid, softmax, special_prefix,
+    text_size,
 )
 
 
@@ -105,7 +106,8 @@ class ClassificationService:
     async def classify(self, request: ClassificationRequest | dict) -> ClassificationResponse:
         request = parse(ClassificationRequest, request)
         self.limits.check_texts("inputs", request.inputs)
-        sequences = await off_loop(self.executor, preprocess, request, self.tokenizer, self.max_length)
+        sequences = await off_loop(self.executor, preprocess, request, self.tokenizer, self.max_length,
+                                   size=text_size(request.inputs, request.text_pairs or []))
         self.limits.check_task_tokens("inputs", sum(map(len, sequences)))
         logits = await run_forward(self.forward, sequences)
         return ClassificationResponse(results=postprocess(logits, request, self.labels),

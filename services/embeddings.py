@@ -28,7 +28,9 @@ from pydantic import BaseModel, BeforeValidator, Field
 
 from .errors import InvalidRequest
 from .limits import Limits
-from .schemas import Forward, ServiceModel, Usage, as_numpy, fit_context, off_loop, parse, run_forward, special_prefix
+from .schemas import (
+    Forward, ServiceModel, Usage, as_numpy, fit_context, off_loop, parse, run_forward, special_prefix, text_size,
+)
 
 Pooling = Literal["last", "mean", "cls"]
 
@@ -178,7 +180,7 @@ class EmbeddingService:
 
     async def embed(self, request: EmbeddingRequest | dict) -> EmbeddingResponse:
         request = parse(EmbeddingRequest, request)
-        sequences = await off_loop(self.executor, self.sequences, request)
+        sequences = await off_loop(self.executor, self.sequences, request, size=text_size(request.input))
         hidden = await self.hidden_states(sequences)
         lengths = [len(s) for s in sequences]
         normalize = self.pooling.normalize if request.normalize is None else request.normalize

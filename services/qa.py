@@ -41,7 +41,7 @@ from pydantic import BaseModel, Field
 
 from .errors import InvalidRequest
 from .limits import Limits
-from .schemas import Forward, ServiceModel, Text, Usage, as_numpy, off_loop, parse, run_forward
+from .schemas import Forward, ServiceModel, Text, Usage, as_numpy, off_loop, parse, run_forward, text_size
 
 DEFAULT_MAX_SEQ_LEN = 384
 DEFAULT_DOC_STRIDE = 128
@@ -209,8 +209,10 @@ class QAService:
     async def answer(self, request: QARequest | dict) -> QAResponse:
         request = parse(QARequest, request)
         self.limits.check_chars("context", len(request.question) + len(request.context))
-        windows = await off_loop(self.executor, preprocess, request, self.tokenizer, self.max_length, self.limits)
+        size = text_size(request.question, request.context)
+        windows = await off_loop(self.executor, preprocess, request, self.tokenizer, self.max_length, self.limits,
+                                 size=size)
         start_logits, end_logits = await run_forward(self.forward, [w.ids for w in windows])
-        answers = await off_loop(self.executor, postprocess, start_logits, end_logits, windows, request)
+        answers = await off_loop(self.executor, postprocess, start_logits, end_logits, windows, request, size=size)
         return QAResponse(answers=answers,
                           usage=Usage(prompt_tokens=sum(len(w.ids) for w in windows)))

@@ -32,7 +32,7 @@ from .errors import InvalidRequest
 from .limits import Limits
 from .schemas import (
     Forward, ServiceModel, Texts, Usage, as_numpy, fit_context, off_loop, parse, run_forward, softmax, special_prefix,
-    window_ranges,
+    text_size, window_ranges,
 )
 
 WORD_STRATEGIES = ("first", "average", "max")
@@ -238,8 +238,11 @@ class TaggingService:
     async def tag(self, request: TaggingRequest | dict) -> TaggingResponse:
         request = parse(TaggingRequest, request)
         self.limits.check_texts("inputs", request.inputs)
-        windows = await off_loop(self.executor, preprocess, request, self.tokenizer, self.max_length, self.limits)
+        size = text_size(request.inputs)
+        windows = await off_loop(self.executor, preprocess, request, self.tokenizer, self.max_length, self.limits,
+                                 size=size)
         logits = await run_forward(self.forward, [w.ids for w in windows])
-        results = await off_loop(self.executor, postprocess, logits, windows, request, self.tokenizer, self.labels)
+        results = await off_loop(self.executor, postprocess, logits, windows, request, self.tokenizer, self.labels,
+                                 size=size)
         return TaggingResponse(results=results,
                                usage=Usage(prompt_tokens=sum(len(w.ids) for w in windows)))
