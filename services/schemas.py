@@ -99,11 +99,17 @@ def local_forward(stage, head) -> Forward:
 
 
 def special_prefix(tokenizer) -> list[int]:
-    """The ids the tokenizer puts before every text (``[<seed:bos>]`` for SeedOss)."""
+    """The ids the tokenizer puts before every text (``[<seed:bos>]`` for SeedOss); found once per tokenizer (two
+    encodes, which every request paid before)."""
+    return list(_special_prefix(tokenizer))
+
+
+@functools.lru_cache(maxsize=16)
+def _special_prefix(tokenizer) -> tuple[int, ...]:
     full, plain = tokenizer.encode("a"), tokenizer.encode("a", add_special_tokens=False)
     if full[len(full) - len(plain):] != plain:
         raise ValueError("the tokenizer adds special tokens after the text; the services expect a prefix only")
-    return full[: len(full) - len(plain)]
+    return tuple(full[: len(full) - len(plain)])
 
 
 def fit_context(prefix: list[int], content: list[int], max_length: int, truncate: bool, index: int) -> list[int]:

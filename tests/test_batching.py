@@ -21,6 +21,7 @@ from seedoss.services.classification import ClassificationService
 from seedoss.services.embeddings import EmbeddingService
 from seedoss.services.errors import Overloaded
 from seedoss.services.qa import QAService
+from seedoss.services import schemas
 from seedoss.services.schemas import local_forward
 from seedoss.services.tagging import TaggingService
 
@@ -214,9 +215,14 @@ class ThreadRecordingTokenizer:
         return call
 
 
-def test_head_services_tokenize_off_the_event_loop(heads, stage, demo_checkpoint):
-    """With an executor (a head replica's one tokenize thread) every tokenizer call of every task runs there, not
-    on the event loop the replica's concurrent requests share, and the answers are what they are inline."""
+@pytest.mark.parametrize("inline_size", [0, schemas.INLINE_SIZE])
+def test_head_services_tokenize_long_texts_off_the_event_loop(heads, stage, demo_checkpoint, monkeypatch,
+                                                               inline_size):
+    """With an executor (a head replica's one tokenize thread) every tokenizer call of every task for a request
+    with more text than `INLINE_SIZE` runs there, not on the event loop the replica's concurrent requests share,
+    and a shorter request's on the loop (the thread hop would cost more than its tokenizing); the answers are what
+    they are without an executor. (These requests are short: with `INLINE_SIZE` 0 every one counts as long.)"""
+    monkeypatch.setattr(schemas, "INLINE_SIZE", inline_size)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-tokenize")
     recorded = {task: (cls, method, ThreadRecordingTokenizer(tok), head, kwargs)
                 for task, (cls, method, tok, head, kwargs) in heads.items()}
@@ -243,4 +249,9 @@ def test_head_services_tokenize_off_the_event_loop(heads, stage, demo_checkpoint
     assert got == [dumped(r) for r in asyncio.run(run(plain, embed_inline))]
     threads = [name for _, _, tok, _, _ in recorded.values() for name in tok.threads] + embed_tokenizer.threads
     assert len(threads) >= len(REQUESTS) + 1
-    assert all(name.startswith("head-tokenize") for name in threads), set(threads)
+    if inline_size:
+        texts = [[body[key] for key in ("inputs", "question", "context") if key in body] for _, body in REQUESTS]
+        assert max(schemas.text_size(*text) for text in texts) <= inline_size
+        assert set(threads) == {threading.current_thread().name}
+    else:
+        assert all(name.startswith("head-tokenize") for name in threads), set(threads)

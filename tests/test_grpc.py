@@ -127,6 +127,66 @@ def test_answer_request_maps_the_fields_it_sets():
     assert set(answer_body(message)) == set(QARequest.model_fields)
 
 
+def test_task_responses_are_what_parse_dict_makes_of_real_results(demo_checkpoint, monkeypatch):
+    """`grpc_api.fill` stands in for `json_format.ParseDict` on the gateway's hot path: the same message for the
+    results of every head (the real services on the demo heads, as the heads return them: JSON with None dropped),
+    an unknown key skipped, a None left unset, and a generation's usage."""
+    import asyncio
+
+    from google.protobuf import json_format
+
+    from seedoss.config import SeedOssConfig
+    from seedoss.demo import head_dir
+    from seedoss.deployments import grpc_api
+    from seedoss.deployments.grpc_api import fill, task_response
+    from seedoss.loader import load_head, load_stage
+    from seedoss.services.classification import ClassificationService
+    from seedoss.services.embeddings import EmbeddingService
+    from seedoss.services.qa import QAService
+    from seedoss.services.schemas import local_forward
+    from seedoss.services.tagging import TaggingService
+    from seedoss.tokenizer import SeedOssTokenizer
+
+    stage, texts = load_stage(demo_checkpoint), ["John lives in Paris.", "Short", "Café in Zürich — 東京"]
+
+    def service(task, cls):
+        path = head_dir(demo_checkpoint, task)
+        tokenizer, labels = SeedOssTokenizer.from_pretrained(path), SeedOssConfig.from_pretrained(path).labels
+        forward = local_forward(stage, load_head(path, task))
+        return cls(tokenizer, forward, max_length=4096) if task == "qa" else cls(tokenizer, labels, forward,
+                                                                                 max_length=4096)
+
+    classify, tag, qa = (service("classify", ClassificationService), service("tag", TaggingService),
+                         service("qa", QAService))
+    config = SeedOssConfig.from_pretrained(demo_checkpoint)
+    embed = EmbeddingService(SeedOssTokenizer.from_pretrained(demo_checkpoint), local_forward(stage, lambda h: h),
+                             max_length=config.max_position_embeddings, vocab_size=config.vocab_size)
+    calls = [("classify", classify.classify({"inputs": texts})),
+             ("classify", classify.classify({"inputs": texts, "top_k": 1, "full_probabilities": True})),
+             ("tag", tag.tag({"inputs": texts, "ignore_labels": []})),
+             ("tag", tag.tag({"inputs": texts, "aggregation_strategy": "simple", "ignore_labels": []})),
+             ("qa", qa.answer({"question": "Where does John live?", "context": texts[0] + " " + texts[2],
+                               "top_k": 3})),
+             ("embed", embed.embed({"input": texts}))]
+    results = [(task, asyncio.run(call).model_dump(mode="json", exclude_none=True)) for task, call in calls]
+    ours = [task_response(task, result) for task, result in results]
+    monkeypatch.setattr(grpc_api, "fill", lambda message, data: json_format.ParseDict(data, message,
+                                                                                      ignore_unknown_fields=True))
+    for (task, result), message in zip(results, ours):
+        assert message == task_response(task, result), task
+        assert len(json_format.MessageToDict(message)) == 2, (task, message)  # its items and usage were filled
+    monkeypatch.undo()
+    # what ParseDict(ignore_unknown_fields=True) does with a key the message lacks and with None
+    result = {"results": [{"predictions": [{"label": "a", "score": 0.5, "new": 1}], "probs": None}],
+              "usage": {"prompt_tokens": 3}, "later": {"x": 1}}
+    assert task_response("classify", result) == json_format.ParseDict(result, pb.ClassifyResponse(),
+                                                                      ignore_unknown_fields=True)
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+             "prompt_tokens_details": {"cached_tokens": 0}}
+    expected = json_format.ParseDict(usage, pb.Usage())
+    assert fill(pb.Usage(), usage) == expected and fill(pb.Usage(), usage).HasField("prompt_tokens_details")
+
+
 def test_errors_become_grpc_statuses_without_a_cluster(demo_checkpoint):
     import asyncio
 

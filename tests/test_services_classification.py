@@ -4,8 +4,6 @@ pipeline."""
 from __future__ import annotations
 
 import asyncio
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from seedoss.loader import load_head, load_stage
 from seedoss.tokenizer import SeedOssTokenizer
 from seedoss.services.classification import ClassificationService
 from seedoss.services.errors import InvalidRequest
-from seedoss.services.schemas import INLINE_SIZE, local_forward
+from seedoss.services.schemas import local_forward
 
 TEXTS = ["I loved this film.", "Terrible service — never again!", "Ça va, 東京 est loin 🚄", "ok"]
 
@@ -145,36 +143,3 @@ def test_text_pairs_match_hf_pair_encoding(service_factory, classify_dir):
     with pytest.raises(InvalidRequest, match="text_pairs"):
         classify(service_factory(), {"inputs": queries, "text_pairs": docs[:1]})
 
-
-class _ThreadRecorder:
-    """The tokenizer, noting the thread of every call made on it."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.threads = tokenizer, []
-
-    def __getattr__(self, name):
-        attr = getattr(self.tokenizer, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args, **kwargs):
-            self.threads.append(threading.current_thread().name)
-            return attr(*args, **kwargs)
-
-        return call
-
-
-def test_short_texts_tokenize_on_the_loop_and_long_ones_in_the_executor(demo_checkpoint, classify_dir,
-                                                                        service_factory):
-    """The hop to the executor costs more than tokenizing a short text; a long one must not stall the loop."""
-    tokenizer = _ThreadRecorder(SeedOssTokenizer.from_pretrained(classify_dir))
-    forward = local_forward(load_stage(demo_checkpoint), load_head(classify_dir, "classify"))
-    labels = SeedOssConfig.from_pretrained(classify_dir).labels
-    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as executor:
-        service = ClassificationService(tokenizer, labels, forward, max_length=4096, executor=executor)
-        for texts, where in ([TEXTS[0]], "loop"), (["word " * (INLINE_SIZE // 5 + 1)], "executor"):
-            tokenizer.threads.clear()
-            result = classify(service, {"inputs": texts})
-            assert tokenizer.threads and all(t.startswith("tokenize") == (where == "executor")
-                                             for t in tokenizer.threads), (where, tokenizer.threads)
-            assert result == classify(service_factory(), {"inputs": texts})
