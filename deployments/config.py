@@ -317,7 +317,7 @@ class AppConfig(BaseModel):
 
     def _lane_scaled(self, name: str, policy: str, **policy_kwargs) -> dict[str, Any]:
         options = getattr(self, name).serve_options()
-        options["logging_config"] = self.logs.serve_logging(access_log=name != "stage" or self.logs.stage_access_log)
+        options["logging_config"] = self.logs.serve_logging(stage=name == "stage")
         if "num_replicas" not in options and "autoscaling_config" not in options:
             options.update(self.lanes.scaling(policy, **policy_kwargs))
         return same_loop(options)

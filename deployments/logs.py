@@ -2,7 +2,9 @@
 
 - `LogOptions` (AppConfig `logs`): Serve's per-deployment `logging_config` — text or JSON lines (JSON carries the
   request id, deployment and replica of each record), the level, and access logs: one line per call a replica
-  answers. Request-level calls (gateway, Generation streams, head calls) keep theirs; the stages' per-step and
+  answers. Request-level calls (gateway, Generation streams, head calls) keep theirs unless `access_log: false`
+  (each line is formatted and written twice, to the replica's log file and its stderr, which Ray forwards to the
+  driver: 5-20% of the gateway's CPU per one-text classify request in alternated runs); the stages' per-step and
   per-forward calls are off by default (one line per decode step per stage replica otherwise).
 - `forward_library_logs()`: records of the model library (`seedoss.*`, e.g. weight-loading progress) go to Serve's
   logger, which Serve sets up in each replica: they land in the replica's log file and, through Ray's log
@@ -25,11 +27,14 @@ class LogOptions(BaseModel):
 
     encoding: Literal["TEXT", "JSON"] = Field("TEXT", description="JSON: one object a line, with request_id")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = Field(True, description="access-log lines for request-level calls (gateway, Generation, "
+                                               "heads): 5-20% of the gateway's CPU per small request")
     stage_access_log: bool = Field(False, description="access-log lines for the stages' per-step calls")
 
-    def serve_logging(self, access_log: bool = True) -> dict[str, Any]:
-        """A deployment's Serve `logging_config`."""
-        return {"encoding": self.encoding, "log_level": self.level, "enable_access_log": access_log}
+    def serve_logging(self, stage: bool = False) -> dict[str, Any]:
+        """A deployment's Serve `logging_config` (`stage`: a stage's, whose calls are per step)."""
+        return {"encoding": self.encoding, "log_level": self.level,
+                "enable_access_log": self.stage_access_log if stage else self.access_log}
 
 
 class ToServeLogger(logging.Handler):

@@ -28,12 +28,15 @@ def test_stage_access_logs_off_request_level_on(demo_checkpoint):
         assert config.encoding == "TEXT"
 
 
-def test_json_logs_and_stage_access_logs_are_options(demo_checkpoint):
+def test_json_logs_and_access_logs_are_options(demo_checkpoint):
     app = AppConfig(checkpoint=str(demo_checkpoint), logs={"encoding": "JSON", "stage_access_log": True,
                                                            "level": "DEBUG"})
     for name, opts in deployment_options(app).items():
         config = LoggingConfig.model_validate(opts["logging_config"])
         assert (config.encoding, config.log_level, config.enable_access_log) == ("JSON", "DEBUG", True), name
+    app = AppConfig(checkpoint=str(demo_checkpoint), logs={"access_log": False})
+    for name, opts in deployment_options(app).items():
+        assert LoggingConfig.model_validate(opts["logging_config"]).enable_access_log is False, name
     with pytest.raises(ValueError, match="encoding"):
         AppConfig(checkpoint=str(demo_checkpoint), logs={"encoding": "XML"})
 
