@@ -3,11 +3,13 @@ gRPC, beside HF in process on the same head and inputs — in one run.
 
 `python -m bench.heads` deploys the app as `seedoss serve` does (the tiny demo checkpoint, 2 stage deployments, one
 replica per head, default `batching`) on a local Ray instance of its own with the HTTP and gRPC proxies. For each
-task it first times HF in process (the app idling), then runs closed-loop clients (each sends its next request when
-the last is answered) at 1/4/16/32/64 concurrent clients, HTTP then gRPC at each count, `--seconds` each after a
-short warm-up, and reports requests/s, p50 and p95 latency, non-OK answers, and where the CPU went: CPU
-milliseconds per request of each server process (the Serve proxy, the Gateway, the head, each stage; read from
-/proc for the processes this run started) and of the clients, which run in this process on the same cores.
+task it times HF in process (the app idling), runs closed-loop clients (each sends its next request when the last
+is answered) at 1/4/16/32/64 concurrent clients, HTTP then gRPC at each count, `--seconds` each after a short
+warm-up, and times HF again: the ratios to HF are against the mean of the two timings, since this kind of
+machine's speed moves by a quarter within minutes. It reports requests/s, p50 and p95 latency, non-OK answers, and
+where the CPU went: CPU milliseconds per request of each server process (the Serve proxy, the Gateway, the head,
+each stage; read from /proc for the processes this run started) and of the clients, which run in this process on
+the same cores.
 HF is the text-classification and token-classification pipeline with `batch_size=32` over the same inputs, and
 for QA (transformers 5 has no QA pipeline any more) the HF tokenizer + `AutoModelForQuestionAnswering` in padded
 batches of 32: the pipeline's compute without its span decoding. Prints the CPU model and flags and the load.
@@ -288,19 +290,24 @@ def _timed(fn) -> float:
 
 
 def report(served: list[dict], hf: list[dict], concurrency: list[int], tasks=TASKS) -> str:
+    """Markdown tables. HF ran right before and right after each task's served cells (this machine's speed moves
+    by a quarter within minutes): the ratios are against the mean of the two."""
     lines = []
     for task in tasks:
-        reference = next(r for r in hf if r["task"] == task)
-        lines += [f"#### {task}: {reference['system']}: {reference['inputs_per_s']:.0f} inputs/s", "",
+        before, after = (r for r in hf if r["task"] == task)
+        reference = (before["inputs_per_s"] + after["inputs_per_s"]) / 2
+        lines += [f"#### {task}: {before['system']}: {before['inputs_per_s']:.0f} inputs/s before, "
+                  f"{after['inputs_per_s']:.0f} after (mean {reference:.0f})", "",
                   ("| clients | HTTP req/s | HTTP p50 ms | HTTP p95 ms | gRPC req/s | gRPC p50 ms | gRPC p95 ms | "
-                   "HTTP / HF | not OK |"),
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                   "HTTP / HF | gRPC / HF | not OK |"),
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c in concurrency:
             h, g = (next(r for r in served if r["task"] == task and r["system"] == s and r["clients"] == c)
                     for s in ("http", "grpc"))
             lines.append(f"| {c} | {h['requests_per_s']:.0f} | {h['p50_ms']:.1f} | {h['p95_ms']:.1f} | "
                          f"{g['requests_per_s']:.0f} | {g['p50_ms']:.1f} | {g['p95_ms']:.1f} | "
-                         f"{h['requests_per_s'] / reference['inputs_per_s']:.2f}x | {h['not_ok'] + g['not_ok']} |")
+                         f"{h['requests_per_s'] / reference:.2f}x | {g['requests_per_s'] / reference:.2f}x | "
+                         f"{h['not_ok'] + g['not_ok']} |")
         lines.append("")
     if "classify" not in tasks:
         return "\n".join(lines)
@@ -341,10 +348,11 @@ def main() -> None:
     inputs = make_inputs()
     url, grpc_target = start_server(checkpoint, args.head_placement, args.app_config)
     hf, served = [], []
-    for task in args.tasks:  # HF right before the task's served cells: both under much the same machine load
+    for task in args.tasks:  # HF right before and right after the task's served cells: the same minutes
         hf.append(run_hf(checkpoint, task, inputs[task]))
         served += asyncio.run(run_served(task, url, grpc_target, inputs[task], args.concurrency, args.seconds,
                                          args.warmup))
+        hf.append(run_hf(checkpoint, task, inputs[task]))
     print("\n" + report(served, hf, args.concurrency, args.tasks))
     log(f"load average at end: {load()}")
     if args.json:
