@@ -213,17 +213,15 @@ def fill(message, data: dict[str, Any]):
         field = fields.get(name)
         if field is None or value is None:
             continue
-        if field.message_type is not None:
-            if field.is_repeated:
-                target = getattr(message, name)
-                for item in value:
-                    fill(target.add(), item)
-            else:
-                getattr(message, name).SetInParent()
-                fill(getattr(message, name), value)
-            continue
-        if field.is_repeated:
-            getattr(message, name).extend(value)
+        target = getattr(message, name)
+        if field.message_type is not None and field.is_repeated:
+            for item in value:
+                fill(target.add(), item)
+        elif field.message_type is not None:
+            target.SetInParent()
+            fill(target, value)
+        elif field.is_repeated:
+            target.extend(value)
         else:
             setattr(message, name, value)
     return message

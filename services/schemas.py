@@ -58,12 +58,12 @@ def parse(model: type[M], request: M | dict) -> M:
 INLINE_SIZE = 2048
 
 
-async def off_loop(executor: Executor | None, fn: Callable[..., T], *args: Any, size: int | None = None) -> T:
+async def off_loop(executor: Executor | None, fn: Callable[..., T], *args: Any, size: int) -> T:
     """`fn(*args)` in `executor`: tokenization and its post-processing (offsets, word alignment) are CPU work that
     would otherwise stall every other request on the replica's event loop (a head replica serves many concurrently).
     Inline when `executor` is None (in-process use and tests) or when `size`, the request's text length
     (`text_size`), is at most `INLINE_SIZE`: a short text costs less than the thread hop."""
-    if executor is None or (size is not None and size <= INLINE_SIZE):
+    if executor is None or size <= INLINE_SIZE:
         return fn(*args)
     return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
 
